@@ -1,0 +1,126 @@
+"""The built-in digits demo: the ImageFolder writer, and a short training run that learns."""
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+from torchvision.datasets import ImageFolder
+
+from data.digits import COMPLETE_MARKER, ensure_digits_imagefolder
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def image_files(folder):
+    return sorted(os.path.join(dirpath, name)
+                  for dirpath, _, names in os.walk(folder) for name in names if name.endswith('.png'))
+
+
+def test_split_sizes_balance_and_labels(tmp_path):
+    folder = ensure_digits_imagefolder(str(tmp_path), 16, is_writer=True)
+    digits = load_digits()
+    train, val = ImageFolder(os.path.join(folder, 'train')), ImageFolder(os.path.join(folder, 'val'))
+    assert (len(train), len(val)) == (1437, 360)
+    assert train.classes == val.classes == [str(d) for d in range(10)]
+
+    all_counts = np.bincount(digits.target)
+    for dataset in (train, val):
+        counts = np.bincount(dataset.targets, minlength=10)
+        proportional = all_counts * len(dataset) / len(digits.target)
+        assert np.all(np.abs(counts - proportional) <= 1), counts
+
+    seen = []
+    for path, label in train.samples + val.samples:
+        index = int(os.path.splitext(os.path.basename(path))[0])
+        assert digits.target[index] == label, path
+        seen.append(index)
+    assert sorted(seen) == list(range(len(digits.target)))  # every scan exactly once
+
+    # The picture is the scan: averaged back down to 8x8 it matches the original ink values.
+    path, _ = val.samples[0]
+    index = int(os.path.splitext(os.path.basename(path))[0])
+    image = Image.open(path)
+    assert image.mode == 'RGB' and image.size == (16, 16)
+    back = np.asarray(image.convert('L').resize((8, 8), Image.Resampling.BOX), dtype=np.float64)
+    assert np.abs(back - digits.images[index] * 255 / 16).mean() < 20
+
+
+def test_second_call_reuses_the_folder(tmp_path):
+    folder = ensure_digits_imagefolder(str(tmp_path), 8, is_writer=True)
+    before = {path: os.stat(path).st_mtime_ns for path in image_files(folder)}
+    time.sleep(0.01)
+    assert ensure_digits_imagefolder(str(tmp_path), 8, is_writer=True) == folder
+    assert ensure_digits_imagefolder(str(tmp_path), 8, is_writer=False, timeout=0) == folder
+    assert {path: os.stat(path).st_mtime_ns for path in image_files(folder)} == before
+    # Another size is another folder beside it.
+    assert ensure_digits_imagefolder(str(tmp_path), 12, is_writer=True) != folder
+
+
+def test_leftover_partial_folder_is_discarded(tmp_path):
+    partial = tmp_path / 'digits_8.partial'
+    (partial / 'train' / '3').mkdir(parents=True)
+    (partial / 'train' / '3' / 'stale.png').write_bytes(b'not a png')
+    folder = ensure_digits_imagefolder(str(tmp_path), 8, is_writer=True)
+    assert not partial.exists()
+    files = image_files(folder)
+    assert len(files) == 1797 and not any(name.endswith('stale.png') for name in files)
+
+
+def test_folder_without_marker_is_rewritten(tmp_path):
+    half = tmp_path / 'digits_8' / 'train' / '0'
+    half.mkdir(parents=True)
+    (half / '0.png').write_bytes(b'truncated')
+    folder = ensure_digits_imagefolder(str(tmp_path), 8, is_writer=True)
+    assert os.path.isfile(os.path.join(folder, COMPLETE_MARKER))
+    assert len(ImageFolder(os.path.join(folder, 'train'))) == 1437
+    Image.open(os.path.join(folder, 'train', '0', '0.png')).verify()
+
+
+def test_writer_killed_midway_leaves_no_folder_and_next_run_completes(tmp_path):
+    # A large size makes the write slow enough (about two seconds) to kill it in the middle.
+    writer = subprocess.Popen(
+        [sys.executable, '-c',
+         'import sys; from data.digits import ensure_digits_imagefolder as e; e(sys.argv[1], 128, True)',
+         str(tmp_path)], cwd=REPO_ROOT)
+    partial = tmp_path / 'digits_128.partial'
+    deadline = time.monotonic() + 60
+    while len(image_files(partial)) < 50:
+        assert writer.poll() is None, 'the writer finished before it could be interrupted'
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert not (tmp_path / 'digits_128').exists()
+    with pytest.raises(TimeoutError, match='digits_128'):
+        ensure_digits_imagefolder(str(tmp_path), 128, is_writer=False, timeout=0.2, poll_interval=0.05)
+    folder = ensure_digits_imagefolder(str(tmp_path), 128, is_writer=True)
+    assert len(image_files(folder)) == 1797 and not partial.exists()
+
+
+def test_non_writer_waits_for_the_writer(tmp_path):
+    result = {}
+
+    def wait():
+        result['folder'] = ensure_digits_imagefolder(str(tmp_path), 8, is_writer=False, timeout=60,
+                                                     poll_interval=0.05)
+        result['files'] = len(image_files(result['folder']))
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive() and not (tmp_path / 'digits_8').exists()
+    folder = ensure_digits_imagefolder(str(tmp_path), 8, is_writer=True)
+    waiter.join(60)
+    assert result == {'folder': folder, 'files': 1797}
+
+
+@pytest.mark.parametrize('bad_size', [0, 4, 32.0, '32', True])
+def test_bad_image_size_is_named(tmp_path, bad_size):
+    with pytest.raises(ValueError, match='img_size'):
+        ensure_digits_imagefolder(str(tmp_path), bad_size, is_writer=True)
