@@ -1,0 +1,458 @@
+# --------------------------------------------------------
+# Focal Transformer: configuration
+# The key tree of the original Focal Transformer / Swin Transformer repositories,
+# plus the keys this codebase adds (marked "added"). YAML files only override.
+# Licensed under The MIT License [see LICENSE for details]
+# --------------------------------------------------------
+"""The configuration tree, YAML loading with ``BASE`` inheritance, and command-line overrides.
+
+``get_config(args)`` reads these attributes of the argparse Namespace that ``main.parse_option``
+builds; every one is optional (read with ``getattr``), so a partial Namespace works:
+
+    cfg, opts, batch_size, data_path, dataset, zip, cache_mode, resume, pretrained,
+    accumulation_steps, use_checkpoint, amp, amp_opt_level, output, tag, eval, throughput,
+    local_rank
+
+Every problem with the configuration raises ``ConfigError`` with a one-line message naming the
+file, key or value at fault.
+"""
+import ast
+import os
+
+import yaml
+from yacs.config import CfgNode as CN
+
+
+class ConfigError(ValueError):
+    """A bad configuration file, key or value; the message is one line naming it."""
+
+
+_C = CN()
+
+# -----------------------------------------------------------------------------
+# Data settings
+# -----------------------------------------------------------------------------
+_C.DATA = CN()
+# Batch size per process (per GPU); --batch-size overrides
+_C.DATA.BATCH_SIZE = 128
+# Dataset root; --data-path overrides. For 'imagenet': a folder holding train/ and val/
+# (ImageFolder layout), or train.zip, train_map.txt, val.zip, val_map.txt in zip mode.
+# For 'digits': where the demo images are written ('' = ~/.cache/focal_transformer/digits).
+_C.DATA.DATA_PATH = ''
+# Dataset name: 'imagenet' (any ImageFolder or zipped folder) or 'digits' (built-in demo)
+_C.DATA.DATASET = 'imagenet'
+# Input image size
+_C.DATA.IMG_SIZE = 224
+# Interpolation used to resize images: 'random', 'bilinear' or 'bicubic'
+_C.DATA.INTERPOLATION = 'bicubic'
+# Read images from train.zip / val.zip instead of folders; --zip sets it
+_C.DATA.ZIP_MODE = False
+# Zip mode only: keep image bytes in memory. 'no': read from the zip every time;
+# 'part': each process caches the shard of images it reads; 'full': every image. --cache-mode
+_C.DATA.CACHE_MODE = 'part'
+# Pin CPU memory in the DataLoader for faster host-to-GPU copies
+_C.DATA.PIN_MEMORY = True
+# Number of data loading worker processes per training process
+_C.DATA.NUM_WORKERS = 8
+
+# -----------------------------------------------------------------------------
+# Model settings
+# -----------------------------------------------------------------------------
+_C.MODEL = CN()
+# Model type; 'focal' is the only one
+_C.MODEL.TYPE = 'focal'
+# Model name; names the output sub-folder
+_C.MODEL.NAME = 'focal_tiny_patch4_window7_224'
+# Checkpoint to resume training or to evaluate; --resume overrides
+_C.MODEL.RESUME = ''
+# (added, from Swin) weights to start fine-tuning from; --pretrained overrides
+_C.MODEL.PRETRAINED = ''
+# Number of classes. 0 = take it from the dataset (data.build_loader fills it in);
+# the released ImageNet-1K configs set 1000.
+_C.MODEL.NUM_CLASSES = 0
+# Dropout rate
+_C.MODEL.DROP_RATE = 0.0
+# Stochastic depth (drop path) rate
+_C.MODEL.DROP_PATH_RATE = 0.1
+# Label smoothing
+_C.MODEL.LABEL_SMOOTHING = 0.1
+
+# Focal Transformer parameters. The first group is shared with Swin (but no shift by default).
+_C.MODEL.FOCAL = CN()
+_C.MODEL.FOCAL.PATCH_SIZE = 4
+_C.MODEL.FOCAL.IN_CHANS = 3
+_C.MODEL.FOCAL.EMBED_DIM = 96
+_C.MODEL.FOCAL.DEPTHS = [2, 2, 6, 2]
+_C.MODEL.FOCAL.NUM_HEADS = [3, 6, 12, 24]
+_C.MODEL.FOCAL.WINDOW_SIZE = 7
+_C.MODEL.FOCAL.MLP_RATIO = 4.0
+_C.MODEL.FOCAL.QKV_BIAS = True
+# Attention scale; None means head_dim ** -0.5 (the original's False had the same effect)
+_C.MODEL.FOCAL.QK_SCALE = None
+# Absolute position embedding
+_C.MODEL.FOCAL.APE = False
+_C.MODEL.FOCAL.PATCH_NORM = True
+# Swin-style shifted windows (the released models do not shift)
+_C.MODEL.FOCAL.USE_SHIFT = False
+# Focal attention: pooling of the coarse levels ('none', 'fc', 'mean', 'max', 'conv')
+_C.MODEL.FOCAL.FOCAL_POOL = 'none'
+# Stages that use focal attention
+_C.MODEL.FOCAL.FOCAL_STAGES = [0, 1, 2, 3]
+# Focal levels per stage (1 = window plus neighbours, no pooled level)
+_C.MODEL.FOCAL.FOCAL_LEVELS = [1, 1, 1, 1]
+# Window of pooled sub-windows per stage
+_C.MODEL.FOCAL.FOCAL_WINDOWS = [7, 5, 3, 1]
+# Stages whose windows gather neighbour keys (accepted and unused, as in the original)
+_C.MODEL.FOCAL.EXPAND_STAGES = [0, 1, 2, 3]
+# Neighbour ring width per stage
+_C.MODEL.FOCAL.EXPAND_SIZES = [3, 3, 3, 3]
+# Blocks that gather neighbours: 'all', 'even' or 'odd'
+_C.MODEL.FOCAL.EXPAND_LAYER = 'all'
+# Overlapping convolutional patch embedding and downsampling (the *_useconv models)
+_C.MODEL.FOCAL.USE_CONV_EMBED = False
+# Layer scale on the residual branches, initialised to LAYERSCALE_VALUE
+_C.MODEL.FOCAL.USE_LAYERSCALE = False
+# (added) initial layer-scale value; the original model's default
+_C.MODEL.FOCAL.LAYERSCALE_VALUE = 1e-4
+# Normalise before the patch-embedding projection
+_C.MODEL.FOCAL.USE_PRE_NORM = False
+
+# -----------------------------------------------------------------------------
+# Training settings
+# -----------------------------------------------------------------------------
+_C.TRAIN = CN()
+_C.TRAIN.START_EPOCH = 0
+_C.TRAIN.EPOCHS = 300
+_C.TRAIN.WARMUP_EPOCHS = 20
+_C.TRAIN.WEIGHT_DECAY = 0.05
+# Learning rates for a total batch of 512 images; main.py scales them linearly by
+# (batch size x processes x accumulation steps) / 512, as the original does.
+_C.TRAIN.BASE_LR = 5e-4
+_C.TRAIN.WARMUP_LR = 5e-7
+_C.TRAIN.MIN_LR = 5e-6
+# Clip the gradient norm to this value (0 = no clipping)
+_C.TRAIN.CLIP_GRAD = 5.0
+# Resume from the newest complete checkpoint in the output folder
+_C.TRAIN.AUTO_RESUME = True
+# Gradient accumulation steps (0 or 1 = none); --accumulation-steps overrides
+_C.TRAIN.ACCUMULATION_STEPS = 0
+# Gradient checkpointing to save memory; --use-checkpoint sets it
+_C.TRAIN.USE_CHECKPOINT = False
+# (added) keep the newest N epoch checkpoints (plus the best one)
+_C.TRAIN.KEEP_CHECKPOINTS = 3
+# (added) also save every N optimizer steps inside an epoch, resumable at that step (0 = off)
+_C.TRAIN.SAVE_EVERY_STEPS = 0
+# (added) torch.compile the model
+_C.TRAIN.COMPILE = False
+# (added) channels-last memory format for model and inputs
+_C.TRAIN.CHANNELS_LAST = False
+
+# LR scheduler, stepped every optimizer step
+_C.TRAIN.LR_SCHEDULER = CN()
+# 'cosine', 'linear' or 'step'
+_C.TRAIN.LR_SCHEDULER.NAME = 'cosine'
+# Epoch interval to decay LR, used by the 'step' scheduler
+_C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
+# LR decay rate, used by the 'step' scheduler
+_C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
+# (added, from later Swin) False: warmup steps count inside the schedule, as the original;
+# True: the schedule starts after the warmup.
+_C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = False
+
+# Optimizer
+_C.TRAIN.OPTIMIZER = CN()
+# 'adamw' or 'sgd'
+_C.TRAIN.OPTIMIZER.NAME = 'adamw'
+# Optimizer epsilon (AdamW)
+_C.TRAIN.OPTIMIZER.EPS = 1e-8
+# Optimizer betas (AdamW)
+_C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
+# SGD momentum (Nesterov)
+_C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
+
+# (added) exponential moving average of the weights (timm ModelEmaV3), evaluated beside the model
+_C.TRAIN.EMA = CN()
+_C.TRAIN.EMA.ENABLE = False
+_C.TRAIN.EMA.DECAY = 0.9998
+
+# -----------------------------------------------------------------------------
+# Augmentation settings
+# -----------------------------------------------------------------------------
+_C.AUG = CN()
+# Colour jitter factor (used only when AUTO_AUGMENT is off, as in timm)
+_C.AUG.COLOR_JITTER = 0.4
+# RandAugment / AutoAugment policy string for timm; 'none' disables it
+_C.AUG.AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'
+# Random erase probability
+_C.AUG.REPROB = 0.25
+# Random erase mode
+_C.AUG.REMODE = 'pixel'
+# Random erase count
+_C.AUG.RECOUNT = 1
+# Mixup alpha, mixup enabled if > 0
+_C.AUG.MIXUP = 0.8
+# Cutmix alpha, cutmix enabled if > 0
+_C.AUG.CUTMIX = 1.0
+# Cutmix min/max ratio, overrides alpha and enables cutmix if set
+_C.AUG.CUTMIX_MINMAX = None
+# Probability of performing mixup or cutmix when either/both is enabled
+_C.AUG.MIXUP_PROB = 1.0
+# Probability of switching to cutmix when both mixup and cutmix enabled
+_C.AUG.MIXUP_SWITCH_PROB = 0.5
+# How to apply mixup/cutmix params: per 'batch', 'pair', or 'elem'
+_C.AUG.MIXUP_MODE = 'batch'
+# (added) horizontal flip probability; the digits demo sets 0 (a flipped digit is another digit)
+_C.AUG.HFLIP = 0.5
+
+# -----------------------------------------------------------------------------
+# Testing settings
+# -----------------------------------------------------------------------------
+_C.TEST = CN()
+# Evaluate on a centre crop after resizing to 256/224 of the input size
+_C.TEST.CROP = True
+
+# -----------------------------------------------------------------------------
+# Misc
+# -----------------------------------------------------------------------------
+# (added) mixed precision with native torch.amp; --amp sets it
+_C.AMP_ENABLE = False
+# (added) autocast dtype: 'bf16' or 'fp16' (fp16 uses a gradient scaler)
+_C.AMP_DTYPE = 'bf16'
+# The original's apex level, still accepted: '' = use AMP_ENABLE, 'O0' = off, 'O1'/'O2' = on.
+# --amp-opt-level overrides
+_C.AMP_OPT_LEVEL = ''
+# Output root; runs write to OUTPUT/MODEL.NAME/TAG. --output overrides
+_C.OUTPUT = 'output'
+# Tag of the experiment; --tag overrides
+_C.TAG = 'default'
+# Save a checkpoint every SAVE_FREQ epochs
+_C.SAVE_FREQ = 1
+# Log every PRINT_FREQ steps
+_C.PRINT_FREQ = 100
+# Random seed; the data order and every sample's augmentation derive from it
+_C.SEED = 0
+# Evaluate only; --eval sets it
+_C.EVAL_MODE = False
+# Measure throughput only; --throughput sets it
+_C.THROUGHPUT_MODE = False
+# Local rank of this process (torchrun's LOCAL_RANK, or --local_rank)
+_C.LOCAL_RANK = 0
+
+# Allowed values of the keys that take one of a few strings.
+_CHOICES = {
+    'DATA.DATASET': ('imagenet', 'digits'),
+    'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic'),
+    'DATA.CACHE_MODE': ('no', 'part', 'full'),
+    'MODEL.TYPE': ('focal',),
+    'MODEL.FOCAL.FOCAL_POOL': ('none', 'fc', 'mean', 'max', 'conv'),
+    'MODEL.FOCAL.EXPAND_LAYER': ('all', 'even', 'odd'),
+    'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step'),
+    'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
+    'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
+    'AMP_DTYPE': ('bf16', 'fp16'),
+    'AMP_OPT_LEVEL': ('', 'O0', 'O1', 'O2'),
+}
+
+
+def _parse_literal(value, default):
+    """A string from YAML or --opts becomes the Python literal it spells, as yacs does
+    ('1e-3' -> 0.001, '[1, 2]' -> [1, 2]), except where the key holds a string."""
+    if not isinstance(value, str) or isinstance(default, str):
+        return value
+    if isinstance(default, bool) and value.lower() in ('true', 'false'):
+        return value.lower() == 'true'
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return value
+
+
+_MISMATCH = object()
+
+
+def _same_kind(default, value):
+    """``value`` converted to the type of ``default`` (int -> float, list <-> tuple, element by
+    element), or ``_MISMATCH``. A default of None (optional keys) accepts anything."""
+    if default is None:
+        return value
+    if isinstance(default, bool):
+        return value if isinstance(value, bool) else _MISMATCH
+    if isinstance(value, bool):
+        return _MISMATCH
+    if isinstance(default, int):
+        return value if isinstance(value, int) else _MISMATCH
+    if isinstance(default, float):
+        return float(value) if isinstance(value, (int, float)) else _MISMATCH
+    if isinstance(default, str):
+        return value if isinstance(value, str) else _MISMATCH
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            return _MISMATCH
+        if default:
+            value = [_same_kind(default[0], item) for item in value]
+            if any(item is _MISMATCH for item in value):
+                return _MISMATCH
+        return type(default)(value)
+    return value
+
+
+def _set_key(config, full_key, value, source):
+    """Set one dotted key, checking that it exists and that the value has the default's type."""
+    node = config
+    *parents, leaf = full_key.split('.')
+    for part in parents:
+        if not isinstance(node.get(part), CN):
+            raise ConfigError(f"unknown config key '{full_key}' in {source}")
+        node = node[part]
+    if leaf not in node:
+        raise ConfigError(f"unknown config key '{full_key}' in {source}")
+    default = node[leaf]
+    if isinstance(default, CN):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{full_key}' in {source} is a section; got value {value!r}")
+        for key, sub_value in value.items():
+            _set_key(config, f'{full_key}.{key}', sub_value, source)
+        return
+    converted = _same_kind(default, _parse_literal(value, default))
+    if converted is _MISMATCH:
+        raise ConfigError(f"config key '{full_key}' in {source} expects {type(default).__name__} "
+                          f"(default {default!r}), got {value!r}")
+    node[leaf] = converted
+
+
+def _merge_yaml_file(config, cfg_file, visiting=()):
+    """Merge a YAML file into ``config``: first the files listed in its ``BASE`` (paths relative
+    to this file, in order), then its own keys."""
+    cfg_file = os.path.abspath(cfg_file)
+    if cfg_file in visiting:
+        raise ConfigError(f"config file {cfg_file} includes itself through BASE")
+    if not os.path.isfile(cfg_file):
+        raise ConfigError(f"config file not found: {cfg_file}")
+    try:
+        with open(cfg_file, 'r') as f:
+            loaded = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, 'problem_mark', None)
+        where = f" line {mark.line + 1}" if mark is not None else ''
+        problem = getattr(err, 'problem', None) or type(err).__name__
+        raise ConfigError(f"malformed YAML in {cfg_file}{where}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {cfg_file}: {err}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {cfg_file} must hold a mapping of keys, "
+                          f"got {type(loaded).__name__}")
+    bases = loaded.pop('BASE', None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    for base in bases:
+        if base:
+            _merge_yaml_file(config, os.path.join(os.path.dirname(cfg_file), base),
+                             visiting + (cfg_file,))
+    for key, value in loaded.items():
+        _set_key(config, str(key), value, cfg_file)
+
+
+def _merge_opts(config, opts):
+    """Merge ``--opts KEY VALUE ...`` pairs."""
+    if len(opts) % 2:
+        raise ConfigError(f"--opts needs KEY VALUE pairs, got an odd number of items: {' '.join(opts)}")
+    for key, value in zip(opts[0::2], opts[1::2]):
+        _set_key(config, key, value, '--opts')
+
+
+def _check_values(config):
+    """Values that have the right type but cannot work."""
+    for full_key, allowed in _CHOICES.items():
+        value = config
+        for part in full_key.split('.'):
+            value = value[part]
+        if value not in allowed:
+            raise ConfigError(f"config key '{full_key}' must be one of {list(allowed)}, got {value!r}")
+    positive = {
+        'DATA.BATCH_SIZE': config.DATA.BATCH_SIZE,
+        'DATA.IMG_SIZE': config.DATA.IMG_SIZE,
+        'TRAIN.EPOCHS': config.TRAIN.EPOCHS,
+        'SAVE_FREQ': config.SAVE_FREQ,
+        'PRINT_FREQ': config.PRINT_FREQ,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    non_negative = {
+        'DATA.NUM_WORKERS': config.DATA.NUM_WORKERS,
+        'MODEL.NUM_CLASSES': config.MODEL.NUM_CLASSES,
+        'TRAIN.WARMUP_EPOCHS': config.TRAIN.WARMUP_EPOCHS,
+        'TRAIN.START_EPOCH': config.TRAIN.START_EPOCH,
+        'TRAIN.ACCUMULATION_STEPS': config.TRAIN.ACCUMULATION_STEPS,
+        'TRAIN.KEEP_CHECKPOINTS': config.TRAIN.KEEP_CHECKPOINTS,
+        'TRAIN.SAVE_EVERY_STEPS': config.TRAIN.SAVE_EVERY_STEPS,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"config key '{key}' must not be negative, got {value}")
+
+
+def update_config(config, args):
+    """Merge ``args.cfg`` (with its BASE files), then ``args.opts``, then the dedicated flags
+    (which win over both), check the values, and derive OUTPUT/MODEL.NAME/TAG."""
+    config.defrost()
+    cfg_file = getattr(args, 'cfg', None)
+    if cfg_file:
+        _merge_yaml_file(config, cfg_file)
+    _merge_opts(config, list(getattr(args, 'opts', None) or []))
+
+    # argparse leaves an unset flag at None / False; an explicit 0 batch size must still count
+    batch_size = getattr(args, 'batch_size', None)
+    if batch_size is not None:
+        config.DATA.BATCH_SIZE = batch_size
+    accumulation_steps = getattr(args, 'accumulation_steps', None)
+    if accumulation_steps is not None:
+        config.TRAIN.ACCUMULATION_STEPS = accumulation_steps
+    if getattr(args, 'data_path', None):
+        config.DATA.DATA_PATH = args.data_path
+    if getattr(args, 'dataset', None):
+        config.DATA.DATASET = args.dataset
+    if getattr(args, 'zip', False):
+        config.DATA.ZIP_MODE = True
+    if getattr(args, 'cache_mode', None):
+        config.DATA.CACHE_MODE = args.cache_mode
+    if getattr(args, 'resume', None):
+        config.MODEL.RESUME = args.resume
+    if getattr(args, 'pretrained', None):
+        config.MODEL.PRETRAINED = args.pretrained
+    if getattr(args, 'use_checkpoint', False):
+        config.TRAIN.USE_CHECKPOINT = True
+    amp = getattr(args, 'amp', None)
+    if amp:
+        config.AMP_ENABLE = True
+        if isinstance(amp, str):  # --amp bf16 / --amp fp16, if main.py lets it take a dtype
+            config.AMP_DTYPE = amp
+    if getattr(args, 'amp_opt_level', None):
+        config.AMP_OPT_LEVEL = args.amp_opt_level
+    if getattr(args, 'output', None):
+        config.OUTPUT = args.output
+    if getattr(args, 'tag', None):
+        config.TAG = args.tag
+    if getattr(args, 'eval', False):
+        config.EVAL_MODE = True
+    if getattr(args, 'throughput', False):
+        config.THROUGHPUT_MODE = True
+
+    _check_values(config)
+    # the original's apex opt level, when given, decides whether mixed precision is on
+    if config.AMP_OPT_LEVEL:
+        config.AMP_ENABLE = config.AMP_OPT_LEVEL != 'O0'
+    # torchrun passes the local rank in the environment; the old launcher passed --local_rank
+    local_rank = getattr(args, 'local_rank', None)
+    config.LOCAL_RANK = int(local_rank if local_rank is not None else os.environ.get('LOCAL_RANK', 0))
+    config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+    config.freeze()
+
+
+def get_config(args=None):
+    """A frozen config: the defaults, updated from ``args`` (see the module docstring)."""
+    config = _C.clone()
+    update_config(config, args)
+    return config
