@@ -1,0 +1,41 @@
+# --------------------------------------------------------
+# Focal Transformer: learning-rate schedules
+# Licensed under The MIT License [see LICENSE for details]
+# --------------------------------------------------------
+"""timm schedulers stepped per optimizer step (``step_update``), with a per-step linear warmup."""
+from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
+
+
+def build_scheduler(config, optimizer, n_iter_per_epoch):
+    """The schedule named by TRAIN.LR_SCHEDULER.NAME over TRAIN.EPOCHS epochs.
+
+    ``n_iter_per_epoch`` counts optimizer steps (batches / accumulation steps). The caller
+    calls ``scheduler.step_update(num_updates)`` after each optimizer step, where
+    ``num_updates`` counts optimizer steps since the start of training, and saves
+    ``state_dict()`` / restores ``load_state_dict()`` on resume.
+
+    TRAIN.WARMUP_LR and TRAIN.MIN_LR are used as they stand in the config (main.py has scaled
+    them by the total batch). 'linear' decays to MIN_LR, which with the default learning rates is
+    the original's floor of 1% of the base rate; 'step' multiplies by DECAY_RATE every
+    DECAY_EPOCHS. With LR_SCHEDULER.WARMUP_PREFIX False (the original) the warmup steps count
+    inside the schedule; with True the schedule starts after them ('linear' always starts after
+    them, as the original's did).
+    """
+    sched = config.TRAIN.LR_SCHEDULER
+    num_steps = int(config.TRAIN.EPOCHS * n_iter_per_epoch)
+    warmup_steps = int(config.TRAIN.WARMUP_EPOCHS * n_iter_per_epoch)
+    decay_span = num_steps - warmup_steps if sched.WARMUP_PREFIX else num_steps
+    warmup = dict(warmup_lr_init=config.TRAIN.WARMUP_LR, warmup_t=warmup_steps, t_in_epochs=False)
+
+    if sched.NAME == 'cosine':
+        return CosineLRScheduler(optimizer, t_initial=max(decay_span, 1), lr_min=config.TRAIN.MIN_LR,
+                                 cycle_limit=1, warmup_prefix=sched.WARMUP_PREFIX, **warmup)
+    if sched.NAME == 'linear':
+        # the original's linear schedule always decays from the end of the warmup
+        return PolyLRScheduler(optimizer, t_initial=max(num_steps - warmup_steps, 1), power=1.0,
+                               lr_min=config.TRAIN.MIN_LR, cycle_limit=1, warmup_prefix=True, **warmup)
+    if sched.NAME == 'step':
+        return StepLRScheduler(optimizer, decay_t=max(int(sched.DECAY_EPOCHS * n_iter_per_epoch), 1),
+                               decay_rate=sched.DECAY_RATE, warmup_prefix=sched.WARMUP_PREFIX, **warmup)
+    raise ValueError(f"unknown learning-rate scheduler TRAIN.LR_SCHEDULER.NAME={sched.NAME!r} "
+                     f"(use 'cosine', 'linear' or 'step')")
