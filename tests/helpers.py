@@ -1,0 +1,110 @@
+"""Shared pieces of the main.py tests: a small image folder, a tiny focal config, and running
+main.py as users do (python or torchrun) in a subprocess with a timeout."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = os.path.join(REPO, 'main.py')
+CLASSES = ('circle', 'square', 'stripe')
+
+# A real focal model (two levels, fc pooling, neighbour keys) small enough for a CPU test.
+TINY_CONFIG = """\
+MODEL:
+  NAME: tiny_focal
+  DROP_PATH_RATE: 0.1
+  FOCAL:
+    EMBED_DIM: 8
+    DEPTHS: [1, 1]
+    NUM_HEADS: [1, 2]
+    WINDOW_SIZE: 4
+    FOCAL_POOL: fc
+    FOCAL_LEVELS: [2, 2]
+    FOCAL_WINDOWS: [3, 1]
+    EXPAND_SIZES: [2, 2]
+DATA:
+  IMG_SIZE: 32
+  BATCH_SIZE: 4
+  NUM_WORKERS: 0
+  PIN_MEMORY: False
+TRAIN:
+  EPOCHS: 2
+  WARMUP_EPOCHS: 1
+  BASE_LR: 0.05
+  WARMUP_LR: 0.0005
+  MIN_LR: 0.0005
+PRINT_FREQ: 4
+"""
+
+
+def write_image_folder(root, n_train=14, n_val=7, size=32, seed=0):
+    """root/train and root/val with one folder per class of CLASSES; each class has its own
+    colour and shape under noise, so a model can learn something. 3 x 7 = 21 val images: an odd
+    number, which no two processes split evenly."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    masks = {'circle': (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2,
+             'square': (abs(yy - size / 2) < size / 4) & (abs(xx - size / 2) < size / 4),
+             'stripe': (xx // 5) % 2 == 0}
+    colours = {'circle': (220, 40, 40), 'square': (40, 200, 40), 'stripe': (40, 40, 220)}
+    for split, count in (('train', n_train), ('val', n_val)):
+        for label in CLASSES:
+            folder = os.path.join(root, split, label)
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                image = rng.integers(0, 90, (size, size, 3))
+                image[masks[label]] = np.array(colours[label]) + rng.integers(-30, 30, 3)
+                Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(
+                    os.path.join(folder, f'{i}.png'))
+    return str(root)
+
+
+def write_config(path, extra=''):
+    with open(path, 'w') as f:
+        f.write(TINY_CONFIG + extra)
+    return str(path)
+
+
+def run_dir(output, tag='default'):
+    return os.path.join(output, 'tiny_focal', tag)
+
+
+def subprocess_env(tmp_path):
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS='1', TORCH_HOME=str(tmp_path / 'torch_home'), PYTHONUNBUFFERED='1')
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
+        env.pop(name, None)
+    return env
+
+
+def main_command(args, nproc=1, torchrun_args=()):
+    if nproc == 1 and not torchrun_args:
+        return [sys.executable, MAIN, *args]
+    return [sys.executable, '-m', 'torch.distributed.run', '--standalone',
+            f'--nproc_per_node={nproc}', *torchrun_args, MAIN, *args]
+
+
+def run_main(tmp_path, args, nproc=1, torchrun_args=(), timeout=180):
+    """Run main.py to the end; returns the CompletedProcess (text stdout/stderr)."""
+    return subprocess.run(main_command(args, nproc, torchrun_args), cwd=REPO,
+                          env=subprocess_env(tmp_path), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start_main(tmp_path, args, nproc=1, torchrun_args=(), log_path=None):
+    """Start main.py in the background (output to `log_path`); the caller waits with a timeout."""
+    log = open(log_path or os.devnull, 'w')
+    return subprocess.Popen(main_command(args, nproc, torchrun_args), cwd=REPO,
+                            env=subprocess_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
+
+
+def load_weights(path):
+    return torch.load(path, map_location='cpu', weights_only=True)['model']
+
+
+def assert_ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

@@ -1,0 +1,316 @@
+# --------------------------------------------------------
+# Focal Transformer: checkpoints and small distributed helpers
+# Licensed under The MIT License [see LICENSE for details]
+# --------------------------------------------------------
+"""Reading, writing and finding checkpoints, and the few distributed helpers main.py needs.
+
+A checkpoint file is one of
+  * a training checkpoint written by `save_checkpoint` (model, optimizer, lr_scheduler, scaler,
+    epoch, step, max_accuracy, config, and the EMA weights when EMA is on);
+  * a released model as distributed: a raw state dict that still carries the reference's
+    integer index buffers;
+  * a `{'model': state_dict}` dict (the original repository's and Swin's layout).
+Every way a checkpoint can be unusable raises `CheckpointError` with a one-line message naming
+the file, and for an architecture mismatch the offending keys.
+"""
+import os
+import re
+import urllib.error
+import urllib.parse
+
+import torch
+import torch.distributed as dist
+from yacs.config import CfgNode
+
+from models.focal_transformer import checkpoint_filter_fn
+from models.pretrained import transfer_weights
+
+
+class InputError(Exception):
+    """Bad input the user can fix (a file, a folder, a value); the message is one line."""
+
+
+class CheckpointError(InputError):
+    """A checkpoint that is missing, unreadable, incomplete or made for another model."""
+
+
+# ckpt_epoch_{E}.pth is written after epoch E; ckpt_epoch_{E}_step_{S}.pth after S batches of it.
+CHECKPOINT_NAME = re.compile(r'^ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth$')
+BEST_CHECKPOINT = 'ckpt_best.pth'
+TRAINING_STATE_KEYS = ('model', 'optimizer', 'lr_scheduler', 'epoch', 'max_accuracy')
+# How many offending keys an architecture-mismatch message lists before "(+N more)".
+KEYS_SHOWN = 4
+
+
+def epoch_checkpoint_name(epoch, step=None):
+    return f'ckpt_epoch_{epoch}.pth' if step is None else f'ckpt_epoch_{epoch}_step_{step}.pth'
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+def resolve_checkpoint_path(location):
+    """A local path as given; an https:// or file:// URL is downloaded once into the torch hub
+    cache (`torch.hub.get_dir()/checkpoints`) and the cached path returned."""
+    scheme = urllib.parse.urlparse(location).scheme
+    if scheme not in ('http', 'https', 'file'):
+        return location
+    cache_dir = os.path.join(torch.hub.get_dir(), 'checkpoints')
+    filename = os.path.basename(urllib.parse.urlparse(location).path)
+    if not filename:
+        raise CheckpointError(f"checkpoint URL {location} does not end in a file name")
+    cached = os.path.join(cache_dir, filename)
+    if not os.path.exists(cached):
+        os.makedirs(cache_dir, exist_ok=True)
+        try:  # writes a temporary file and renames it: an interrupted download leaves no file
+            torch.hub.download_url_to_file(location, cached, progress=False)
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, 'reason', err)
+            raise CheckpointError(f"cannot download checkpoint {location}: {reason}") from None
+    return cached
+
+
+def read_checkpoint(location):
+    """Load a checkpoint file (or URL) onto the CPU; any failure is a one-line CheckpointError."""
+    path = resolve_checkpoint_path(location)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        # the original's training checkpoints pickle their yacs config; allow that one class
+        with torch.serialization.safe_globals([CfgNode]):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # torch raises many types for a truncated or foreign file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another "
+                              f"format?): {reason}") from None
+    if not isinstance(checkpoint, dict) or not checkpoint:
+        raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, "
+                              f"not a dict of tensors")
+    return checkpoint
+
+
+def model_state_dict(checkpoint, path):
+    """The model weights of any accepted layout: ours / {'model': ...} or a raw state dict."""
+    state_dict = checkpoint.get('model', checkpoint)
+    if not isinstance(state_dict, dict) or not state_dict or \
+            not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
+        raise CheckpointError(f"{path} is not a model checkpoint: expected a state dict of tensors "
+                              f"or a dict with a 'model' state dict")
+    return state_dict
+
+
+def _listed(keys):
+    keys = sorted(keys)
+    shown = ', '.join(keys[:KEYS_SHOWN])
+    return shown + (f' (+{len(keys) - KEYS_SHOWN} more)' if len(keys) > KEYS_SHOWN else '')
+
+
+def check_fits_model(state_dict, model, path):
+    """Raise a CheckpointError naming the missing, unexpected and wrong-shape keys, if any."""
+    expected = model.state_dict()
+    missing = expected.keys() - state_dict.keys()
+    unexpected = state_dict.keys() - expected.keys()
+    wrong_shape = [f'{key} {tuple(state_dict[key].shape)} vs {tuple(expected[key].shape)}'
+                   for key in sorted(expected.keys() & state_dict.keys())
+                   if state_dict[key].shape != expected[key].shape]
+    problems = []
+    if missing:
+        problems.append(f'missing keys: {_listed(missing)}')
+    if unexpected:
+        problems.append(f'unexpected keys: {_listed(unexpected)}')
+    if wrong_shape:
+        problems.append(f'wrong shape (checkpoint vs model): {_listed(wrong_shape)}')
+    if problems:
+        raise CheckpointError(f"{path} does not fit this model (another architecture?): "
+                              + '; '.join(problems))
+
+
+def load_model_weights(model, checkpoint, path):
+    """Load the weights of `checkpoint` into `model` strictly, whatever the accepted layout."""
+    state_dict = checkpoint_filter_fn(model_state_dict(checkpoint, path), model)
+    check_fits_model(state_dict, model, path)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def is_training_checkpoint(checkpoint):
+    return all(key in checkpoint for key in TRAINING_STATE_KEYS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming and fine-tuning
+# ---------------------------------------------------------------------------------------------
+class ResumePoint:
+    """Where training continues: `epoch` and the batch `step` inside it, and the best accuracy."""
+
+    def __init__(self, epoch=0, step=0, max_accuracy=0.0):
+        self.epoch, self.step, self.max_accuracy = epoch, step, max_accuracy
+
+
+def load_checkpoint(config, model, optimizer, lr_scheduler, loss_scaler, logger, model_ema=None,
+                    steps_per_epoch=None):
+    """Resume from `config.MODEL.RESUME`: the model always, and, when the file is one of our
+    training checkpoints and we are training, the optimizer, scheduler, scaler, EMA and position.
+    A released or weights-only file just sets the weights (training then starts at epoch 0)."""
+    path = config.MODEL.RESUME
+    logger.info(f"==> Resuming from {path}")
+    checkpoint = read_checkpoint(path)
+    load_model_weights(model, checkpoint, path)
+    if config.EVAL_MODE or config.THROUGHPUT_MODE:
+        return ResumePoint(max_accuracy=checkpoint.get('max_accuracy', 0.0))
+    if not is_training_checkpoint(checkpoint):
+        logger.info(f"{path} holds weights only: training starts at epoch 0")
+        return ResumePoint()
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
+        if loss_scaler is not None and checkpoint.get('scaler'):
+            loss_scaler.load_state_dict(checkpoint['scaler'])
+        if model_ema is not None:
+            if 'model_ema' in checkpoint:
+                check_fits_model(checkpoint['model_ema'], model_ema.module, path)
+                model_ema.module.load_state_dict(checkpoint['model_ema'])
+            else:
+                logger.info(f"{path} has no EMA weights: EMA restarts from the resumed model")
+                model_ema.module.load_state_dict(model.state_dict())
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: cannot restore the training state: "
+                              f"{str(err).strip().splitlines()[0]}") from None
+    epoch, step = checkpoint['epoch'], checkpoint.get('step')
+    # Epoch checkpoints (and the original's, which have no 'step') mean "epoch done".
+    if step is None or (steps_per_epoch is not None and step >= steps_per_epoch):
+        point = ResumePoint(epoch + 1, 0, checkpoint['max_accuracy'])
+    else:
+        point = ResumePoint(epoch, step, checkpoint['max_accuracy'])
+    logger.info(f"=> resumed {path}: continuing at epoch {point.epoch} step {point.step}, "
+                f"best Acc@1 so far {point.max_accuracy:.3f}")
+    return point
+
+
+def load_pretrained(config, model, logger):
+    """Weights only, for fine-tuning: models.pretrained.transfer_weights copies what fits, resizes
+    the focal tables to a new window, starts new tensors (e.g. another head) fresh, and reports."""
+    path = config.MODEL.PRETRAINED
+    logger.info(f"==> Loading pretrained weights from {path}")
+    state_dict = model_state_dict(read_checkpoint(path), path)
+    try:
+        state_dict, report = transfer_weights(state_dict, model)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: {str(err).strip().splitlines()[0]}") from None
+    check_fits_model(state_dict, model, path)
+    model.load_state_dict(state_dict, strict=True)
+    logger.info(f"=> {path}: {report.summary()}")
+    for line in report.details():
+        logger.debug(line)
+
+
+def auto_resume_helper(output_dir, logger=None):
+    """The newest checkpoint in `output_dir` that loads and holds the whole training state, or
+    None. Newer ones that do not are skipped, with the reason logged."""
+    if not os.path.isdir(output_dir):
+        return None
+    candidates = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_NAME.match(name)
+        if match:
+            epoch, step = int(match.group(1)), match.group(2)
+            # an epoch checkpoint sorts after every step checkpoint of the same epoch
+            candidates.append(((epoch, int(step) if step is not None else float('inf')), name))
+    for _, name in sorted(candidates, reverse=True):
+        path = os.path.join(output_dir, name)
+        try:
+            checkpoint = read_checkpoint(path)
+            missing = [key for key in TRAINING_STATE_KEYS if key not in checkpoint]
+            if missing:
+                raise CheckpointError(f"{path} is incomplete: no {', '.join(missing)}")
+        except CheckpointError as err:
+            if logger is not None:
+                logger.warning(f"auto-resume skips {name}: {err}")
+            continue
+        return path
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+def atomic_write(path, write):
+    """Call `write(f)` on a temporary binary file in the same folder, flush it to disk, then
+    rename it to `path`: a kill at any instant leaves either the previous file or the complete
+    new one under `path`, never a truncated one."""
+    folder, name = os.path.split(path)
+    tmp_path = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
+    try:
+        with open(tmp_path, 'wb') as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+    dir_fd = os.open(folder or '.', os.O_RDONLY)
+    try:  # make the rename itself durable
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(config, epoch, step, model, max_accuracy, optimizer, lr_scheduler, loss_scaler,
+                    logger, model_ema=None, name=None):
+    """Save the whole training state after `step` batches of `epoch` (step None: epoch done).
+    Returns the path. Call on rank 0 only."""
+    state = {
+        'model': model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'lr_scheduler': lr_scheduler.state_dict(),
+        'scaler': loss_scaler.state_dict() if loss_scaler is not None else {},
+        'epoch': epoch,
+        'step': step,
+        'max_accuracy': max_accuracy,
+        'config': config.dump(),
+    }
+    if model_ema is not None:
+        state['model_ema'] = model_ema.module.state_dict()
+    path = os.path.join(config.OUTPUT, name or epoch_checkpoint_name(epoch, step))
+    logger.info(f"{path} saving......")
+    atomic_write(path, lambda f: torch.save(state, f))
+    logger.info(f"{path} saved !!!")
+    return path
+
+
+def prune_checkpoints(output_dir, keep, logger):
+    """Keep the newest `keep` epoch checkpoints (0 = all), the newest `keep` step checkpoints
+    written after the newest epoch checkpoint, and the best; remove the rest and any temporary
+    file a killed write left behind."""
+    epochs, steps = [], []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_NAME.match(name)
+        if match:
+            position = (int(match.group(1)), int(match.group(2) or 0))
+            (epochs if match.group(2) is None else steps).append((position, name))
+        elif name.startswith('.ckpt_') and name.endswith('.tmp'):
+            os.remove(os.path.join(output_dir, name))
+    epochs.sort()
+    steps.sort()
+    newest_epoch = epochs[-1][0][0] if epochs else -1
+    doomed = [name for position, name in steps if position[0] <= newest_epoch]
+    running = [name for position, name in steps if position[0] > newest_epoch]
+    if keep > 0:
+        doomed += [name for _, name in epochs[:-keep]] + running[:-keep]
+    for name in doomed:
+        os.remove(os.path.join(output_dir, name))
+        logger.info(f"removed old checkpoint {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers
+# ---------------------------------------------------------------------------------------------
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def reduce_sum(tensor):
+    """Sum `tensor` over all processes in place (a no-op in a single process); returns it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
