@@ -1,0 +1,249 @@
+"""Data pipeline: ImageFolder and zip datasets written to tmp dirs, deterministic resumable
+sampling, exact validation sharding, transforms, and the errors on bad data."""
+import argparse
+import importlib.util
+import os
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from config import get_config
+from data import DataError, build_loader
+from data.cached_image_folder import CachedImageFolder
+from data.samplers import ResumableDistributedSampler, ShardSampler
+
+CLASSES = ('cat', 'dog', 'fox')
+
+
+def write_image_folder(root, train_per_class=6, val_per_class=(3, 2, 2), size=(40, 36)):
+    """train/ and val/ ImageFolders of random RGB PNGs; 7 val images (an odd count)."""
+    rng = np.random.default_rng(0)
+    for split, counts in (('train', (train_per_class,) * len(CLASSES)), ('val', val_per_class)):
+        for name, count in zip(CLASSES, counts):
+            os.makedirs(root / split / name, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f'{i}.png')
+    return root
+
+
+def zip_image_folder(root, out):
+    """The zip layout of the original's get_started: {split}.zip + {split}_map.txt."""
+    os.makedirs(out, exist_ok=True)
+    for split in ('train', 'val'):
+        lines = []
+        with zipfile.ZipFile(out / f'{split}.zip', 'w') as archive:
+            for label, name in enumerate(CLASSES):
+                for file in sorted(os.listdir(root / split / name)):
+                    archive.write(root / split / name / file, f'{name}/{file}')
+                    lines.append(f'{name}/{file}\t{label}\n')
+        (out / f'{split}_map.txt').write_text(''.join(lines))
+    return out
+
+
+def make_config(data_path, *opts, **args):
+    defaults = ['DATA.IMG_SIZE', '32', 'DATA.BATCH_SIZE', '4', 'DATA.NUM_WORKERS', '0']
+    return get_config(argparse.Namespace(data_path=str(data_path), opts=defaults + list(opts), **args))
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp('images'))
+
+
+def epoch_batches(loader, epoch, start_step=0):
+    loader.sampler.set_epoch(epoch, start_step)
+    return [(images.clone(), labels.clone()) for images, labels in loader]
+
+
+def assert_same_batches(first, second):
+    assert len(first) == len(second)
+    for (images_a, labels_a), (images_b, labels_b) in zip(first, second):
+        assert torch.equal(labels_a, labels_b)
+        assert torch.equal(images_a, images_b)
+
+
+def test_image_folder_loader_takes_classes_from_data(folder):
+    config = make_config(folder)
+    assert config.MODEL.NUM_CLASSES == 0
+    dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config)
+    assert config.MODEL.NUM_CLASSES == 3 and config.is_frozen()
+    assert (len(dataset_train), len(dataset_val)) == (18, 7)
+    assert len(loader_train) == 18 // 4  # drop_last: every step has a full batch
+    images, labels = next(iter(loader_train))
+    assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.int64
+    assert mixup_fn is not None and mixup_fn.num_classes == 3
+    assert sum(len(labels) for _, labels in loader_val) == 7
+
+
+def test_eval_mode_reads_only_val_and_released_num_classes_is_kept(tmp_path):
+    write_image_folder(tmp_path)
+    os.rename(tmp_path / 'train', tmp_path / 'not_train')
+    config = make_config(tmp_path, 'MODEL.NUM_CLASSES', '1000', eval=True)
+    dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config)
+    assert dataset_train is None and loader_train is None and mixup_fn is None
+    assert len(dataset_val) == 7 and config.MODEL.NUM_CLASSES == 1000
+
+
+def test_eval_transform_resizes_256_224_and_center_crops(tmp_path):
+    write_image_folder(tmp_path, size=(100, 80))
+    config = make_config(tmp_path, 'DATA.IMG_SIZE', '64', eval=True)
+    _, dataset_val, _, _, _ = build_loader(config)
+    image, _ = dataset_val[0]
+    assert image.shape == (3, 64, 64)
+    resize = dataset_val.transform.transforms[0]
+    assert resize.size == int(256 / 224 * 64)
+
+
+@pytest.mark.parametrize('cache_mode', ['no', 'part', 'full'])
+def test_zip_dataset_matches_image_folder(folder, tmp_path, cache_mode):
+    zipped = zip_image_folder(folder, tmp_path / 'zipped')
+    plain = build_loader(make_config(folder))
+    config = make_config(zipped, zip=True, cache_mode=cache_mode)
+    dataset_train, dataset_val, _, loader_val, _ = build_loader(config)
+    assert isinstance(dataset_train, CachedImageFolder) and config.MODEL.NUM_CLASSES == 3
+    assert len(dataset_train) == len(plain[0]) and len(dataset_val) == len(plain[1])
+    assert_same_batches(list(loader_val), list(plain[3]))
+    # same seed, same indices -> same augmented training batches as the folder dataset
+    assert_same_batches(epoch_batches(build_loader(config)[2], 1), epoch_batches(plain[2], 1))
+
+
+def test_zip_part_cache_holds_this_process_shard(folder, tmp_path):
+    zipped = zip_image_folder(folder, tmp_path / 'zipped')
+    part = CachedImageFolder(str(zipped / 'train.zip'), str(zipped / 'train_map.txt'),
+                             cache_mode='part', rank=1, world_size=3)
+    assert sorted(part.cache) == list(range(1, 18, 3))
+    full = CachedImageFolder(str(zipped / 'train.zip'), str(zipped / 'train_map.txt'), cache_mode='full')
+    assert len(full.cache) == 18
+    # what is not cached is read from the zip
+    assert np.array_equal(np.asarray(part[0][0]), np.asarray(full[0][0]))
+    # a part cache samples only within the process's shard
+    sampler = ResumableDistributedSampler(18, 4, num_replicas=3, rank=1, shard_first=True)
+    assert {index for _, index in sampler} == set(range(1, 18, 3))
+
+
+def test_samples_and_augmentations_do_not_depend_on_workers(folder):
+    # RandAugment, random erasing, flips and random-resized crops at their defaults
+    serial = build_loader(make_config(folder, 'DATA.IMG_SIZE', '40'))[2]
+    state = torch.get_rng_state()
+    batches_serial = epoch_batches(serial, epoch=3)
+    assert torch.equal(torch.get_rng_state(), state), 'loading in-process must not move the RNG'
+    parallel = build_loader(make_config(folder, 'DATA.IMG_SIZE', '40', 'DATA.NUM_WORKERS', '2'))[2]
+    assert_same_batches(batches_serial, epoch_batches(parallel, epoch=3))
+    # another epoch: another order and other augmentations
+    other_epoch = epoch_batches(serial, epoch=4)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(batches_serial, other_epoch))
+
+
+def test_resume_at_start_step_gives_the_tail_of_the_epoch(folder):
+    loader = build_loader(make_config(folder, 'DATA.IMG_SIZE', '40'))[2]
+    full_epoch = epoch_batches(loader, epoch=2)
+    assert len(full_epoch) == 4
+    assert_same_batches(epoch_batches(loader, epoch=2, start_step=3), full_epoch[3:])
+    assert len(loader) == 4, 'len() stays the full epoch'
+
+
+@pytest.mark.parametrize('world_size', [1, 2, 3])
+def test_train_sampler_shards_one_permutation(world_size):
+    shards = []
+    for rank in range(world_size):
+        sampler = ResumableDistributedSampler(11, 2, num_replicas=world_size, rank=rank, seed=5)
+        sampler.set_epoch(7)
+        shards.append([index for _, index in sampler])
+        assert len(shards[-1]) == len(sampler) == -(-11 // world_size)
+    assert set().union(*map(set, shards)) == set(range(11))
+    assert sum(map(len, shards)) - 11 < world_size  # only the padding repeats
+
+
+@pytest.mark.parametrize('world_size', [1, 2, 3])
+def test_val_shards_cover_every_image_exactly_once(world_size):
+    seen = [index for rank in range(world_size) for index in ShardSampler(7, world_size, rank)]
+    assert sorted(seen) == list(range(7))
+
+
+def test_val_loader_shards_by_rank(folder, monkeypatch):
+    import data.build
+    seen = []
+    for rank in range(3):
+        monkeypatch.setattr(data.build, '_rank_and_world_size', lambda rank=rank: (rank, 3))
+        loader_val = build_loader(make_config(folder, eval=True))[3]
+        seen += list(loader_val.sampler)
+    assert sorted(seen) == list(range(7))
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_corrupt_image_error_names_the_file(tmp_path, workers):
+    write_image_folder(tmp_path)
+    bad = tmp_path / 'val' / 'dog' / '1.png'
+    bad.write_bytes(b'not a png at all')
+    loader_val = build_loader(make_config(tmp_path, 'DATA.NUM_WORKERS', str(workers)))[3]
+    with pytest.raises(DataError) as error:
+        list(loader_val)
+    message = str(error.value)
+    assert str(bad) in message and '\n' not in message
+
+
+def test_truncated_image_in_zip_names_the_member(folder, tmp_path):
+    zipped = zip_image_folder(folder, tmp_path / 'zipped')
+    with zipfile.ZipFile(zipped / 'val.zip', 'a') as archive:
+        archive.writestr('cat/truncated.png', (folder / 'val' / 'cat' / '0.png').read_bytes()[:60])
+    with open(zipped / 'val_map.txt', 'a') as f:
+        f.write('cat/truncated.png\t0\n')
+    dataset = CachedImageFolder(str(zipped / 'val.zip'), str(zipped / 'val_map.txt'))
+    with pytest.raises(DataError, match='val.zip@/cat/truncated.png'):
+        dataset[len(dataset) - 1]
+
+
+def test_missing_and_empty_data_folders(tmp_path):
+    with pytest.raises(DataError, match=f'data folder not found: {tmp_path / "nowhere"}'):
+        build_loader(make_config(tmp_path / 'nowhere'))
+    (tmp_path / 'train').mkdir()
+    (tmp_path / 'val').mkdir()
+    with pytest.raises(DataError, match=f'no images in {tmp_path / "val"}'):
+        build_loader(make_config(tmp_path))
+    with pytest.raises(DataError, match='DATA.DATA_PATH is not set'):
+        build_loader(make_config(''))
+
+
+def test_bad_zip_inputs(folder, tmp_path):
+    zipped = zip_image_folder(folder, tmp_path / 'zipped')
+    (zipped / 'val_map.txt').write_text('cat/0.png 0\n')
+    with pytest.raises(DataError, match='val_map.txt line 1'):
+        build_loader(make_config(zipped, zip=True))
+    (zipped / 'val_map.txt').write_text('cat/99.png\t0\n')
+    with pytest.raises(DataError, match='cat/99.png, which is not in'):
+        build_loader(make_config(zipped, zip=True))
+    os.remove(zipped / 'val.zip')
+    with pytest.raises(DataError, match='zip file not found'):
+        build_loader(make_config(zipped, zip=True))
+
+
+def test_class_mismatch_and_too_few_images(tmp_path):
+    write_image_folder(tmp_path)
+    with pytest.raises(DataError, match='more than MODEL.NUM_CLASSES 2'):
+        build_loader(make_config(tmp_path, 'MODEL.NUM_CLASSES', '2'))
+    with pytest.raises(DataError, match='larger than the 18 training images'):
+        build_loader(make_config(tmp_path, 'DATA.BATCH_SIZE', '20'))
+    with pytest.raises(DataError, match='even DATA.BATCH_SIZE'):
+        build_loader(make_config(tmp_path, 'DATA.BATCH_SIZE', '3'))
+    os.rename(tmp_path / 'val' / 'fox', tmp_path / 'val' / 'wolf')
+    with pytest.raises(DataError, match='class folders .* differ'):
+        build_loader(make_config(tmp_path))
+
+
+def test_mixup_off_and_hflip_off(folder):
+    config = make_config(folder, 'AUG.MIXUP', '0.0', 'AUG.CUTMIX', '0.0', 'AUG.HFLIP', '0.0')
+    dataset_train, _, _, _, mixup_fn = build_loader(config)
+    assert mixup_fn is None
+    names = [type(t).__name__ for t in dataset_train.transform.transforms]
+    assert 'RandomHorizontalFlip' not in names and 'RandomErasing' in names
+
+
+@pytest.mark.skipif(importlib.util.find_spec('data.digits') is None, reason='data/digits.py not there')
+def test_digits_dataset_is_written_and_loaded(tmp_path):
+    config = make_config('', 'DATA.DATASET', 'digits', 'DATA.DATA_PATH', str(tmp_path), eval=True)
+    _, dataset_val, _, _, _ = build_loader(config)
+    assert len(dataset_val) == 360 and config.MODEL.NUM_CLASSES == 10
