@@ -27,6 +27,7 @@ neighbour keys at the new geometry) or the classifier (the model has none); the 
 index buffers are dropped. Anything else that does not fit is a different architecture: a
 ValueError names the keys.
 """
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -218,14 +219,14 @@ def _map_neighbour_table(old, fresh):
     sums.index_add_(1, old_offsets, old[0].reshape(num_heads, -1).double())
     counts = torch.zeros(num_offsets, dtype=torch.float64)
     counts.index_add_(0, old_offsets, torch.ones(old_offsets.numel(), dtype=torch.float64))
+    means = (sums / counts.clamp(min=1)).to(fresh.dtype)
 
     seen = counts[new_offsets] > 0
-    means = sums[:, new_offsets] / counts[new_offsets].clamp(min=1)
-    mapped = torch.where(seen, means, fresh[0].double())
+    mapped = torch.where(seen, means[:, new_offsets], fresh[0])
     note = (f'window {old_window} expand {old_expand} -> window {new_window} expand {new_expand}: '
             f'{int(seen.sum()) * num_heads} of {fresh.numel()} values mapped by relative offset, '
             f'the rest fresh')
-    return mapped[None].to(fresh.dtype), 'resized', note
+    return mapped[None], 'resized', note
 
 
 def _neighbour_geometry(shape):
@@ -237,6 +238,7 @@ def _neighbour_geometry(shape):
     raise _Mismatch(f'{shape[3]} neighbour slots fit no expand size for window {window}')
 
 
+@functools.lru_cache(maxsize=None)
 def _neighbour_offset_ids(window, expand, reach):
     """(ws^2, n_neighbours) ids of the offset key - query, for offsets within +-reach."""
     rows, cols = torch.meshgrid(torch.arange(window), torch.arange(window), indexing='ij')

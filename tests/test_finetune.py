@@ -1,0 +1,296 @@
+"""Fine-tuning from a checkpoint at another resolution, window or number of classes
+(models/pretrained.py) and the 384 px fine-tuning configs."""
+import argparse
+import json
+import pathlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from config import get_config
+from models import build_model
+from models.focal_transformer import FocalTransformer, neighbour_key_positions
+from models.pretrained import transfer_weights
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+REFERENCE = REPO.parent / 'shared' / 'reference'
+needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason=f'{REFERENCE} not present')
+
+SMALL = dict(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], focal_pool='fc',
+             focal_levels=[2, 2, 2, 2], focal_windows=[3, 3, 1, 1], drop_path_rate=0.1)
+# Stage maps 16/8/4/2 with window 3: stages 0-2 have neighbours (expand 1), stage 3 is one 2x2 window.
+PRETRAIN = dict(SMALL, img_size=64, window_size=3, expand_sizes=[1, 1, 1, 1], num_classes=10)
+# Stage maps 24/12/6/3 with window 5: stages 0-2 have neighbours (expand 2), stage 3 is one 3x3 window.
+FINETUNE = dict(SMALL, img_size=96, window_size=5, expand_sizes=[2, 2, 2, 2], num_classes=5)
+
+
+def build(kwargs, seed=0):
+    torch.manual_seed(seed)
+    return FocalTransformer(**kwargs)
+
+
+def trained_state_dict(kwargs):
+    """A state dict whose every value differs from any initialisation, as after training."""
+    model = build(kwargs, seed=1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.2)
+    return model.state_dict()
+
+
+def actions(report):
+    return {entry.key: entry.action for entry in report.entries}
+
+
+def centre(grid_values):
+    """Middle element of a flattened odd x odd grid."""
+    return grid_values[..., (grid_values.shape[-1] - 1) // 2]
+
+
+def load_config(name):
+    return get_config(argparse.Namespace(cfg=str(REPO / 'configs' / name)))
+
+
+def released_state_dict(name):
+    """Random tensors with the names, shapes and dtypes of a released checkpoint, its integer
+    index buffers included."""
+    layout = json.loads((REFERENCE / 'checkpoint_layouts.json').read_text())[name]['state_dict']
+    generator = torch.Generator().manual_seed(0)
+    state_dict = {}
+    for key, entry in layout.items():
+        dtype = getattr(torch, entry['dtype'])
+        if dtype.is_floating_point:
+            state_dict[key] = torch.randn(entry['shape'], generator=generator, dtype=dtype) * 0.02
+        else:
+            state_dict[key] = torch.zeros(entry['shape'], dtype=dtype)
+    return state_dict
+
+
+def test_finetune_at_higher_resolution_other_window_and_classes(tmp_path):
+    path = tmp_path / 'pretrained.pth'
+    torch.save({'model': trained_state_dict(PRETRAIN)}, path)
+    old = torch.load(path, weights_only=True)['model']
+    model = build(FINETUNE)
+    init = {key: value.clone() for key, value in model.state_dict().items()}
+
+    state_dict, report = transfer_weights(torch.load(path, weights_only=True), model)
+    model.load_state_dict(state_dict, strict=True)
+    new = {key: value.clone() for key, value in model.state_dict().items()}
+
+    geometric = ('relative_position_bias_table', 'pool_layers.0.weight')
+    for key, action in actions(report).items():
+        expected = ('fresh' if key.startswith('head.') else
+                    'resized' if any(part in key for part in geometric) else 'copied')
+        assert action == expected, key
+        if action == 'copied':
+            assert torch.equal(new[key], old[key]), key
+        if action == 'fresh':
+            assert torch.equal(new[key], init[key]), key
+    assert set(actions(report)) == set(new)
+
+    checked_centres = 0
+    for key in new:
+        if key.endswith('attn.relative_position_bias_table'):
+            assert torch.equal(centre(new[key].t()), centre(old[key].t())), key
+            checked_centres += 1
+        elif 'relative_position_bias_table_to_windows' in key and old[key].shape[1] % 2 == 1:
+            assert torch.equal(centre(new[key]), centre(old[key])), key
+            checked_centres += 1
+        elif key.endswith('pool_layers.0.weight'):
+            assert new[key].shape == (1, 25 if key.startswith(('layers.0', 'layers.1', 'layers.2')) else 9)
+            torch.testing.assert_close(new[key].sum(), old[key].sum(), rtol=0, atol=1e-6)
+    assert checked_centres == 5 + 4  # every window table; to_windows but stage 3's (2x2 -> 3x3)
+    copied = sum(value.numel() for key, value in new.items() if actions(report)[key] == 'copied')
+    assert f'copied {len(new) - 21} tensors ({copied:,} weights)' in report.summary()
+    assert 'fresh 2 tensors (325 weights)' in report.summary()
+    assert any(line.startswith('head.weight: (10, 64) -> (5, 64) fresh') for line in report.details())
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    images, labels = torch.randn(2, 3, 96, 96), torch.tensor([0, 4])
+    loss = F.cross_entropy(model(images), labels)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert not torch.equal(model.state_dict()['head.weight'], new['head.weight'])
+
+
+def test_neighbour_biases_mapped_by_relative_offset():
+    """A neighbour table whose value depends only on the offset key - query keeps that value at
+    every offset the old geometry had; other offsets start from the model's initialisation."""
+    old_window, old_expand, new_window, new_expand = 3, 1, 5, 2
+    pretrained = trained_state_dict(PRETRAIN)
+    key = 'layers.1.blocks.0.attn.relative_position_bias_table_to_neighbors'
+
+    def offsets(window, expand):
+        rows, cols = torch.meshgrid(torch.arange(window), torch.arange(window), indexing='ij')
+        queries = torch.stack([rows.flatten(), cols.flatten()], dim=1)
+        return neighbour_key_positions(window, expand)[None] - queries[:, None]  # (ws², n, 2)
+
+    def value(offset, head):
+        return 100.0 * head + 10.0 * offset[..., 0] + offset[..., 1]
+
+    old_offsets = offsets(old_window, old_expand)
+    pretrained[key] = torch.stack([value(old_offsets, head) for head in range(2)])[None]
+    model = build(FINETUNE)
+    init = model.state_dict()[key].clone()
+    state_dict, report = transfer_weights(pretrained, model)
+
+    new_offsets = offsets(new_window, new_expand)
+    old_set = {tuple(offset) for offset in old_offsets.reshape(-1, 2).tolist()}
+    known = torch.tensor([[tuple(offset) in old_set for offset in row] for row in new_offsets.tolist()])
+    assert 0 < known.sum() < known.numel()
+    for head in range(2):
+        mapped = state_dict[key][0, head]
+        assert torch.equal(mapped[known], value(new_offsets, head)[known])
+        assert torch.equal(mapped[~known], init[0, head][~known])
+    detail = next(line for line in report.details() if line.startswith(key))
+    assert f'{int(known.sum()) * 2} of {init.numel()} values mapped' in detail
+
+    # Several old slots with one offset: their mean.
+    pretrained[key] = torch.randn(1, 2, old_window ** 2, old_offsets.shape[1])
+    state_dict, _ = transfer_weights(pretrained, model)
+    target = torch.tensor([1, 0])
+    old_same = (old_offsets == target).all(-1)
+    new_same = (new_offsets == target).all(-1)
+    assert old_same.sum() > 1
+    expected = pretrained[key][0, :, old_same].double().mean(-1).float()
+    for head in range(2):
+        torch.testing.assert_close(state_dict[key][0, head][new_same],
+                                   expected[head].expand(int(new_same.sum())), rtol=1e-6, atol=1e-7)
+
+
+# Same window 4 at 64 px (stage maps 16/8/4/2) and 160 px (40/20/10/5): stages 2 and 3 have a map
+# larger than the window only at 160 px, so only there do their blocks have neighbour keys.
+LOW_RES = dict(SMALL, img_size=64, window_size=4, expand_sizes=[2, 2, 2, 2], num_classes=10)
+HIGH_RES = dict(LOW_RES, img_size=160)
+GAINED = ['layers.2.blocks.0.attn.relative_position_bias_table_to_neighbors',
+          'layers.2.blocks.1.attn.relative_position_bias_table_to_neighbors',
+          'layers.3.blocks.0.attn.relative_position_bias_table_to_neighbors']
+
+
+def test_blocks_that_gain_neighbours_start_as_from_scratch():
+    model = build(HIGH_RES)
+    init = {key: value.clone() for key, value in model.state_dict().items()}
+    state_dict, report = transfer_weights(trained_state_dict(LOW_RES), model)
+    model.load_state_dict(state_dict, strict=True)
+    fresh = sorted(key for key, action in actions(report).items() if action == 'fresh')
+    assert fresh == GAINED
+    for key in GAINED:
+        assert torch.equal(model.state_dict()[key], init[key])
+    assert 'fresh 3 tensors' in report.summary() and 'ignored 0 tensors' in report.summary()
+    assert any(line.startswith(f'{GAINED[0]}: absent -> (1, 2, 16, 48) fresh') for line in report.details())
+    model.eval()
+    assert torch.isfinite(model(torch.randn(1, 3, 160, 160))).all()
+
+
+def test_neighbour_tables_the_model_lacks_are_ignored_and_reported():
+    model = build(LOW_RES)
+    state_dict, report = transfer_weights(trained_state_dict(HIGH_RES), model)
+    model.load_state_dict(state_dict, strict=True)
+    ignored = sorted(key for key, action in actions(report).items() if action == 'ignored')
+    assert ignored == GAINED
+    assert 'ignored 3 tensors (6,144 weights)' in report.summary()  # (2 + 2 + 4) heads x 16 x 48
+    assert any(line.startswith(f'{GAINED[2]}: (1, 4, 16, 48) -> absent ignored') for line in report.details())
+
+
+@pytest.mark.parametrize('change, named', [
+    (dict(depths=[1, 1, 1, 1]), 'layers.2.blocks.1.norm1.weight in the checkpoint is not in the model'),
+    (dict(depths=[1, 1, 3, 1]), 'layers.2.blocks.2.norm1.weight missing from the checkpoint'),
+    (dict(embed_dim=16), 'patch_embed.proj.weight (8, 3, 4, 4) in the checkpoint, (16, 3, 4, 4) in the model'),
+    (dict(num_heads=[1, 1, 2, 4]), 'layers.1.blocks.0.attn.relative_position_bias_table (25, 2) in the '
+                                   'checkpoint, (25, 1) in the model (different number of heads)'),
+    (dict(focal_pool='conv'), 'layers.0.blocks.0.pool_layers.0.weight (1, 9) in the checkpoint, '
+                              '(8, 1, 3, 3) in the model (not the same pooling layer)'),
+])
+def test_other_architecture_fails_naming_the_keys(change, named):
+    with pytest.raises(ValueError, match='checkpoint does not fit the model architecture') as error:
+        transfer_weights(trained_state_dict(PRETRAIN), build(dict(PRETRAIN, **change)))
+    assert named in str(error.value)
+
+
+def test_conv_pooling_kernels_resized_per_channel_keeping_their_sums():
+    conv = dict(SMALL, focal_pool='conv', expand_sizes=[1, 1, 1, 1], num_classes=10)
+    pretrained = trained_state_dict(dict(conv, img_size=64, window_size=3))
+    model = build(dict(conv, img_size=96, window_size=5))
+    state_dict, report = transfer_weights(pretrained, model)
+    model.load_state_dict(state_dict, strict=True)
+    key = 'layers.1.blocks.0.pool_layers.0.weight'
+    assert pretrained[key].shape == (16, 1, 3, 3) and state_dict[key].shape == (16, 1, 5, 5)
+    torch.testing.assert_close(state_dict[key].sum((1, 2, 3)), pretrained[key].sum((1, 2, 3)), rtol=0, atol=1e-6)
+    assert actions(report)['layers.1.blocks.0.pool_layers.0.bias'] == 'copied'
+
+
+@needs_reference
+@pytest.mark.parametrize('golden', sorted(REFERENCE.glob('golden/*.pt')), ids=lambda path: path.stem)
+def test_golden_state_dicts_load_strictly(golden):
+    case = torch.load(golden, weights_only=False)
+    model = FocalTransformer(**case['kwargs'])
+    state_dict, report = transfer_weights(case['state_dict'], model)
+    model.load_state_dict(state_dict, strict=True)
+    assert set(actions(report).values()) == {'copied'}
+    assert report.dropped_buffers > 0
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, case['state_dict'][key]), key
+
+
+@pytest.fixture(scope='module')
+def released_focal_tiny():
+    return released_state_dict('focal_tiny_patch4_window7_224')
+
+
+@needs_reference
+def test_released_focal_tiny_loads_for_evaluation_at_224(released_focal_tiny):
+    model = build_model(load_config('focal_tiny_patch4_window7_224.yaml'))
+    state_dict, report = transfer_weights(released_focal_tiny, model)
+    model.load_state_dict(state_dict, strict=True)
+    assert set(actions(report).values()) == {'copied'} and len(report.entries) == len(model.state_dict())
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, 224, 224))
+    assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
+
+
+@needs_reference
+def test_released_focal_tiny_transfers_to_384_window_12(released_focal_tiny):
+    model = build_model(load_config('focal_tiny_patch4_window12_384_finetune.yaml'))
+    state_dict, report = transfer_weights(released_focal_tiny, model)
+    model.load_state_dict(state_dict, strict=True)
+
+    done = actions(report)
+    resized = sorted(key for key, action in done.items() if action == 'resized')
+    tables_and_kernels = [key for key in model.state_dict()
+                          if 'relative_position_bias_table' in key or key.endswith('pool_layers.0.weight')]
+    assert resized == sorted(tables_and_kernels)
+    # The last stage's 12x12 map is one window at 384 px as its 7x7 map was at 224 px: no block
+    # gains or loses neighbour keys, and the 1000-class head is kept.
+    assert done['head.weight'] == 'copied'
+    assert 'fresh 0 tensors' in report.summary() and 'ignored 0 tensors' in report.summary()
+    key = 'layers.0.blocks.0.attn.relative_position_bias_table'
+    assert state_dict[key].shape == (23 * 23, 3)
+    assert torch.equal(centre(state_dict[key].t()), centre(released_focal_tiny[key].t()))
+
+
+@pytest.mark.parametrize('size', ['tiny', 'small', 'base'])
+def test_finetune_config_is_its_224_config_at_384(size):
+    """Building the full-size small and base models takes 5-15 s each; the tiny test above
+    builds its 384 model, and these differ from it only in what they inherit from their 224 config."""
+    finetune = load_config(f'focal_{size}_patch4_window12_384_finetune.yaml')
+    pretrain = load_config(f'focal_{size}_patch4_window7_224.yaml')
+    changed = {
+        'DATA.IMG_SIZE': 384, 'MODEL.NAME': f'focal_{size}_patch4_window12_384_finetune',
+        'MODEL.FOCAL.WINDOW_SIZE': 12, 'MODEL.FOCAL.EXPAND_SIZES': [6, 6, 6, 6],
+        'TRAIN.EPOCHS': 30, 'TRAIN.WARMUP_EPOCHS': 5, 'TRAIN.WEIGHT_DECAY': 1e-8,
+        'TRAIN.BASE_LR': 2e-5, 'TRAIN.WARMUP_LR': 2e-8, 'TRAIN.MIN_LR': 2e-7, 'TEST.CROP': False,
+        'OUTPUT': finetune.OUTPUT,
+    }
+
+    def flat(node, prefix=''):
+        items = {}
+        for key, value in node.items():
+            items.update(flat(value, f'{prefix}{key}.') if isinstance(value, dict) else {prefix + key: value})
+        return items
+
+    expected = dict(flat(pretrain), **changed)
+    assert flat(finetune) == expected
