@@ -77,20 +77,29 @@ _C.MODEL.DROP_PATH_RATE = 0.1
 # Label smoothing
 _C.MODEL.LABEL_SMOOTHING = 0.1
 
-# Focal Transformer parameters. The first group is shared with Swin (but no shift by default).
+# Focal Transformer parameters; the first ones are shared with Swin (but no shift by default)
 _C.MODEL.FOCAL = CN()
+# Patch size of the first embedding (pixels per token side)
 _C.MODEL.FOCAL.PATCH_SIZE = 4
+# Input image channels
 _C.MODEL.FOCAL.IN_CHANS = 3
+# Channels of the first stage (doubled at every stage)
 _C.MODEL.FOCAL.EMBED_DIM = 96
+# Blocks per stage
 _C.MODEL.FOCAL.DEPTHS = [2, 2, 6, 2]
+# Attention heads per stage
 _C.MODEL.FOCAL.NUM_HEADS = [3, 6, 12, 24]
+# Side of the attention windows (query windows and finest key level)
 _C.MODEL.FOCAL.WINDOW_SIZE = 7
+# MLP hidden width / channels
 _C.MODEL.FOCAL.MLP_RATIO = 4.0
+# Bias in the query/key/value projection
 _C.MODEL.FOCAL.QKV_BIAS = True
 # Attention scale; None means head_dim ** -0.5 (the original's False had the same effect)
 _C.MODEL.FOCAL.QK_SCALE = None
 # Absolute position embedding
 _C.MODEL.FOCAL.APE = False
+# LayerNorm after the patch embedding
 _C.MODEL.FOCAL.PATCH_NORM = True
 # Swin-style shifted windows (the released models do not shift)
 _C.MODEL.FOCAL.USE_SHIFT = False
@@ -100,7 +109,7 @@ _C.MODEL.FOCAL.FOCAL_POOL = 'none'
 _C.MODEL.FOCAL.FOCAL_STAGES = [0, 1, 2, 3]
 # Focal levels per stage (1 = window plus neighbours, no pooled level)
 _C.MODEL.FOCAL.FOCAL_LEVELS = [1, 1, 1, 1]
-# Window of pooled sub-windows per stage
+# Focal window per stage: the side, in pooled sub-windows, of the coarse key region (odd)
 _C.MODEL.FOCAL.FOCAL_WINDOWS = [7, 5, 3, 1]
 # Stages whose windows gather neighbour keys (accepted and unused, as in the original)
 _C.MODEL.FOCAL.EXPAND_STAGES = [0, 1, 2, 3]
@@ -114,21 +123,27 @@ _C.MODEL.FOCAL.USE_CONV_EMBED = False
 _C.MODEL.FOCAL.USE_LAYERSCALE = False
 # (added) initial layer-scale value; the original model's default
 _C.MODEL.FOCAL.LAYERSCALE_VALUE = 1e-4
-# Normalise before the patch-embedding projection
+# GroupNorm before each downsampling projection
 _C.MODEL.FOCAL.USE_PRE_NORM = False
 
 # -----------------------------------------------------------------------------
 # Training settings
 # -----------------------------------------------------------------------------
 _C.TRAIN = CN()
+# First epoch (set from the checkpoint on resume)
 _C.TRAIN.START_EPOCH = 0
+# Training epochs
 _C.TRAIN.EPOCHS = 300
+# Epochs of linear warmup from WARMUP_LR (stepped per optimizer step)
 _C.TRAIN.WARMUP_EPOCHS = 20
+# Weight decay (not applied to norms, biases and the model's no_weight_decay names)
 _C.TRAIN.WEIGHT_DECAY = 0.05
-# Learning rates for a total batch of 512 images; main.py scales them linearly by
-# (batch size x processes x accumulation steps) / 512, as the original does.
+# Peak learning rate for a total batch of 512 images; main.py scales BASE_LR, WARMUP_LR and
+# MIN_LR linearly by (batch size x processes x accumulation steps) / 512, as the original does.
 _C.TRAIN.BASE_LR = 5e-4
+# Learning rate at the first warmup step (per 512 images, as BASE_LR)
 _C.TRAIN.WARMUP_LR = 5e-7
+# Final learning rate of the cosine and linear schedules (per 512 images, as BASE_LR)
 _C.TRAIN.MIN_LR = 5e-6
 # Clip the gradient norm to this value (0 = no clipping)
 _C.TRAIN.CLIP_GRAD = 5.0
@@ -172,7 +187,9 @@ _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
 
 # (added) exponential moving average of the weights (timm ModelEmaV3), evaluated beside the model
 _C.TRAIN.EMA = CN()
+# Keep and evaluate the EMA weights
 _C.TRAIN.EMA.ENABLE = False
+# EMA decay per optimizer step
 _C.TRAIN.EMA.DECAY = 0.9998
 
 # -----------------------------------------------------------------------------
