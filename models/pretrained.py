@@ -118,8 +118,8 @@ def transfer_weights(state_dict, model):
             result[key] = old
             report.add(key, tuple(old.shape), tuple(fresh.shape), 'copied')
             continue
-        try:
-            result[key], action, note = _adapt(key, old, fresh)
+        try:  # on the CPU: the model may already sit on a GPU, the checkpoint not
+            result[key], action, note = _adapt(key, old.cpu(), fresh.cpu())
         except _Mismatch as mismatch:
             problems.append(f'{key} {_shape_text(tuple(old.shape))} in the checkpoint, '
                             f'{_shape_text(tuple(fresh.shape))} in the model{mismatch.why}')

@@ -3,12 +3,15 @@
 import argparse
 import json
 import pathlib
+import re
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from config import get_config
+from helpers import assert_ok, load_weights, run_dir, run_main, write_config, write_image_folder
 from models import build_model
 from models.focal_transformer import FocalTransformer, neighbour_key_positions
 from models.pretrained import transfer_weights
@@ -294,3 +297,44 @@ def test_finetune_config_is_its_224_config_at_384(size):
 
     expected = dict(flat(pretrain), **changed)
     assert flat(finetune) == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
+def test_transfer_into_a_model_on_the_gpu():
+    model = build(FINETUNE).cuda()
+    state_dict, report = transfer_weights(trained_state_dict(PRETRAIN), model)
+    model.load_state_dict(state_dict, strict=True)
+    assert 'resized 19 tensors' in report.summary()
+    assert torch.isfinite(model(torch.randn(2, 3, 96, 96, device='cuda'))).all()
+
+
+def test_main_fine_tunes_from_a_file_url(tmp_path):
+    """What users run (two main.py launches, ~15 s): train at 32 px / window 4 on 3 classes, then
+    fine-tune from that checkpoint, given as a file:// URL, at 48 px / window 6 on 2 classes."""
+    pretrain_data = write_image_folder(tmp_path / 'pretrain_data')
+    finetune_data = write_image_folder(tmp_path / 'finetune_data', size=48)
+    for split in ('train', 'val'):
+        shutil.rmtree(tmp_path / 'finetune_data' / split / 'stripe')
+    cfg = write_config(tmp_path / 'tiny.yaml')
+    out = str(tmp_path / 'out')
+    one_epoch = ['TRAIN.EPOCHS', '1', 'TRAIN.WARMUP_EPOCHS', '0']
+    assert_ok(run_main(tmp_path, ['--cfg', cfg, '--data-path', pretrain_data, '--output', out,
+                                  '--tag', 'pretrain', '--opts', *one_epoch]))
+    checkpoint = pathlib.Path(run_dir(out, 'pretrain')) / 'ckpt_epoch_0.pth'
+
+    result = run_main(tmp_path, [
+        '--cfg', cfg, '--data-path', finetune_data, '--output', out, '--tag', 'finetune',
+        '--pretrained', checkpoint.as_uri(),
+        '--opts', *one_epoch, 'DATA.IMG_SIZE', '48', 'MODEL.FOCAL.WINDOW_SIZE', '6',
+        'MODEL.FOCAL.EXPAND_SIZES', '[3, 3]'])
+    assert_ok(result)
+    # The file was fetched into the torch hub cache, and the transfer summary logged.
+    assert (tmp_path / 'torch_home' / 'hub' / 'checkpoints' / 'ckpt_epoch_0.pth').is_file()
+    assert re.search(r'pretrained weights: copied \d+ tensors .*, resized 7 tensors .*, '
+                     r'fresh 2 tensors \(34 weights\), ignored 0 tensors', result.stdout)
+    log = (pathlib.Path(run_dir(out, 'finetune')) / 'log_rank0.txt').read_text()
+    assert 'head.weight: (3, 16) -> (2, 16) fresh' in log
+    assert 'layers.0.blocks.0.attn.relative_position_bias_table: (49, 1) -> (121, 1) resized' in log
+    finetuned = load_weights(pathlib.Path(run_dir(out, 'finetune')) / 'ckpt_epoch_0.pth')
+    assert finetuned['head.weight'].shape == (2, 16)
+    assert finetuned['layers.0.blocks.0.attn.relative_position_bias_table'].shape == (121, 1)
