@@ -36,9 +36,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .focal_transformer import neighbour_key_positions
+from .focal_transformer import checkpoint_filter_fn, neighbour_key_positions
 
-REFERENCE_BUFFER = re.compile(r'(^|\.)(relative_position_index\w*|valid_ind_\w+|attn_mask)$')
 RELATIVE_TABLE = re.compile(r'\.attn\.relative_position_bias_table$')
 WINDOWS_TABLE = re.compile(r'\.attn\.relative_position_bias_table_to_windows\.\d+$')
 NEIGHBOURS_TABLE = re.compile(r'\.attn\.relative_position_bias_table_to_neighbors$')
@@ -97,20 +96,27 @@ class TransferReport:
 
 
 def transfer_weights(state_dict, model):
-    """Return (state dict that model.load_state_dict(..., strict=True) accepts, TransferReport)."""
-    checkpoint = _unwrap(state_dict)
+    """Adapt `state_dict` (raw, `{'model': ...}`, released layout or ours) to `model`.
+
+    Returns (state dict that `model.load_state_dict(..., strict=True)` accepts, TransferReport).
+    Tensors that start fresh are clones of the model's current (freshly initialised) ones.
+    Raises ValueError naming the keys when the checkpoint is of another architecture.
+    """
+    unwrapped = _unwrap(state_dict)
+    checkpoint = checkpoint_filter_fn(unwrapped, model)  # drops the reference's index buffers
     target = model.state_dict()
     report = TransferReport()
+    report.dropped_buffers = len(unwrapped) - len(checkpoint)
     problems = []
     result = {}
 
     for key, fresh in target.items():
         old = checkpoint.get(key)
         if old is None:
-            if NEIGHBOURS_TABLE.search(key):
+            if NEIGHBOURS_TABLE.search(key) or key in HEAD:
                 result[key] = fresh.clone()
-                report.add(key, None, tuple(fresh.shape), 'fresh',
-                           'the checkpoint block had no neighbour keys')
+                why = 'no classifier' if key in HEAD else 'no neighbour keys in this block'
+                report.add(key, None, tuple(fresh.shape), 'fresh', f'the checkpoint has {why}')
             else:
                 problems.append(f'{key} missing from the checkpoint')
             continue
@@ -129,9 +135,7 @@ def transfer_weights(state_dict, model):
     for key, old in checkpoint.items():
         if key in target:
             continue
-        if REFERENCE_BUFFER.search(key):
-            report.dropped_buffers += 1
-        elif NEIGHBOURS_TABLE.search(key):
+        if NEIGHBOURS_TABLE.search(key):
             report.add(key, tuple(old.shape), None, 'ignored',
                        'the model block has no neighbour keys')
         elif key in HEAD:
@@ -163,29 +167,30 @@ def _adapt(key, old, fresh):
     if RELATIVE_TABLE.search(key):
         if old.shape[1] != fresh.shape[1]:
             raise _Mismatch('different number of heads')
-        old_side, new_side = _square_side(old.shape[0]), _square_side(fresh.shape[0])
-        grids = old.t().reshape(-1, old_side, old_side)
-        resized = _resize_grids(grids, new_side).reshape(-1, new_side * new_side).t()
-        return resized.to(fresh.dtype).contiguous(), 'resized', _grid_note(old_side, new_side)
+        return _resize_grid_columns(old, fresh.shape[0], fresh.dtype)
     if WINDOWS_TABLE.search(key):
         if old.shape[0] != fresh.shape[0]:
             raise _Mismatch('different number of heads')
-        old_side, new_side = _square_side(old.shape[1]), _square_side(fresh.shape[1])
-        grids = old.reshape(-1, old_side, old_side)
-        resized = _resize_grids(grids, new_side).reshape(fresh.shape)
-        return resized.to(fresh.dtype), 'resized', _grid_note(old_side, new_side)
+        resized, action, note = _resize_grid_columns(old.t(), fresh.shape[1], fresh.dtype)
+        return resized.t().contiguous(), action, note
     if POOL_WEIGHT.search(key):
         return _resize_pool_weight(old, fresh)
     if NEIGHBOURS_TABLE.search(key):
         return _map_neighbour_table(old, fresh)
     if key == 'absolute_pos_embed':
-        if old.shape[0] != fresh.shape[0] or old.shape[2] != fresh.shape[2]:
+        if old.shape[0] != 1 or old.shape[2] != fresh.shape[2]:
             raise _Mismatch('different embedding width')
-        old_side, new_side = _square_side(old.shape[1]), _square_side(fresh.shape[1])
-        grids = old[0].t().reshape(-1, old_side, old_side)
-        resized = _resize_grids(grids, new_side).reshape(-1, new_side * new_side).t()[None]
-        return resized.to(fresh.dtype).contiguous(), 'resized', _grid_note(old_side, new_side)
+        resized, action, note = _resize_grid_columns(old[0], fresh.shape[1], fresh.dtype)
+        return resized[None], action, note
     raise _Mismatch()
+
+
+def _resize_grid_columns(table, new_size, dtype):
+    """Resize a (S*S, X) table to (new_size, X), each column an S x S grid."""
+    old_side, new_side = _square_side(table.shape[0]), _square_side(new_size)
+    grids = table.t().reshape(-1, old_side, old_side)
+    resized = _resize_grids(grids, new_side).reshape(-1, new_size).t()
+    return resized.to(dtype).contiguous(), 'resized', f'grid {old_side}x{old_side} -> {new_side}x{new_side} bicubic'
 
 
 def _resize_pool_weight(old, fresh):
@@ -259,10 +264,6 @@ def _square_side(size):
     if side * side != size:
         raise _Mismatch('not a square grid')
     return side
-
-
-def _grid_note(old_side, new_side):
-    return f'grid {old_side}x{old_side} -> {new_side}x{new_side} bicubic'
 
 
 def _shape_text(shape):

@@ -225,6 +225,26 @@ def test_conv_pooling_kernels_resized_per_channel_keeping_their_sums():
     assert actions(report)['layers.1.blocks.0.pool_layers.0.bias'] == 'copied'
 
 
+def test_position_embedding_resized_and_classifier_dropped_or_added():
+    pretrained = trained_state_dict(dict(PRETRAIN, ape=True))
+    channel_values = torch.randn(8)
+    pretrained['absolute_pos_embed'] = channel_values.expand(1, 16 * 16, 8).clone()
+    ddp_names = {f'module.{key}': value for key, value in pretrained.items()}
+    headless = build(dict(FINETUNE, ape=True, num_classes=0))
+    state_dict, report = transfer_weights(ddp_names, headless)
+    headless.load_state_dict(state_dict, strict=True)
+    assert actions(report)['absolute_pos_embed'] == 'resized'
+    # A grid constant in space stays constant under bicubic resizing.
+    torch.testing.assert_close(state_dict['absolute_pos_embed'], channel_values.expand(1, 24 * 24, 8))
+    assert actions(report)['head.weight'] == actions(report)['head.bias'] == 'ignored'
+
+    model = build(dict(FINETUNE, ape=True))
+    state_dict, report = transfer_weights(headless.state_dict(), model)
+    model.load_state_dict(state_dict, strict=True)
+    assert actions(report)['head.weight'] == actions(report)['head.bias'] == 'fresh'
+    assert torch.equal(state_dict['head.weight'], model.head.weight.detach())
+
+
 @needs_reference
 @pytest.mark.parametrize('golden', sorted(REFERENCE.glob('golden/*.pt')), ids=lambda path: path.stem)
 def test_golden_state_dicts_load_strictly(golden):
