@@ -411,6 +411,25 @@ def _check_values(config):
             raise ConfigError(f"config key '{key}' must not be negative, got {value}")
 
 
+# argparse attribute of a flag -> the config key it sets when given
+_FLAG_KEYS = {
+    'batch_size': 'DATA.BATCH_SIZE',
+    'data_path': 'DATA.DATA_PATH',
+    'dataset': 'DATA.DATASET',
+    'zip': 'DATA.ZIP_MODE',
+    'cache_mode': 'DATA.CACHE_MODE',
+    'resume': 'MODEL.RESUME',
+    'pretrained': 'MODEL.PRETRAINED',
+    'accumulation_steps': 'TRAIN.ACCUMULATION_STEPS',
+    'use_checkpoint': 'TRAIN.USE_CHECKPOINT',
+    'amp_opt_level': 'AMP_OPT_LEVEL',
+    'output': 'OUTPUT',
+    'tag': 'TAG',
+    'eval': 'EVAL_MODE',
+    'throughput': 'THROUGHPUT_MODE',
+}
+
+
 def update_config(config, args):
     """Merge ``args.cfg`` (with its BASE files), then ``args.opts``, then the dedicated flags
     (which win over both), check the values, and derive OUTPUT/MODEL.NAME/TAG."""
@@ -420,42 +439,16 @@ def update_config(config, args):
         _merge_yaml_file(config, cfg_file)
     _merge_opts(config, list(getattr(args, 'opts', None) or []))
 
-    # argparse leaves an unset flag at None / False; an explicit 0 batch size must still count
-    batch_size = getattr(args, 'batch_size', None)
-    if batch_size is not None:
-        config.DATA.BATCH_SIZE = batch_size
-    accumulation_steps = getattr(args, 'accumulation_steps', None)
-    if accumulation_steps is not None:
-        config.TRAIN.ACCUMULATION_STEPS = accumulation_steps
-    if getattr(args, 'data_path', None):
-        config.DATA.DATA_PATH = args.data_path
-    if getattr(args, 'dataset', None):
-        config.DATA.DATASET = args.dataset
-    if getattr(args, 'zip', False):
-        config.DATA.ZIP_MODE = True
-    if getattr(args, 'cache_mode', None):
-        config.DATA.CACHE_MODE = args.cache_mode
-    if getattr(args, 'resume', None):
-        config.MODEL.RESUME = args.resume
-    if getattr(args, 'pretrained', None):
-        config.MODEL.PRETRAINED = args.pretrained
-    if getattr(args, 'use_checkpoint', False):
-        config.TRAIN.USE_CHECKPOINT = True
+    for attribute, key in _FLAG_KEYS.items():
+        value = getattr(args, attribute, None)
+        # argparse leaves a flag that was not given at None or False (an explicit 0 counts)
+        if value is not None and value is not False and value != '':
+            _set_key(config, key, value, '--' + attribute.replace('_', '-'))
     amp = getattr(args, 'amp', None)
     if amp:
         config.AMP_ENABLE = True
         if isinstance(amp, str):  # --amp bf16 / --amp fp16, if main.py lets it take a dtype
             config.AMP_DTYPE = amp
-    if getattr(args, 'amp_opt_level', None):
-        config.AMP_OPT_LEVEL = args.amp_opt_level
-    if getattr(args, 'output', None):
-        config.OUTPUT = args.output
-    if getattr(args, 'tag', None):
-        config.TAG = args.tag
-    if getattr(args, 'eval', False):
-        config.EVAL_MODE = True
-    if getattr(args, 'throughput', False):
-        config.THROUGHPUT_MODE = True
 
     _check_values(config)
     # the original's apex opt level, when given, decides whether mixed precision is on

@@ -201,5 +201,10 @@ def test_zero_or_negative_batch_size_flag(batch_size):
     assert "'DATA.BATCH_SIZE'" in message and str(batch_size) in message
 
 
+def test_flag_of_the_wrong_type_names_flag_and_key():
+    message = one_line_error(None, accumulation_steps='two')
+    assert "'TRAIN.ACCUMULATION_STEPS'" in message and '--accumulation-steps' in message
+
+
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)  # main.py catches it; callers may catch ValueError
