@@ -1,5 +1,5 @@
 """Configuration: defaults, BASE inheritance, --opts and flags, the six released configs, and
-a one-line ConfigError for every kind of bad input."""
+a one-line ConfigError for every kind of bad input; and the run logger set up from it."""
 import argparse
 import json
 import os
@@ -208,3 +208,22 @@ def test_flag_of_the_wrong_type_names_flag_and_key():
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)  # main.py catches it; callers may catch ValueError
+
+
+def test_logger_console_on_rank_0_file_per_rank_no_duplicate_handlers(tmp_path, capsys):
+    from logger import create_logger
+    create_logger(str(tmp_path / 'first'), dist_rank=0, name='focal_test')
+    logger = create_logger(str(tmp_path), dist_rank=0, name='focal_test')
+    assert len(logger.handlers) == 2
+    logger.info('visible everywhere')
+    logger.debug('file only')
+    console = capsys.readouterr().out
+    assert console.count('visible everywhere') == 1 and 'file only' not in console
+    log_text = (tmp_path / 'log_rank0.txt').read_text()
+    assert 'visible everywhere' in log_text and 'file only' in log_text
+    assert not (tmp_path / 'first' / 'log_rank0.txt').read_text()
+
+    worker = create_logger(str(tmp_path), dist_rank=1, name='focal_test_rank1')
+    worker.info('from rank 1')
+    assert 'from rank 1' not in capsys.readouterr().out
+    assert 'from rank 1' in (tmp_path / 'log_rank1.txt').read_text()
