@@ -132,6 +132,62 @@ def crop_or_pad(z: torch.Tensor, target: Tuple[int, int]) -> torch.Tensor:
     return z
 
 
+class _GatheredBiasedAttention(torch.autograd.Function):
+    """softmax(q kᵀ · scale + bias) v with k, v gathered from a token source, for CPU training.
+
+    PyTorch's CPU fused attention has no gradient for the bias, so SDPA falls back to the unfused
+    path, which keeps every attention matrix and the gathered keys/values for the backward pass.
+    This runs the fused forward and keeps only q, the un-gathered source, the output and the
+    log-sum-exp; the backward pass re-gathers and recomputes one block's probabilities at a time.
+    """
+
+    @staticmethod
+    def forward(ctx, q, kv_source, key_index, bias, scale):
+        k, v = _gather_keys(kv_source, key_index)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, attn_mask=bias, scale=scale)
+        ctx.save_for_backward(q, kv_source, key_index, bias, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, kv_source, key_index, bias, out, lse = ctx.saved_tensors
+        scale = ctx.scale
+        k, v = _gather_keys(kv_source, key_index)
+        logits = torch.matmul(q, k.transpose(-2, -1)).mul_(scale).add_(bias)
+        probs = logits.float().sub_(lse.unsqueeze(-1)).exp_().to(q.dtype)
+        grad_v = torch.matmul(probs.transpose(-2, -1), grad_out)
+        grad_probs = torch.matmul(grad_out, v.transpose(-2, -1))
+        row_dot = (grad_out * out).sum(dim=-1, keepdim=True)
+        grad_logits = probs.mul_(grad_probs.sub_(row_dot))
+        grad_q = torch.matmul(grad_logits, k).mul_(scale)
+        grad_k = torch.matmul(grad_logits.transpose(-2, -1), q).mul_(scale)
+        grad_bias = grad_logits.sum(dim=0, keepdim=True) if ctx.needs_input_grad[3] else None
+        grad_source = None
+        if ctx.needs_input_grad[1]:
+            grad_kv = torch.stack([grad_k, grad_v]).view(2, *kv_source.shape[1:3], -1, kv_source.shape[-1])
+            grad_source = torch.zeros_like(kv_source).index_add_(3, key_index.flatten(), grad_kv)
+        return grad_q, grad_source, None, grad_bias, None
+
+
+def _gather_keys(kv_source: torch.Tensor, key_index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(2, B, nH, tokens, hd) source and (nW, n_keys) index -> k, v of shape (B, nH·nW, n_keys, hd)."""
+    _, B, nH, _, head_dim = kv_source.shape
+    num_windows, num_keys = key_index.shape
+    kv = kv_source.index_select(3, key_index.flatten())
+    return kv.view(2, B, nH * num_windows, num_keys, head_dim).unbind(0)
+
+
+def gathered_attention(q: torch.Tensor, kv_source: torch.Tensor, key_index: torch.Tensor, bias: torch.Tensor,
+                       scale: float, dropout_p: float = 0.) -> torch.Tensor:
+    """Attention of q (B, nH·nW, ws², hd) to keys/values gathered from kv_source at key_index."""
+    if q.device.type == 'cpu' and dropout_p == 0. and torch.is_grad_enabled() and bias.requires_grad:
+        return _GatheredBiasedAttention.apply(q, kv_source, key_index, bias, scale)
+    k, v = _gather_keys(kv_source, key_index)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+
+
 class FocalAttention(nn.Module):
     """Attention of one block's windows to their own tokens, neighbour tokens and pooled levels.
 
@@ -178,24 +234,26 @@ class FocalAttention(nn.Module):
         # Key slots index one token source: the padded map's tokens, then each pooled level's cells,
         # then a zero token that out-of-grid cells read.
         key_index = [window_token_index(padded_size, ws)]
-        slot_mask = [torch.zeros(num_windows, ws * ws)]
+        # Masks per key slot, (nW, ws² or 1, slots): only the shift mask depends on the query.
         if shift_size > 0:
             slot_mask = [shift_region_mask(padded_size, ws, shift_size)]
-        query_mask_rows = ws * ws
+        else:
+            slot_mask = [torch.zeros(num_windows, 1, ws * ws)]
         if expand_size > 0:
             key_index.append(neighbour_token_index(padded_size, ws, expand_size))
-            slot_mask.append(torch.zeros(num_windows, num_neighbours))
+            slot_mask.append(torch.zeros(num_windows, 1, num_neighbours))
         source_offset = Hp * Wp
         zero_token = Hp * Wp + sum(gh * gw for gh, gw in pooled_grids)
         for k, K in enumerate(pooled_sizes):
             index, valid = pooled_block_index(window_grid, k, focal_window)
             key_index.append(torch.where(valid, index + source_offset, zero_token))
-            slot_mask.append((~valid).float() * MASK_VALUE)
+            slot_mask.append((~valid).float()[:, None] * MASK_VALUE)
             source_offset += pooled_grids[k][0] * pooled_grids[k][1]
+        self.register_buffer('window_index', key_index[0].flatten(), persistent=False)
         self.register_buffer('key_index', torch.cat(key_index, dim=1), persistent=False)
-        slot_mask = [m if m.dim() == 3 else m[:, None, :].expand(-1, query_mask_rows, -1) for m in slot_mask]
-        mask = torch.cat(slot_mask, dim=2)[:, None]  # (nW, 1, ws², n_keys)
-        self.register_buffer('mask', mask if mask.any() else None, persistent=False)
+        query_rows = ws * ws if shift_size > 0 else 1
+        mask = torch.cat([m.expand(num_windows, query_rows, -1) for m in slot_mask], dim=2)
+        self.register_buffer('mask', mask if mask.any() else None, persistent=False)  # (nW, ws² or 1, n_keys)
 
         # Bias entry of every (query, key slot): an index into the concatenation of all tables.
         bias_index = [relative_position_index(ws, ws)]
@@ -209,40 +267,41 @@ class FocalAttention(nn.Module):
         self.register_buffer('bias_index', torch.cat(bias_index, dim=1), persistent=False)
 
     def attention_bias(self) -> torch.Tensor:
-        """(nW or 1, nH, ws², n_keys) additive logit bias: learned tables plus fixed masks."""
+        """(1, nH·nW, ws², n_keys) additive logit bias, head-major: learned tables plus fixed masks."""
         tables = [self.relative_position_bias_table.t()]
         if self.expand_size > 0:
             tables.append(self.relative_position_bias_table_to_neighbors.flatten(2).squeeze(0))
         tables.extend(self.relative_position_bias_table_to_windows)
-        bias = torch.cat(tables, dim=1)[:, self.bias_index]
+        bias = torch.cat(tables, dim=1)[:, self.bias_index].unsqueeze(1)  # (nH, 1, ws², n_keys)
+        num_windows, num_keys = self.key_index.shape
         if self.mask is not None:
-            return bias.unsqueeze(0) + self.mask
-        return bias.unsqueeze(0)
+            bias = bias + self.mask
+        else:
+            bias = bias.expand(-1, num_windows, -1, -1)
+        return bias.reshape(1, -1, bias.shape[-2], num_keys)
 
     def forward(self, z: torch.Tensor, pooled: List[torch.Tensor]) -> torch.Tensor:
         """z: (B, Hp, Wp, C) normalized, padded, shifted map; pooled: (B, Gh_k, Gw_k, C) per level.
 
-        Returns (B, Hp, Wp, C).
+        Returns (B, Hp, Wp, C). Attention runs on (B, nH·nW, ·, hd): heads outermost, so that
+        gathering keys from a (2, B, nH, tokens, hd) source needs no further transpose.
         """
         B, Hp, Wp, C = z.shape
         ws, nH = self.window_size, self.num_heads
-        qkv = self.qkv(z)
-        q = qkv[..., :C]
-        sources = [qkv[..., C:].reshape(B, Hp * Wp, 2 * C)]
+        head_dim = C // nH
+        qkv = self.qkv(z).view(B, Hp * Wp, 3, nH, head_dim).permute(2, 0, 3, 1, 4)
+        q = qkv[0].index_select(2, self.window_index).view(B, -1, ws * ws, head_dim)
+        sources = [qkv[1:]]
         kv_weight, kv_bias = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
         for cells in pooled:
-            sources.append(F.linear(cells.flatten(1, 2), kv_weight, kv_bias))
-        sources.append(z.new_zeros(B, 1, 2 * C))
-        kv = torch.cat(sources, dim=1)
-        num_windows, num_keys = self.key_index.shape
-        kv = kv[:, self.key_index.flatten()].view(B, num_windows, num_keys, 2, nH, C // nH)
-        k, v = kv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # (B, nW, nH, n_keys, hd)
-        q = q.view(B, Hp // ws, ws, Wp // ws, ws, nH, C // nH).permute(0, 1, 3, 5, 2, 4, 6)
-        q = q.reshape(B, num_windows, nH, ws * ws, C // nH)
+            kv = F.linear(cells.flatten(1, 2), kv_weight, kv_bias)
+            sources.append(kv.view(B, -1, 2, nH, head_dim).permute(2, 0, 3, 1, 4))
+        sources.append(z.new_zeros(2, B, nH, 1, head_dim))
+        kv_source = torch.cat(sources, dim=3)
         bias = self.attention_bias().to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attn_drop if self.training else 0., scale=self.scale)
-        out = out.view(B, Hp // ws, Wp // ws, nH, ws, ws, C // nH).permute(0, 1, 4, 2, 5, 3, 6)
+        out = gathered_attention(q, kv_source, self.key_index, bias, self.scale,
+                                 self.attn_drop if self.training else 0.)
+        out = out.view(B, nH, Hp // ws, Wp // ws, ws, ws, head_dim).permute(0, 2, 4, 3, 5, 1, 6)
         out = self.proj(out.reshape(B, Hp, Wp, C))
         return self.proj_drop(out)
 
