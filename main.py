@@ -110,14 +110,18 @@ def init_distributed():
     if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
         return 0, 1, torch.device('cuda' if cuda else 'cpu')
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    device = torch.device('cuda', local_rank) if cuda else torch.device('cpu')
     if cuda:
-        device = torch.device('cuda', local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group('nccl', device_id=device)
-    else:
-        device = torch.device('cpu')
-        dist.init_process_group('gloo')
-    return dist.get_rank(), dist.get_world_size(), device
+    store, rank, world_size = next(dist.rendezvous('env://'))
+    # After `torchrun --max-restarts` restarts the group, the store still holds the dead
+    # attempt's gloo/NCCL addresses under the same keys, and a new rank may connect to a dead
+    # peer; a namespace per attempt keeps the attempts apart.
+    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+    dist.init_process_group('nccl' if cuda else 'gloo', rank=rank, world_size=world_size,
+                            store=dist.PrefixStore(f'attempt_{attempt}', store),
+                            device_id=device if cuda else None)
+    return rank, world_size, device
 
 
 def scale_learning_rates(config, world_size):
@@ -258,9 +262,9 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
                     f"{acc1:.3f}%")
         return 0
 
-    # DDP keeps its hands off the buffers: they are constant index tables.
+    # The buffers are constant index tables: DDP need not sync them before every forward.
     ddp_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda'
-                                         else None, broadcast_buffers=False)
+                                         else None, forward_sync_buffers=False)
                  if world_size > 1 else None)
     train_model = ddp_model or model
     if config.TRAIN.COMPILE:

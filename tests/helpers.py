@@ -95,11 +95,13 @@ def run_main(tmp_path, args, nproc=1, torchrun_args=(), timeout=180):
                           timeout=timeout)
 
 
-def start_main(tmp_path, args, nproc=1, torchrun_args=(), log_path=None):
-    """Start main.py in the background (output to `log_path`); the caller waits with a timeout."""
-    log = open(log_path or os.devnull, 'w')
-    return subprocess.Popen(main_command(args, nproc, torchrun_args), cwd=REPO,
-                            env=subprocess_env(tmp_path), stdout=log, stderr=subprocess.STDOUT)
+def start_main(tmp_path, args, nproc=1, torchrun_args=(), log_path=None, new_session=False):
+    """Start main.py in the background (output to `log_path`); the caller waits with a timeout.
+    `new_session` puts it in its own process group, which the caller can kill as a whole."""
+    with open(log_path or os.devnull, 'w') as log:
+        return subprocess.Popen(main_command(args, nproc, torchrun_args), cwd=REPO,
+                                env=subprocess_env(tmp_path), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=new_session)
 
 
 def load_weights(path):

@@ -1,0 +1,258 @@
+"""Crash safety: SIGKILL and restart end bit-identical to an uninterrupted run; a rank that dies
+under torchrun --max-restarts brings the group back; non-finite losses stop the run; auto-resume
+skips unusable checkpoints; checkpoint writes are atomic; every accepted checkpoint layout loads."""
+import logging
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+import utils
+from helpers import (REPO, assert_ok, load_weights, run_dir, run_main, start_main, write_config,
+                     write_image_folder)
+from models.focal_transformer import FocalTransformer
+
+GOLDEN = os.path.join(REPO, '..', 'shared', 'reference', 'golden', 'micro_fc_224.pt')
+needs_golden = pytest.mark.skipif(not os.path.isfile(GOLDEN), reason='reference data not present')
+TINY_KWARGS = dict(img_size=32, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4,
+                   focal_pool='fc', focal_levels=[2, 2], focal_windows=[3, 1], expand_sizes=[2, 2],
+                   num_classes=3)
+
+
+@pytest.fixture(scope='module')
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp('resume')
+    return root, write_image_folder(root / 'data'), write_config(root / 'tiny.yaml')
+
+
+def wait_for(condition, process, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before the moment the test waits for"
+        assert time.time() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def reached(run, epoch, step):
+    """Whether the run in `run` has written a checkpoint at or after `step` of `epoch` (older
+    step checkpoints are pruned as it goes, so look for any)."""
+    def condition():
+        names = os.listdir(run) if os.path.isdir(run) else []
+        positions = [(int(m.group(1)), int(m.group(2)) if m.group(2) else 10 ** 9)
+                     for m in map(utils.CHECKPOINT_NAME.match, names) if m]
+        return any(position >= (epoch, step) for position in positions)
+    return condition
+
+
+def children(pid):
+    with open(f'/proc/{pid}/task/{pid}/children') as f:
+        return [int(child) for child in f.read().split()]
+
+
+def environ(pid):
+    with open(f'/proc/{pid}/environ', 'rb') as f:
+        return dict(item.split(b'=', 1) for item in f.read().split(b'\0') if b'=' in item)
+
+
+def assert_same_training_state(path_a, path_b):
+    a = torch.load(path_a, weights_only=True)
+    b = torch.load(path_b, weights_only=True)
+    assert a['model'].keys() == b['model'].keys()
+    for key in a['model']:
+        assert torch.equal(a['model'][key], b['model'][key]), f"{key} differs"
+    for index, state in a['optimizer']['state'].items():
+        for name, value in state.items():
+            assert torch.equal(value, b['optimizer']['state'][index][name]), f"optimizer {index} {name}"
+    assert a['lr_scheduler'] == b['lr_scheduler']
+
+
+def test_sigkill_and_restart_end_bit_identical(workspace):
+    """Default augmentation (RandAugment, Mixup/CutMix, random erasing, drop path), 2 loader
+    workers, a checkpoint every 3 steps; the killed run is restarted with the same command."""
+    root, data, cfg = workspace
+    # 4 epochs leave the test plenty of time to kill the run in epoch 1
+    args = ['--cfg', cfg, '--data-path', data, '--opts', 'DATA.NUM_WORKERS', '2',
+            'TRAIN.SAVE_EVERY_STEPS', '3', 'TRAIN.EPOCHS', '4']
+    assert_ok(run_main(root, args + ['--output', str(root / 'straight')]))
+
+    killed = run_dir(str(root / 'killed'))
+    process = start_main(root, args + ['--output', str(root / 'killed')],
+                         log_path=root / 'killed.log', new_session=True)
+    try:
+        wait_for(reached(killed, 1, 3), process)
+        os.killpg(process.pid, signal.SIGKILL)  # the process and its loader workers, as a dead node
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(killed, 'ckpt_epoch_3.pth'))
+
+    restarted = run_main(root, args + ['--output', str(root / 'killed')])
+    assert_ok(restarted)
+    assert 'auto resuming from' in restarted.stdout and 'continuing at epoch' in restarted.stdout
+    assert_same_training_state(os.path.join(run_dir(str(root / 'straight')), 'ckpt_epoch_3.pth'),
+                               os.path.join(killed, 'ckpt_epoch_3.pth'))
+
+
+def test_torchrun_brings_the_group_back_after_a_rank_dies(workspace):
+    # Two 2-process runs (~35 s): the only way to show an elastic restart is to do one.
+    root, data, cfg = workspace
+    args = ['--cfg', cfg, '--data-path', data, '--opts', 'TRAIN.SAVE_EVERY_STEPS', '2',
+            'TRAIN.EPOCHS', '4']
+    assert_ok(run_main(root, args + ['--output', str(root / 'elastic_straight')], nproc=2))
+
+    run = run_dir(str(root / 'elastic'))
+    log = root / 'elastic.log'
+    process = start_main(root, args + ['--output', str(root / 'elastic')], nproc=2,
+                         torchrun_args=['--max-restarts', '1'], log_path=log)
+    try:
+        wait_for(reached(run, 0, 2), process)
+        workers = [pid for pid in children(process.pid) if environ(pid).get(b'RANK') == b'1']
+        assert len(workers) == 1
+        os.kill(workers[0], signal.SIGKILL)
+        process.wait(timeout=180)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    output = log.read_text()
+    assert process.returncode == 0, output[-3000:]
+    assert 'auto resuming from' in output
+    assert_same_training_state(os.path.join(run_dir(str(root / 'elastic_straight')), 'ckpt_epoch_3.pth'),
+                               os.path.join(run, 'ckpt_epoch_3.pth'))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(workspace):
+    root, data, cfg = workspace
+    out = str(root / 'nan')
+    # A learning rate of 1e34 per 512 images sends the weights to ~1e32 in one step: the next
+    # forward pass overflows.
+    result = run_main(root, ['--cfg', cfg, '--data-path', data, '--output', out, '--opts',
+                             'TRAIN.BASE_LR', '1e34', 'TRAIN.WARMUP_EPOCHS', '0',
+                             'TRAIN.CLIP_GRAD', '0.0', 'TRAIN.SAVE_EVERY_STEPS', '1'])
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: non-finite loss'), result.stderr
+    assert 'at epoch 0 step ' in lines[0]
+    step = int(lines[0].split('at epoch 0 step ')[1].split()[0])
+    kept = os.path.join(run_dir(out), f'ckpt_epoch_0_step_{step}.pth')
+    assert os.path.isfile(kept)
+    assert not os.path.exists(os.path.join(run_dir(out), f'ckpt_epoch_0_step_{step + 1}.pth'))
+    assert all(torch.isfinite(value).all() for value in load_weights(kept).values())
+
+
+# ---------------------------------------------------------------------------------------------
+# utils.py in-process
+# ---------------------------------------------------------------------------------------------
+class Recorder(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def logger():
+    log = logging.getLogger('test_resume')
+    log.setLevel(logging.DEBUG)
+    recorder = Recorder()
+    log.addHandler(recorder)
+    log.lines = recorder.lines
+    yield log
+    log.removeHandler(recorder)
+
+
+def tiny_training_state(tmp_path):
+    model = FocalTransformer(**TINY_KWARGS)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'lr_scheduler': {},
+            'scaler': {}, 'epoch': 0, 'step': None, 'max_accuracy': 0.0, 'config': ''}
+
+
+def test_auto_resume_picks_the_newest_complete_checkpoint(tmp_path, logger):
+    state = tiny_training_state(tmp_path)
+    torch.save(state, tmp_path / 'ckpt_epoch_0.pth')
+    torch.save(dict(state, epoch=1, step=4), tmp_path / 'ckpt_epoch_1_step_4.pth')
+    torch.save(dict(state, epoch=1), tmp_path / 'ckpt_epoch_1.pth')
+    full = (tmp_path / 'ckpt_epoch_1.pth').read_bytes()
+    (tmp_path / 'ckpt_epoch_1.pth').write_bytes(full[:len(full) // 2])  # truncated
+    torch.save({'model': state['model']}, tmp_path / 'ckpt_epoch_2.pth')  # weights only
+    (tmp_path / 'ckpt_epoch_3.pth').write_text('not a checkpoint')
+    (tmp_path / '.ckpt_epoch_4.pth.123.tmp').write_bytes(full[:100])  # a killed write
+    torch.save(state, tmp_path / 'ckpt_best.pth')
+
+    assert utils.auto_resume_helper(str(tmp_path), logger) == str(tmp_path / 'ckpt_epoch_1_step_4.pth')
+    skipped = [line for line in logger.lines if line.startswith('auto-resume skips')]
+    assert [line.split()[2].rstrip(':') for line in skipped] == \
+        ['ckpt_epoch_3.pth', 'ckpt_epoch_2.pth', 'ckpt_epoch_1.pth']
+    assert 'not a readable PyTorch checkpoint' in skipped[0]
+    assert 'incomplete: no optimizer, lr_scheduler, epoch, max_accuracy' in skipped[1]
+    assert 'not a readable PyTorch checkpoint' in skipped[2]
+    assert utils.auto_resume_helper(str(tmp_path / 'absent')) is None
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / 'ckpt_epoch_0.pth')
+    utils.atomic_write(path, lambda f: torch.save({'model': {'w': torch.ones(3)}}, f))
+    before = open(path, 'rb').read()
+
+    def dies_half_way(f):
+        f.write(before[:10])
+        raise OSError('No space left on device')
+
+    with pytest.raises(OSError):
+        utils.atomic_write(path, dies_half_way)
+    assert open(path, 'rb').read() == before
+    assert os.listdir(tmp_path) == ['ckpt_epoch_0.pth']
+
+
+def test_prune_keeps_the_newest_and_the_best(tmp_path, logger):
+    names = ['ckpt_epoch_0.pth', 'ckpt_epoch_1.pth', 'ckpt_epoch_2.pth', 'ckpt_epoch_3.pth',
+             'ckpt_epoch_3_step_5.pth', 'ckpt_epoch_4_step_2.pth', 'ckpt_epoch_4_step_4.pth',
+             'ckpt_epoch_4_step_6.pth', 'ckpt_best.pth', '.ckpt_epoch_4.pth.99.tmp', 'config.yaml']
+    for name in names:
+        (tmp_path / name).write_bytes(b'x')
+    utils.prune_checkpoints(str(tmp_path), 2, logger)
+    assert sorted(os.listdir(tmp_path)) == ['ckpt_best.pth', 'ckpt_epoch_2.pth', 'ckpt_epoch_3.pth',
+                                             'ckpt_epoch_4_step_4.pth', 'ckpt_epoch_4_step_6.pth',
+                                             'config.yaml']
+
+
+@needs_golden
+def test_released_wrapped_and_url_checkpoints_load(tmp_path, monkeypatch):
+    golden = torch.load(GOLDEN, weights_only=False)
+    model = FocalTransformer(**golden['kwargs'])
+    raw = tmp_path / 'released.pth'
+    torch.save(golden['state_dict'], raw)  # as distributed, with the reference's index buffers
+    wrapped = tmp_path / 'wrapped.pth'
+    torch.save({'model': golden['state_dict']}, wrapped)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
+    for location in (str(raw), str(wrapped), raw.as_uri()):
+        model.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})
+        utils.load_model_weights(model, utils.read_checkpoint(location), location)
+        model.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(golden['input']), golden['output'], rtol=1e-4, atol=1e-4)
+    cached = tmp_path / 'hub' / 'hub' / 'checkpoints' / 'released.pth'  # TORCH_HOME/hub/checkpoints
+    assert cached.read_bytes() == raw.read_bytes()
+    raw.unlink()  # downloaded once: the cache answers from now on
+    assert utils.resolve_checkpoint_path(raw.as_uri()) == str(cached)
+
+
+@needs_golden
+def test_another_architecture_names_the_keys(tmp_path):
+    golden = torch.load(GOLDEN, weights_only=False)
+    path = str(tmp_path / 'released.pth')
+    torch.save(golden['state_dict'], path)
+    with pytest.raises(utils.CheckpointError) as error:
+        utils.load_model_weights(FocalTransformer(**TINY_KWARGS), utils.read_checkpoint(path), path)
+    message = str(error.value)
+    assert path in message and '\n' not in message
+    assert 'missing keys' in message or 'unexpected keys' in message
+    assert 'wrong shape (checkpoint vs model): head.bias' in message

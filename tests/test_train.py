@@ -1,0 +1,128 @@
+"""main.py as users run it: torchrun on gloo, resuming, exact distributed evaluation,
+accumulation, mixed precision, EMA, TensorBoard and throughput (tiny model, CPU)."""
+import glob
+import os
+import re
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from helpers import assert_ok, run_dir, run_main, write_config, write_image_folder
+
+SUMMARY_LINE = re.compile(r' \* Acc@1 (\d+\.\d{3}) Acc@5 (\d+\.\d{3})')
+# Only the learning itself is random: no augmentation, no drop path, no Mixup.
+NO_RANDOMNESS = ['AUG.MIXUP', '0.0', 'AUG.CUTMIX', '0.0', 'AUG.AUTO_AUGMENT', 'none', 'AUG.REPROB',
+                 '0.0', 'AUG.COLOR_JITTER', '0.0', 'MODEL.DROP_PATH_RATE', '0.0']
+
+
+@pytest.fixture(scope='module')
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp('train')
+    return root, write_image_folder(root / 'data'), write_config(root / 'tiny.yaml')
+
+
+def summary_lines(text):
+    return SUMMARY_LINE.findall(text)
+
+
+def test_torchrun_two_processes_train_resume_and_evaluate(workspace):
+    # The end-to-end story of issue 3 in four launches (~40 s): worth it, it is what users run.
+    root, data, cfg = workspace
+    out = str(root / 'out')
+    common = ['--cfg', cfg, '--data-path', data, '--output', out]
+    result = run_main(root, common, nproc=2)
+    assert_ok(result)
+    run = run_dir(out)
+    for name in ('ckpt_epoch_0.pth', 'ckpt_epoch_1.pth', 'ckpt_best.pth', 'config.yaml',
+                 'log_rank0.txt', 'log_rank1.txt'):
+        assert os.path.isfile(os.path.join(run, name)), name
+    assert len(summary_lines(result.stdout)) == 2, "one ' * Acc@1 X Acc@5 Y' line per epoch"
+    assert 'Best Acc@1' in result.stdout and run in result.stdout
+    saved = yaml.safe_load(open(os.path.join(run, 'config.yaml')))
+    # 0.05 per 512 images, 2 processes x 4 images per step
+    assert saved['TRAIN']['BASE_LR'] == pytest.approx(0.05 * 8 / 512)
+    assert saved['MODEL']['NUM_CLASSES'] == 3
+    assert 'Train: [0/2]' in open(os.path.join(run, 'log_rank1.txt')).read()
+
+    events = EventAccumulator(os.path.join(run, 'tensorboard'))
+    events.Reload()
+    steps_per_epoch = 42 // 2 // 4
+    for tag in ('train/loss', 'train/lr', 'train/grad_norm'):
+        assert [e.step for e in events.Scalars(tag)] == list(range(2 * steps_per_epoch)), tag
+    for tag in ('train/epoch_time', 'val/loss', 'val/acc1', 'val/acc5'):
+        assert [e.step for e in events.Scalars(tag)] == [0, 1], tag
+    final_acc1 = float(summary_lines(result.stdout)[-1][0])
+    assert events.Scalars('val/acc1')[-1].value == pytest.approx(final_acc1, abs=1e-3)
+
+    # The same command with one more epoch continues from the epoch-1 checkpoint.
+    resumed = run_main(root, common + ['--opts', 'TRAIN.EPOCHS', '3'], nproc=2)
+    assert_ok(resumed)
+    assert f"auto resuming from {os.path.join(run, 'ckpt_epoch_1.pth')}" in resumed.stdout
+    assert 'Train: [2/3]' in resumed.stdout and 'Train: [1/3]' not in resumed.stdout
+    final = os.path.join(run, 'ckpt_epoch_2.pth')
+    assert torch.load(final, weights_only=True)['epoch'] == 2
+
+    # Evaluating with 1 and 2 processes on the 21 (odd) val images gives the same figures.
+    evaluations = []
+    for nproc in (1, 2):
+        result = run_main(root, ['--cfg', cfg, '--data-path', data, '--output', out,
+                                 '--tag', f'eval{nproc}', '--eval', '--resume', final], nproc=nproc)
+        assert_ok(result)
+        assert 'on the 21 test images' in result.stdout
+        evaluations.append(summary_lines(result.stdout))
+        assert not glob.glob(os.path.join(run_dir(out, f'eval{nproc}'), 'ckpt_*'))
+    assert len(evaluations[0]) == 1 and evaluations[0] == evaluations[1]
+    assert evaluations[0][0][0] == summary_lines(resumed.stdout)[-1][0]
+
+
+def test_accumulation_matches_the_larger_batch(workspace):
+    """4 images x 2 accumulation steps is one step of 8 images: same learning rate after scaling,
+    same samples, same augmentation, so (up to float rounding) the same weights."""
+    root, data, cfg = workspace
+    weights = []
+    for tag, batch, accumulation in (('b8', '8', '1'), ('b4x2', '4', '2')):
+        out = str(root / 'accumulation')
+        result = run_main(root, ['--cfg', cfg, '--data-path', data, '--output', out, '--tag', tag,
+                                 '--batch-size', batch, '--accumulation-steps', accumulation,
+                                 '--opts', 'TRAIN.EPOCHS', '1', *NO_RANDOMNESS])
+        assert_ok(result)
+        saved = yaml.safe_load(open(os.path.join(run_dir(out, tag), 'config.yaml')))
+        assert saved['TRAIN']['BASE_LR'] == pytest.approx(0.05 * 8 / 512)
+        checkpoint = torch.load(os.path.join(run_dir(out, tag), 'ckpt_epoch_0.pth'), weights_only=True)
+        assert checkpoint['epoch'] == 0 and checkpoint['step'] is None
+        weights.append(checkpoint['model'])
+    for key in weights[0]:
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{key}: {m}")
+
+
+def test_bf16_autocast_ema_and_channels_last_on_cpu(workspace):
+    root, data, cfg = workspace
+    out = str(root / 'options')
+    result = run_main(root, ['--cfg', cfg, '--data-path', data, '--output', out, '--amp',
+                             '--opts', 'TRAIN.EPOCHS', '1', 'AMP_DTYPE', 'bf16', 'TRAIN.EMA.ENABLE',
+                             'True', 'TRAIN.EMA.DECAY', '0.5', 'TRAIN.CHANNELS_LAST', 'True'])
+    assert_ok(result)
+    assert 'mixed precision: autocast bf16 on cpu' in result.stdout
+    assert 'gradient scaler' not in result.stdout
+    assert 'EMA weights:' in result.stdout and len(summary_lines(result.stdout)) == 2
+    checkpoint = torch.load(os.path.join(run_dir(out), 'ckpt_epoch_0.pth'), weights_only=True)
+    assert checkpoint['model_ema'].keys() == checkpoint['model'].keys()
+    assert checkpoint['scaler'] == {}
+    assert any(not torch.equal(checkpoint['model_ema'][k], checkpoint['model'][k])
+               for k in checkpoint['model'] if checkpoint['model'][k].is_floating_point())
+    for value in checkpoint['model'].values():
+        assert value.dtype == torch.float32 and torch.isfinite(value).all()
+
+
+def test_amp_opt_level_o0_turns_mixed_precision_off(workspace):
+    root, data, cfg = workspace
+    result = run_main(root, ['--cfg', cfg, '--data-path', data, '--output', str(root / 'o0'),
+                             '--amp', '--amp-opt-level', 'O0', '--throughput'])
+    assert_ok(result)
+    assert 'mixed precision' not in result.stdout
+    match = re.search(r'batch_size 4 throughput (\d+\.\d) images/s', result.stdout)
+    assert match and float(match.group(1)) > 0
+    assert not glob.glob(os.path.join(run_dir(str(root / 'o0')), 'ckpt_*'))
