@@ -1,0 +1,246 @@
+"""The network beyond the golden cases: registry, released layouts, validation, features, compile."""
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from yacs.config import CfgNode
+
+import models
+from config import get_config
+from models import build_model
+from models.focal_transformer import (FocalTransformer, checkpoint_filter_fn, gathered_attention,
+                                      neighbour_key_positions, shift_region_mask)
+
+REFERENCE = Path(__file__).resolve().parents[2] / 'shared' / 'reference'
+LAYOUTS = REFERENCE / 'checkpoint_layouts.json'
+PAPER_GFLOPS = {
+    'focal_tiny_patch4_window7_224': 4.9, 'focal_tiny_useconv_patch4_window7_224': 5.2,
+    'focal_small_patch4_window7_224': 9.4, 'focal_small_useconv_patch4_window7_224': 9.7,
+    'focal_base_patch4_window7_224': 16.4, 'focal_base_useconv_patch4_window7_224': 16.8,
+}
+# A small model that still has every kind of key: neighbours, two pooled levels, shift, padding.
+MICRO = dict(embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4, focal_pool='fc',
+             focal_levels=[3, 2], focal_windows=[3, 1], expand_sizes=[2, 2], num_classes=5, img_size=40,
+             patch_size=2, drop_path_rate=0.)
+
+
+def micro(**overrides) -> FocalTransformer:
+    torch.manual_seed(0)
+    return FocalTransformer(**dict(MICRO, **overrides))
+
+
+@pytest.mark.skipif(not LAYOUTS.exists(), reason=f'{LAYOUTS} is missing')
+@pytest.mark.parametrize('name', sorted(PAPER_GFLOPS))
+def test_registered_model_matches_released_layout(name):
+    layout = json.loads(LAYOUTS.read_text())[name]
+    model = timm.create_model(name)
+    parameters = {key: list(value.shape) for key, value in model.state_dict().items()}
+    expected = {key: entry['shape'] for key, entry in layout['state_dict'].items() if entry['kind'] == 'parameter'}
+    assert parameters == expected
+    assert sum(p.numel() for p in model.parameters()) == layout['n_parameters']
+    # The paper prints one decimal: Focal-T with conv embedding counts 5.17 (0.56% below its 5.2).
+    assert round(model.flops() / 1e9, 1) == PAPER_GFLOPS[name]
+    assert model.flops() / 1e9 == pytest.approx(layout['gflops'], rel=1e-9)
+
+
+@pytest.mark.skipif(not LAYOUTS.exists(), reason=f'{LAYOUTS} is missing')
+def test_released_state_dict_loads_and_errors_name_keys():
+    layout = json.loads(LAYOUTS.read_text())['focal_tiny_patch4_window7_224']
+    released = {}
+    for key, entry in layout['state_dict'].items():
+        if entry['dtype'] == 'int64':
+            released[key] = torch.zeros(entry['shape'], dtype=torch.long)
+        else:
+            released[key] = torch.randn(entry['shape'])
+    model = timm.create_model('focal_tiny_patch4_window7_224')
+    model.load_state_dict(checkpoint_filter_fn({'model': released}, model), strict=True)
+    assert torch.equal(model.layers[2].blocks[3].attn.qkv.weight, released['layers.2.blocks.3.attn.qkv.weight'])
+
+    missing = dict(released)
+    del missing['layers.1.blocks.0.attn.relative_position_bias_table_to_neighbors']
+    with pytest.raises(RuntimeError, match='layers.1.blocks.0.attn.relative_position_bias_table_to_neighbors'):
+        model.load_state_dict(checkpoint_filter_fn(missing, model), strict=True)
+    wrong_shape = dict(released, **{'layers.3.blocks.1.mlp.fc1.weight': torch.zeros(3, 3)})
+    with pytest.raises(RuntimeError, match='layers.3.blocks.1.mlp.fc1.weight'):
+        model.load_state_dict(checkpoint_filter_fn(wrong_shape, model), strict=True)
+    unexpected = dict(released, **{'layers.0.blocks.0.attn.extra_table': torch.zeros(1)})
+    with pytest.raises(RuntimeError, match='layers.0.blocks.0.attn.extra_table'):
+        model.load_state_dict(checkpoint_filter_fn(unexpected, model), strict=True)
+
+
+@pytest.mark.parametrize('overrides, message', [
+    (dict(focal_windows=[4, 1]), 'focal_windows'),
+    (dict(focal_pool='median'), 'focal_pool'),
+    (dict(expand_layer='every'), 'expand_layer'),
+    (dict(depths=[2, 2, 2]), 'num_heads'),
+    (dict(num_heads=[3, 4]), 'num_heads 3'),
+    (dict(focal_levels=[2]), 'focal_levels'),
+    (dict(focal_levels=[5, 2]), 'focal_levels'),
+    (dict(expand_sizes=[5, 2]), 'expand_sizes'),
+    (dict(use_conv_embed=True), 'patch_size'),
+    (dict(img_size=2), 'img_size'),
+    (dict(windowsize=7), 'windowsize'),
+])
+def test_invalid_configuration_is_a_value_error_naming_it(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        micro(**overrides)
+
+
+def test_wrong_input_size_is_named():
+    with pytest.raises(ValueError, match=r'\(32, 32\).*\(40, 40\)'):
+        micro()(torch.randn(1, 3, 32, 32))
+
+
+def test_build_model_from_config():
+    config = get_config(None)
+    config.defrost()
+    config.MODEL.NUM_CLASSES = 7
+    config.DATA.IMG_SIZE = 64
+    config.MODEL.FOCAL.DEPTHS = [1, 1]
+    config.MODEL.FOCAL.NUM_HEADS = [1, 2]
+    config.MODEL.FOCAL.EMBED_DIM = 8
+    config.MODEL.FOCAL.USE_LAYERSCALE = True
+    config.MODEL.FOCAL.LAYERSCALE_VALUE = 0.5
+    model = build_model(config)
+    assert model.num_classes == 7 and len(model.layers) == 2 and model.embed_dim == 8
+    assert model.layers[0].blocks[0].gamma_1.eq(0.5).all()
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
+    config.MODEL.TYPE = 'swin'
+    with pytest.raises(ValueError, match="MODEL.TYPE 'swin'"):
+        build_model(config)
+
+
+def test_neighbour_key_positions_follow_the_spec():
+    positions = neighbour_key_positions(7, 3)
+    assert positions.shape == (132, 2)
+    # Group 1 starts at (r, c) = (0, 4): the first position of the shifted window outside the window.
+    assert positions[0].tolist() == [3, 7]
+    inside = ((positions >= 0) & (positions < 7)).all(dim=1)
+    assert not inside.any()
+
+
+def test_shift_mask_regions_on_a_padded_map():
+    # 4x4 padded map, window 2, shift 1: row/col regions are {0, 1}, {2}, {3}.
+    mask = shift_region_mask((4, 4), 2, 1)
+    assert mask.shape == (4, 4, 4)
+    assert mask[0].eq(0).all()                        # top-left window: one region
+    assert mask[3][0].tolist() == [0, -100, -100, -100]  # bottom-right window: four regions
+    assert mask[1][0].tolist() == [0, -100, 0, -100]     # top-right window: two column regions
+
+
+@pytest.mark.parametrize('img_size', [40, 44, 36])
+def test_shifted_windows_on_maps_that_are_not_window_multiples(img_size):
+    model = micro(img_size=img_size, use_shift=True)
+    shifted = [b for stage in model.layers for b in stage.blocks if b.shift_size]
+    assert shifted and any(b.padded_size != b.input_resolution for b in shifted)
+    images = torch.randn(2, 3, img_size, img_size)
+    out = model(images)
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_a_token_of_the_padded_map_is_unaffected_by_tokens_of_other_shift_regions():
+    """With shift, a window's own-token attention must not mix regions that wrapped around."""
+    model = micro(img_size=40, use_shift=True, expand_sizes=[0, 0], focal_pool='none', focal_levels=[1, 1])
+    model.eval()
+    block = model.layers[0].blocks[1]
+    assert block.shift_size == 2 and block.padded_size == (20, 20)
+    x = torch.randn(1, 400, 16)
+    y = torch.randn(1, 400, 16)
+    # After rolling by -2, token (0, 0) shares the bottom-right window with rows and cols 18..19,
+    # which it reaches only through wrap-around: changing those must not change its output.
+    far = torch.zeros(20, 20, dtype=torch.bool)
+    far[18:, :] = True
+    far[:, 18:] = True
+    mixed = torch.where(far.flatten()[None, :, None], y, x)
+    with torch.no_grad():
+        assert torch.allclose(block(x)[0, 0], block(mixed)[0, 0], atol=1e-6)
+
+
+def test_features_only_returns_the_four_stage_maps():
+    model = timm.create_model('focal_tiny_patch4_window7_224', features_only=True, pretrained=False)
+    features = model(torch.randn(1, 3, 224, 224))
+    assert [tuple(f.shape) for f in features] == [
+        (1, 96, 56, 56), (1, 192, 28, 28), (1, 384, 14, 14), (1, 768, 7, 7)]
+    assert model.feature_info.channels() == [96, 192, 384, 768]
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+
+
+def test_forward_is_forward_features_then_head_and_intermediates_agree():
+    model = micro().eval()
+    images = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        tokens = model.forward_features(images)
+        assert tokens.shape == (2, 100, 32)
+        assert torch.equal(model(images), model.forward_head(tokens))
+        assert model.forward_head(tokens, pre_logits=True).shape == (2, 32)
+        final, maps = model.forward_intermediates(images)
+        assert torch.equal(final, tokens)
+        assert [tuple(m.shape) for m in maps] == [(2, 16, 20, 20), (2, 32, 10, 10)]
+
+
+def test_no_weight_decay_names_and_classifier_reset():
+    model = micro(ape=True)
+    assert model.no_weight_decay() == {'absolute_pos_embed'}
+    assert model.no_weight_decay_keywords() == {'relative_position_bias_table'}
+    tables = [n for n, _ in model.named_parameters() if 'relative_position_bias_table' in n]
+    assert any('to_neighbors' in n for n in tables) and any('to_windows' in n for n in tables)
+    model.reset_classifier(3)
+    assert model(torch.randn(1, 3, 40, 40)).shape == (1, 3)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    plain, checkpointed = micro(use_shift=True), micro(use_shift=True, use_checkpoint=True)
+    images = torch.randn(2, 3, 40, 40)
+    for model in (plain, checkpointed):
+        model(images).square().sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
+
+
+def test_fused_training_attention_has_the_gradients_of_plain_attention():
+    """The bias-gradient attention function against autograd through explicit softmax, in float64.
+
+    PyTorch's fused CPU kernel returns its log-sum-exp in float32, hence 1e-6 and not 1e-12.
+    """
+    torch.manual_seed(0)
+    B, nH, nW, tokens, N, hd = 2, 2, 3, 11, 4, 5
+    key_index = torch.randint(0, tokens, (nW, 7))
+    q = torch.randn(B, nH * nW, N, hd, dtype=torch.float64, requires_grad=True)
+    source = torch.randn(2, B, nH, tokens, hd, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(1, nH * nW, N, 7, dtype=torch.float64, requires_grad=True)
+
+    def plain(q, source, bias):
+        k, v = source[:, :, :, key_index.flatten()].reshape(2, B, nH * nW, 7, hd).unbind(0)
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.3 + bias, dim=-1) @ v
+
+    weight = torch.randn(B, nH * nW, N, hd, dtype=torch.float64)
+    fused = (gathered_attention(q, source, key_index, bias, 0.3) * weight).sum()
+    grads = torch.autograd.grad(fused, (q, source, bias))
+    reference = torch.autograd.grad((plain(q, source, bias) * weight).sum(), (q, source, bias))
+    for got, expected in zip(grads, reference):
+        assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_autocast_on_cpu_trains():
+    model = micro()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        loss = model(torch.randn(2, 3, 40, 40)).float().logsumexp(-1).mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_torch_compile_matches_eager():
+    """Inductor on the CPU: worth ~1 minute because users turn on TRAIN.COMPILE for long runs."""
+    model = micro(depths=[1, 1]).eval()
+    images = torch.randn(2, 3, 40, 40)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        assert torch.allclose(compiled(images), model(images), rtol=1e-4, atol=1e-5)
+    model.train()
+    compiled(images).sum().backward()
+    assert model.layers[0].blocks[0].attn.relative_position_bias_table.grad is not None
