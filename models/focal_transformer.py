@@ -157,16 +157,18 @@ class _GatheredBiasedAttention(torch.autograd.Function):
         k, v = _gather_keys(kv_source, key_index)
         logits = torch.matmul(q, k.transpose(-2, -1)).mul_(scale).add_(bias)
         probs = logits.float().sub_(lse.unsqueeze(-1)).exp_().to(q.dtype)
-        grad_v = torch.matmul(probs.transpose(-2, -1), grad_out)
+        grad_kv = q.new_empty((2,) + k.shape)  # written in place: the gradient source for index_add_
+        torch.matmul(probs.transpose(-2, -1), grad_out, out=grad_kv[1])
         grad_probs = torch.matmul(grad_out, v.transpose(-2, -1))
         row_dot = (grad_out * out).sum(dim=-1, keepdim=True)
         grad_logits = probs.mul_(grad_probs.sub_(row_dot))
         grad_q = torch.matmul(grad_logits, k).mul_(scale)
-        grad_k = torch.matmul(grad_logits.transpose(-2, -1), q).mul_(scale)
+        torch.matmul(grad_logits.transpose(-2, -1), q, out=grad_kv[0])
+        grad_kv[0].mul_(scale)
         grad_bias = grad_logits.sum(dim=0, keepdim=True) if ctx.needs_input_grad[3] else None
         grad_source = None
         if ctx.needs_input_grad[1]:
-            grad_kv = torch.stack([grad_k, grad_v]).view(2, *kv_source.shape[1:3], -1, kv_source.shape[-1])
+            grad_kv = grad_kv.view(2, *kv_source.shape[1:3], -1, kv_source.shape[-1])
             grad_source = torch.zeros_like(kv_source).index_add_(3, key_index.flatten(), grad_kv)
         return grad_q, grad_source, None, grad_bias, None
 
