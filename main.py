@@ -182,7 +182,7 @@ def main(config):
         torch.backends.cudnn.benchmark = True
 
     # Validate the data and the model before anything is written.
-    dataset_train, dataset_val, data_loader_train, data_loader_val, mixup_fn = build_loader(config)
+    _, _, data_loader_train, data_loader_val, mixup_fn = build_loader(config)
     try:
         model = build_model(config)
     except ValueError as err:
@@ -232,7 +232,10 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
     updates_per_epoch = math.ceil(steps_per_epoch / accumulation) if steps_per_epoch else 1
     lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch)
 
-    if config.TRAIN.AUTO_RESUME:
+    # A restarted training command continues from its own newest checkpoint whatever --resume
+    # says (as the original); an evaluation evaluates the file it was given.
+    evaluating = config.EVAL_MODE or config.THROUGHPUT_MODE
+    if config.TRAIN.AUTO_RESUME and not (evaluating and config.MODEL.RESUME):
         resume_file = auto_resume_helper(config.OUTPUT, logger)
         if resume_file:
             if config.MODEL.RESUME:
@@ -482,7 +485,7 @@ def first_line(err):
 
 def cli(argv=None):
     try:
-        args, config = parse_option(argv)
+        _, config = parse_option(argv)
         return main(config)
     except BAD_INPUT_ERRORS as err:
         print(f"error: {first_line(err)}", file=sys.stderr)

@@ -2,6 +2,7 @@
 accumulation, mixed precision, EMA, TensorBoard and throughput (tiny model, CPU)."""
 import glob
 import os
+import pathlib
 import re
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import main
 from helpers import assert_ok, run_dir, run_main, write_config, write_image_folder
 
 SUMMARY_LINE = re.compile(r' \* Acc@1 (\d+\.\d{3}) Acc@5 (\d+\.\d{3})')
@@ -64,15 +66,19 @@ def test_torchrun_two_processes_train_resume_and_evaluate(workspace):
     final = os.path.join(run, 'ckpt_epoch_2.pth')
     assert torch.load(final, weights_only=True)['epoch'] == 2
 
-    # Evaluating with 1 and 2 processes on the 21 (odd) val images gives the same figures.
+    # Evaluating with 1 and 2 processes on the 21 (odd) val images gives the same figures. The
+    # single process reads the checkpoint through a file:// URL (downloaded to the hub cache); the
+    # two run in the training folder, where the given file wins over auto-resume.
     evaluations = []
-    for nproc in (1, 2):
-        result = run_main(root, ['--cfg', cfg, '--data-path', data, '--output', out,
-                                 '--tag', f'eval{nproc}', '--eval', '--resume', final], nproc=nproc)
+    for nproc, location, tag in ((1, pathlib.Path(final).as_uri(), 'eval'), (2, final, 'default')):
+        result = run_main(root, ['--cfg', cfg, '--data-path', data, '--output', out, '--tag', tag,
+                                 '--eval', '--resume', location], nproc=nproc)
         assert_ok(result)
+        assert f'==> Resuming from {location}' in result.stdout
+        assert 'auto resuming' not in result.stdout
         assert 'on the 21 test images' in result.stdout
         evaluations.append(summary_lines(result.stdout))
-        assert not glob.glob(os.path.join(run_dir(out, f'eval{nproc}'), 'ckpt_*'))
+    assert not glob.glob(os.path.join(run_dir(out, 'eval'), 'ckpt_*'))
     assert len(evaluations[0]) == 1 and evaluations[0] == evaluations[1]
     assert evaluations[0][0][0] == summary_lines(resumed.stdout)[-1][0]
 
@@ -126,3 +132,16 @@ def test_amp_opt_level_o0_turns_mixed_precision_off(workspace):
     match = re.search(r'batch_size 4 throughput (\d+\.\d) images/s', result.stdout)
     assert match and float(match.group(1)) > 0
     assert not glob.glob(os.path.join(run_dir(str(root / 'o0')), 'ckpt_*'))
+
+
+def test_parse_option_takes_the_original_flags(workspace):
+    _, _, cfg = workspace
+    _, config = main.parse_option(['--cfg', cfg, '--local_rank', '3', '--amp', 'fp16',
+                                      '--batch-size', '6', '--accumulation-steps', '2', '--tag', 't'])
+    assert config.LOCAL_RANK == 3 and config.AMP_ENABLE and config.AMP_DTYPE == 'fp16'
+    assert config.DATA.BATCH_SIZE == 6 and config.TRAIN.ACCUMULATION_STEPS == 2
+    assert config.OUTPUT == os.path.join('output', 'tiny_focal', 't')
+    _, config = main.parse_option(['--cfg', cfg, '--local-rank=1', '--amp-opt-level', 'O1'])
+    assert config.LOCAL_RANK == 1 and config.AMP_ENABLE and config.AMP_DTYPE == 'bf16'
+    _, config = main.parse_option(['--cfg', cfg, '--amp', '--amp-opt-level', 'O0'])
+    assert not config.AMP_ENABLE
