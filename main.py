@@ -67,13 +67,15 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 def parse_option(argv=None):
     parser = OneLineArgumentParser('Focal Transformer training and evaluation script')
-    parser.add_argument('--cfg', type=str, required=True, metavar='FILE', help='path to config file')
+    parser.add_argument('--cfg', type=str, required=True, metavar='FILE',
+                        help='path to config file')
     parser.add_argument('--opts', nargs='+', default=None, metavar='KEY VALUE',
                         help="override config keys: --opts TRAIN.EPOCHS 30 DATA.NUM_WORKERS 4")
     parser.add_argument('--batch-size', type=int, help='batch size per process')
     parser.add_argument('--data-path', type=str, help='path to dataset')
     parser.add_argument('--dataset', type=str, help="'imagenet' (any ImageFolder/zip) or 'digits'")
-    parser.add_argument('--zip', action='store_true', help='read zipped datasets (train.zip, val.zip)')
+    parser.add_argument('--zip', action='store_true',
+                        help='read zipped datasets (train.zip, val.zip)')
     parser.add_argument('--cache-mode', type=str, choices=['no', 'full', 'part'],
                         help='zip mode: no = no cache, full = cache all images, '
                              'part = each process caches its shard')
@@ -126,8 +128,8 @@ def init_distributed():
 
 def scale_learning_rates(config, world_size):
     """The config's rates are for 512 images per optimizer step; scale them to ours."""
-    images_per_update = config.DATA.BATCH_SIZE * world_size * max(1, config.TRAIN.ACCUMULATION_STEPS)
-    factor = images_per_update / 512.0
+    accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
+    factor = config.DATA.BATCH_SIZE * world_size * accumulation / 512.0
     config.defrost()
     config.TRAIN.BASE_LR *= factor
     config.TRAIN.WARMUP_LR *= factor
@@ -295,15 +297,16 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
                             optimizer, epoch, start_step, mixup_fn, lr_scheduler, loss_scaler,
                             model_ema, device, rank, autocast, logger, writer, max_accuracy)
 
-            acc1, acc5, val_loss = validate(config, data_loader_val, model, device, autocast, logger)
+            acc1, acc5, val_loss = validate(config, data_loader_val, model, device, autocast,
+                                            logger)
             is_best = acc1 > max_accuracy
             max_accuracy = max(max_accuracy, acc1)
             if model_ema is not None:
                 logger.info("EMA weights:")
                 validate(config, data_loader_val, model_ema.module, device, autocast, logger)
             if rank == 0:
-                checkpoint_args = (config, epoch, None, model, max_accuracy, optimizer, lr_scheduler,
-                                   loss_scaler, logger, model_ema)
+                checkpoint_args = (config, epoch, None, model, max_accuracy, optimizer,
+                                   lr_scheduler, loss_scaler, logger, model_ema)
                 if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
                     save_checkpoint(*checkpoint_args)
                     prune_checkpoints(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS, logger)
@@ -312,8 +315,8 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
                 writer.add_scalar('val/loss', val_loss, epoch)
                 writer.add_scalar('val/acc1', acc1, epoch)
                 writer.add_scalar('val/acc5', acc5, epoch)
-            logger.info(f"Accuracy of the network on the {len(data_loader_val.dataset)} test images: "
-                        f"{acc1:.3f}%")
+            logger.info(f"Accuracy of the network on the {len(data_loader_val.dataset)} test "
+                        f"images: {acc1:.3f}%")
             logger.info(f"Max accuracy: {max_accuracy:.3f}%")
     finally:
         if writer is not None:
@@ -432,9 +435,8 @@ def validate(config, data_loader, model, device, autocast, logger):
         outputs = outputs.float()
         top = outputs.topk(min(5, outputs.size(1)), dim=1).indices
         hits = top.eq(targets[:, None])
-        totals += torch.stack([criterion(outputs, targets).double(), hits[:, :1].sum().double(),
-                               hits.sum().double(), torch.tensor(targets.size(0), dtype=torch.float64,
-                                                                 device=device)])
+        totals += torch.stack([criterion(outputs, targets), hits[:, :1].sum(), hits.sum(),
+                               torch.tensor(targets.size(0), device=device)]).double()
         batch_time.update(time.time() - end)
         end = time.time()
         if step % config.PRINT_FREQ == 0:

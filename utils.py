@@ -84,8 +84,8 @@ def read_checkpoint(location):
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another "
                               f"format?): {reason}") from None
     if not isinstance(checkpoint, dict) or not checkpoint:
-        raise CheckpointError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, "
-                              f"not a dict of tensors")
+        raise CheckpointError(f"{path} is not a checkpoint: it holds a "
+                              f"{type(checkpoint).__name__}, not a dict of tensors")
     return checkpoint
 
 

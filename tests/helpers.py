@@ -39,6 +39,10 @@ TRAIN:
   MIN_LR: 0.0005
 PRINT_FREQ: 4
 """
+# The same network as TINY_CONFIG, for tests that build it directly (3 classes).
+TINY_KWARGS = dict(img_size=32, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4,
+                   focal_pool='fc', focal_levels=[2, 2], focal_windows=[3, 1], expand_sizes=[2, 2],
+                   num_classes=3)
 
 
 def write_image_folder(root, n_train=14, n_val=7, size=32, seed=0):
@@ -109,4 +113,5 @@ def load_weights(path):
 
 
 def assert_ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, \
+        f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

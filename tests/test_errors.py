@@ -10,12 +10,9 @@ import pytest
 import torch
 
 import main
-from helpers import REPO, main_command, run_dir, subprocess_env, write_config, write_image_folder
+from helpers import (REPO, TINY_KWARGS, main_command, run_dir, subprocess_env, write_config,
+                     write_image_folder)
 from models.focal_transformer import FocalTransformer
-
-TINY_KWARGS = dict(img_size=32, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4,
-                   focal_pool='fc', focal_levels=[2, 2], focal_windows=[3, 1], expand_sizes=[2, 2],
-                   num_classes=3)
 
 
 def write(path, content):

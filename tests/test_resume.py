@@ -10,15 +10,12 @@ import pytest
 import torch
 
 import utils
-from helpers import (REPO, assert_ok, load_weights, run_dir, run_main, start_main, write_config,
+from helpers import (REPO, TINY_KWARGS, assert_ok, load_weights, run_dir, run_main, start_main, write_config,
                      write_image_folder)
 from models.focal_transformer import FocalTransformer
 
 GOLDEN = os.path.join(REPO, '..', 'shared', 'reference', 'golden', 'micro_fc_224.pt')
 needs_golden = pytest.mark.skipif(not os.path.isfile(GOLDEN), reason='reference data not present')
-TINY_KWARGS = dict(img_size=32, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4,
-                   focal_pool='fc', focal_levels=[2, 2], focal_windows=[3, 1], expand_sizes=[2, 2],
-                   num_classes=3)
 
 
 @pytest.fixture(scope='module')
