@@ -14,13 +14,13 @@ Every way a checkpoint can be unusable raises `CheckpointError` with a one-line 
 the file, and for an architecture mismatch the offending keys.
 """
 import os
+import pickle
 import re
 import urllib.error
 import urllib.parse
 
 import torch
 import torch.distributed as dist
-from yacs.config import CfgNode
 
 from models.focal_transformer import checkpoint_filter_fn
 from models.pretrained import transfer_weights
@@ -70,19 +70,39 @@ def resolve_checkpoint_path(location):
     return cached
 
 
+def _torch_load(path):
+    """torch.load restricted to tensors and plain containers. The one exception: the original
+    repository's training checkpoints pickle their yacs config, which the restricted loader
+    cannot rebuild; those (and only those) are loaded unrestricted, as the original did."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:
+        if 'yacs.config.CfgNode' not in str(err) and 'CfgNode' not in str(err):
+            raise
+        return torch.load(path, map_location='cpu', weights_only=False)
+
+
+def _load_failure(err):
+    """The informative part of torch.load's error, on one short line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        # the restricted unpickler wraps its finding in a paragraph of advice
+        if line.endswith('WeightsUnpickler error:') and index + 1 < len(lines):
+            return lines[index + 1]
+    first = lines[0].split('. ')[0] if lines else ''
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
 def read_checkpoint(location):
     """Load a checkpoint file (or URL) onto the CPU; any failure is a one-line CheckpointError."""
     path = resolve_checkpoint_path(location)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        # the original's training checkpoints pickle their yacs config; allow that one class
-        with torch.serialization.safe_globals([CfgNode]):
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        checkpoint = _torch_load(path)
     except Exception as err:  # torch raises many types for a truncated or foreign file
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another "
-                              f"format?): {reason}") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated, damaged "
+                              f"or another format): {_load_failure(err)}") from None
     if not isinstance(checkpoint, dict) or not checkpoint:
         raise CheckpointError(f"{path} is not a checkpoint: it holds a "
                               f"{type(checkpoint).__name__}, not a dict of tensors")

@@ -253,3 +253,17 @@ def test_another_architecture_names_the_keys(tmp_path):
     assert path in message and '\n' not in message
     assert 'missing keys' in message or 'unexpected keys' in message
     assert 'wrong shape (checkpoint vs model): head.bias' in message
+
+
+def test_the_original_repositorys_training_checkpoint_loads(tmp_path):
+    """The original's checkpoints pickle a yacs CfgNode beside the weights (and an apex state)."""
+    from yacs.config import CfgNode
+    model = FocalTransformer(**TINY_KWARGS)
+    path = str(tmp_path / 'ckpt_epoch_299.pth')
+    torch.save({'model': model.state_dict(), 'config': CfgNode({'TAG': 'default'}), 'epoch': 299,
+                'max_accuracy': 82.2, 'amp': {}}, path)
+    fresh = FocalTransformer(**TINY_KWARGS)
+    checkpoint = utils.read_checkpoint(path)
+    utils.load_model_weights(fresh, checkpoint, path)
+    assert checkpoint['epoch'] == 299
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
