@@ -21,6 +21,7 @@ output folder), reported as one `error: ...` line on stderr.
 import argparse
 import contextlib
 import datetime
+import functools
 import math
 import os
 import random
@@ -257,7 +258,8 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
         resume = load_checkpoint(config, model, optimizer, lr_scheduler, loss_scaler, logger,
                                  model_ema=model_ema, steps_per_epoch=steps_per_epoch)
 
-    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=config.AMP_ENABLE)
+    autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype,
+                                 enabled=config.AMP_ENABLE)
     if config.THROUGHPUT_MODE:
         throughput(data_loader_val, model, device, autocast, logger)
         return 0
@@ -297,6 +299,7 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
                             optimizer, epoch, start_step, mixup_fn, lr_scheduler, loss_scaler,
                             model_ema, device, rank, autocast, logger, writer, max_accuracy)
 
+            # the bare model: val shards differ in size, and a DDP forward would wait for peers
             acc1, acc5, val_loss = validate(config, data_loader_val, model, device, autocast,
                                             logger)
             is_best = acc1 > max_accuracy
@@ -307,11 +310,12 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
             if rank == 0:
                 checkpoint_args = (config, epoch, None, model, max_accuracy, optimizer,
                                    lr_scheduler, loss_scaler, logger, model_ema)
+                # the best first: a run killed between the two redoes this epoch and saves both
+                if is_best:
+                    save_checkpoint(*checkpoint_args, name=BEST_CHECKPOINT)
                 if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
                     save_checkpoint(*checkpoint_args)
                     prune_checkpoints(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS, logger)
-                if is_best:
-                    save_checkpoint(*checkpoint_args, name=BEST_CHECKPOINT)
                 writer.add_scalar('val/loss', val_loss, epoch)
                 writer.add_scalar('val/acc1', acc1, epoch)
                 writer.add_scalar('val/acc5', acc5, epoch)
