@@ -454,6 +454,7 @@ def validate(config, data_loader, model, device, autocast, logger):
     count = max(count, 1)
     acc1, acc5, loss = 100 * top1 / count, 100 * top5 / count, loss_sum / count
     logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}")
+    logger.info(f" * loss {loss:.6f} over {int(count)} images")
     return acc1, acc5, loss
 
 

@@ -3,6 +3,7 @@ main.py as users do (python or torchrun) in a subprocess with a timeout."""
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import torch
@@ -65,6 +66,23 @@ def write_image_folder(root, n_train=14, n_val=7, size=32, seed=0):
                 Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(
                     os.path.join(folder, f'{i}.png'))
     return str(root)
+
+
+def zip_dataset(folder, out):
+    """`folder`'s train/ and val/ as the original's zip layout: {split}.zip holding the images
+    and {split}_map.txt listing 'path<TAB>label', labels numbered as ImageFolder numbers them."""
+    os.makedirs(out, exist_ok=True)
+    for split in ('train', 'val'):
+        split_dir = os.path.join(folder, split)
+        entries = [(f'{label}/{name}', index)
+                   for index, label in enumerate(sorted(os.listdir(split_dir)))
+                   for name in sorted(os.listdir(os.path.join(split_dir, label)))]
+        with zipfile.ZipFile(os.path.join(out, f'{split}.zip'), 'w') as archive:
+            for member, _ in entries:
+                archive.write(os.path.join(split_dir, member), member)
+        with open(os.path.join(out, f'{split}_map.txt'), 'w') as f:
+            f.writelines(f'{member}\t{index}\n' for member, index in entries)
+    return str(out)
 
 
 def write_config(path, extra=''):

@@ -11,9 +11,10 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main
-from helpers import assert_ok, run_dir, run_main, write_config, write_image_folder
+from helpers import assert_ok, run_dir, run_main, write_config, write_image_folder, zip_dataset
 
 SUMMARY_LINE = re.compile(r' \* Acc@1 (\d+\.\d{3}) Acc@5 (\d+\.\d{3})')
+LOSS_LINE = re.compile(r' \* loss (\d+\.\d+) over (\d+) images')
 # Only the learning itself is random: no augmentation, no drop path, no Mixup.
 NO_RANDOMNESS = ['AUG.MIXUP', '0.0', 'AUG.CUTMIX', '0.0', 'AUG.AUTO_AUGMENT', 'none', 'AUG.REPROB',
                  '0.0', 'AUG.COLOR_JITTER', '0.0', 'MODEL.DROP_PATH_RATE', '0.0']
@@ -27,6 +28,11 @@ def workspace(tmp_path_factory):
 
 def summary_lines(text):
     return SUMMARY_LINE.findall(text)
+
+
+def val_losses(text):
+    """(mean val loss, images) of each evaluation in `text`."""
+    return [(float(loss), int(count)) for loss, count in LOSS_LINE.findall(text)]
 
 
 def test_torchrun_two_processes_train_resume_and_evaluate(workspace):
@@ -69,7 +75,7 @@ def test_torchrun_two_processes_train_resume_and_evaluate(workspace):
     # Evaluating with 1 and 2 processes on the 21 (odd) val images gives the same figures. The
     # single process reads the checkpoint through a file:// URL (downloaded to the hub cache); the
     # two run in the training folder, where the given file wins over auto-resume.
-    evaluations = []
+    evaluations, losses = [], []
     for nproc, location, tag in ((1, pathlib.Path(final).as_uri(), 'eval'), (2, final, 'default')):
         result = run_main(root, ['--cfg', cfg, '--data-path', data, '--output', out, '--tag', tag,
                                  '--eval', '--resume', location], nproc=nproc)
@@ -78,9 +84,12 @@ def test_torchrun_two_processes_train_resume_and_evaluate(workspace):
         assert 'auto resuming' not in result.stdout
         assert 'on the 21 test images' in result.stdout
         evaluations.append(summary_lines(result.stdout))
+        losses += val_losses(result.stdout)
     assert not glob.glob(os.path.join(run_dir(out, 'eval'), 'ckpt_*'))
     assert len(evaluations[0]) == 1 and evaluations[0] == evaluations[1]
     assert evaluations[0][0][0] == summary_lines(resumed.stdout)[-1][0]
+    (loss_1, count_1), (loss_2, count_2) = losses
+    assert count_1 == count_2 == 21 and loss_1 == pytest.approx(loss_2, abs=1e-5)
 
 
 def test_accumulation_matches_the_larger_batch(workspace):
@@ -145,3 +154,21 @@ def test_parse_option_takes_the_original_flags(workspace):
     assert config.LOCAL_RANK == 1 and config.AMP_ENABLE and config.AMP_DTYPE == 'bf16'
     _, config = main.parse_option(['--cfg', cfg, '--amp', '--amp-opt-level', 'O0'])
     assert not config.AMP_ENABLE
+
+
+def test_zip_mode_under_torchrun_matches_the_image_folder(workspace):
+    """Train 1 epoch from train.zip / val.zip with the per-process cache, 2 processes (~15 s);
+    the checkpoint evaluated from the plain folders scores what the zip run reported."""
+    root, data, cfg = workspace
+    zipped = zip_dataset(data, root / 'zipped')
+    out = str(root / 'zip')
+    result = run_main(root, ['--cfg', cfg, '--data-path', zipped, '--zip', '--cache-mode', 'part',
+                             '--output', out, '--opts', 'TRAIN.EPOCHS', '1'], nproc=2)
+    assert_ok(result)
+    evaluation = run_main(root, ['--cfg', cfg, '--data-path', data, '--output', out, '--tag', 'eval',
+                                 '--eval', '--resume', os.path.join(run_dir(out), 'ckpt_epoch_0.pth')])
+    assert_ok(evaluation)
+    assert summary_lines(evaluation.stdout) == summary_lines(result.stdout)
+    (zip_loss, zip_count), = val_losses(result.stdout)
+    (folder_loss, folder_count), = val_losses(evaluation.stdout)
+    assert zip_count == folder_count == 21 and zip_loss == pytest.approx(folder_loss, abs=1e-5)
