@@ -257,24 +257,24 @@ class FocalAttention(nn.Module):
         mask = torch.cat([m.expand(num_windows, query_rows, -1) for m in slot_mask], dim=2)
         self.register_buffer('mask', mask if mask.any() else None, persistent=False)  # (nW, ws² or 1, n_keys)
 
-        # Bias entry of every (query, key slot): an index into the concatenation of all tables.
-        bias_index = [relative_position_index(ws, ws)]
-        table_offset = (2 * ws - 1) ** 2
-        if expand_size > 0:
-            bias_index.append(table_offset + torch.arange(ws * ws * num_neighbours).view(ws * ws, num_neighbours))
-            table_offset += ws * ws * num_neighbours
-        for K in pooled_sizes:
-            bias_index.append(table_offset + relative_position_index(ws, K))
-            table_offset += (ws + K - 1) ** 2
-        self.register_buffer('bias_index', torch.cat(bias_index, dim=1), persistent=False)
+        # Bias entry of every (query, key slot) of the window and pooled tables; the neighbour table
+        # already holds one value per (query, slot).
+        self.register_buffer('window_bias_index', relative_position_index(ws, ws), persistent=False)
+        for k, K in enumerate(pooled_sizes):
+            self.register_buffer(f'pooled_bias_index_{k}', relative_position_index(ws, K), persistent=False)
 
     def attention_bias(self) -> torch.Tensor:
-        """(1, nH·nW, ws², n_keys) additive logit bias, head-major: learned tables plus fixed masks."""
-        tables = [self.relative_position_bias_table.t()]
+        """(1, nH·nW, ws², n_keys) additive logit bias, head-major: learned tables plus fixed masks.
+
+        Each table is indexed on its own, so that its gradient arrives as a fresh tensor of the
+        parameter's own layout (DDP's gradient buckets expect exactly that).
+        """
+        parts = [self.relative_position_bias_table[self.window_bias_index].permute(2, 0, 1)]
         if self.expand_size > 0:
-            tables.append(self.relative_position_bias_table_to_neighbors.flatten(2).squeeze(0))
-        tables.extend(self.relative_position_bias_table_to_windows)
-        bias = torch.cat(tables, dim=1)[:, self.bias_index].unsqueeze(1)  # (nH, 1, ws², n_keys)
+            parts.append(self.relative_position_bias_table_to_neighbors[0])
+        for k, table in enumerate(self.relative_position_bias_table_to_windows):
+            parts.append(table[:, getattr(self, f'pooled_bias_index_{k}')])
+        bias = torch.cat(parts, dim=-1).unsqueeze(1)  # (nH, 1, ws², n_keys)
         num_windows, num_keys = self.key_index.shape
         if self.mask is not None:
             bias = bias + self.mask

@@ -192,6 +192,14 @@ def test_no_weight_decay_names_and_classifier_reset():
     assert model(torch.randn(1, 3, 40, 40)).shape == (1, 3)
 
 
+def test_parameter_gradients_have_the_parameters_layout():
+    """DDP copies gradients into buckets laid out like the parameters; views would warn and copy."""
+    model = micro(use_shift=True)
+    model(torch.randn(2, 3, 40, 40)).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad.stride() == p.stride(), name
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     plain, checkpointed = micro(use_shift=True), micro(use_shift=True, use_checkpoint=True)
     images = torch.randn(2, 3, 40, 40)
