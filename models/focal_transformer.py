@@ -701,7 +701,7 @@ def _create_focal(variant: str, pretrained: bool = False, **kwargs) -> FocalTran
 
 def _cfg(file_name: str, **kwargs) -> dict:
     return {
-        'url': f'https://github.com/microsoft/Focal-Transformer/releases/download/v1.0/{file_name}',
+        'url': f'https://projects4jw.blob.core.windows.net/model/focal-transformer/imagenet1k/{file_name}',
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'crop_pct': 0.875,
         'interpolation': 'bicubic', 'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
         'first_conv': 'patch_embed.proj', 'classifier': 'head', **kwargs,
