@@ -1,5 +1,6 @@
 """The built-in digits demo: the ImageFolder writer, and a short training run that learns."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,3 +125,46 @@ def test_non_writer_waits_for_the_writer(tmp_path):
 def test_bad_image_size_is_named(tmp_path, bad_size):
     with pytest.raises(ValueError, match='img_size'):
         ensure_digits_imagefolder(str(tmp_path), bad_size, is_writer=True)
+
+
+def test_readme_setup_commands_are_the_demo_and_what_ci_runs():
+    with open(os.path.join(REPO_ROOT, 'README.md')) as f:
+        setup = f.read().split('## Set up', 1)[1].split('\n## ', 1)[0]
+    commands = [block.split('\n', 1)[1].strip() for block in setup.split('```bash')[1:]]
+    commands = [command.split('\n```', 1)[0] for command in commands]
+    assert len(commands) == 2 and all('\n' not in command for command in commands), commands
+    demo, tests = commands
+    assert demo.endswith('main.py --cfg configs/focal_micro_digits.yaml')
+    assert os.path.isfile(os.path.join(REPO_ROOT, 'configs', 'focal_micro_digits.yaml'))
+    with open(os.path.join(REPO_ROOT, '.ci', 'run')) as f:
+        assert tests in f.read()
+
+
+def summary_accuracy(output):
+    """The Acc@1 of the last ' * Acc@1 X Acc@5 Y' summary line."""
+    return float(re.findall(r' \* Acc@1 ([0-9.]+) Acc@5', output)[-1])
+
+
+def test_demo_learns_under_torchrun_and_evaluates_the_same(tmp_path):
+    # ~25 s, worth it: the README's first command end to end, on a fresh digits cache (rank 1
+    # waits for rank 0 to write it), then --eval --resume in one process must agree exactly.
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    common = ['--cfg', 'configs/focal_micro_digits.yaml', '--data-path', str(tmp_path / 'digits'),
+              '--output', str(tmp_path / 'out')]
+    train = subprocess.run(
+        [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+         'main.py', *common, '--opts', 'TRAIN.EPOCHS', '1'],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert train.returncode == 0, train.stderr[-3000:]
+    run_dir = tmp_path / 'out' / 'focal_micro_digits' / 'default'
+    log = (run_dir / 'log_rank0.txt').read_text()
+    trained = summary_accuracy(log)
+    assert trained > 50, log[-2000:]  # chance is 10%
+    assert 'Best Acc@1' in log and os.listdir(run_dir / 'tensorboard')
+
+    evaluate = subprocess.run(
+        [sys.executable, 'main.py', *common, '--eval', '--resume', str(run_dir / 'ckpt_best.pth'),
+         '--tag', 'eval'],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    assert summary_accuracy(evaluate.stdout + evaluate.stderr) == trained
