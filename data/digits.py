@@ -10,7 +10,8 @@ into 1,437 training and 360 validation images, upsampled to the model's input si
 where <index> is the image's position in `load_digits()`. The folder is built under a temporary
 name and renamed into place only when every file (and the completion marker) is written, so a
 folder under the final name is always complete; a temporary folder left by an interrupted write is
-discarded and written again.
+discarded and written again. Problems raise `DataError` (one line naming the folder or value),
+which main.py reports as bad input.
 """
 import fcntl
 import json
@@ -22,6 +23,8 @@ import numpy as np
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+
+from .image_io import DataError
 
 NUM_VAL = 360
 SPLIT_SEED = 0
@@ -35,7 +38,7 @@ def ensure_digits_imagefolder(root, img_size, is_writer, timeout=600.0, poll_int
     (`is_writer=False`) only wait, up to `timeout` seconds, for the writer to finish.
     """
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 8:
-        raise ValueError(f"digits: img_size must be an integer >= 8 (the scans are 8x8), got {img_size!r}")
+        raise DataError(f"digits: img_size must be an integer >= 8 (the scans are 8x8), got {img_size!r}")
     root = os.path.abspath(os.path.expanduser(root))
     folder = os.path.join(root, f'digits_{img_size}')
     if _is_complete(folder):
@@ -54,22 +57,22 @@ def _is_complete(folder):
 def _write_locked(root, folder, img_size):
     try:
         os.makedirs(root, exist_ok=True)
-        lock_file = open(folder + '.lock', 'w')
+        with open(folder + '.lock', 'w') as lock_file:
+            # The lock serialises independent runs that share the cache (two demos started at
+            # once): whoever holds it knows that any temporary folder is a leftover, not another
+            # writer's work in progress.
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            if _is_complete(folder):
+                return
+            partial = folder + '.partial'
+            shutil.rmtree(partial, ignore_errors=True)
+            _write_split_images(partial, img_size)
+            # A folder under the final name without the marker was not written by this code (the
+            # rename is atomic): a hand-made or truncated copy, replaced rather than trusted.
+            shutil.rmtree(folder, ignore_errors=True)
+            os.rename(partial, folder)
     except OSError as error:
-        raise OSError(f"digits: cannot write the demo data set under {root}: {error}") from error
-    # The lock serialises independent runs that share the cache (two demos started at once):
-    # whoever holds it knows that any temporary folder is a leftover, not another writer's work.
-    with lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        if _is_complete(folder):
-            return
-        partial = folder + '.partial'
-        shutil.rmtree(partial, ignore_errors=True)
-        _write_split_images(partial, img_size)
-        # A folder under the final name without the marker was not written by this code (the rename
-        # is atomic): a hand-made or truncated copy, replaced rather than trusted.
-        shutil.rmtree(folder, ignore_errors=True)
-        os.rename(partial, folder)
+        raise DataError(f"digits: cannot write the demo data set under {root}: {error}") from None
 
 
 def _write_split_images(folder, img_size):
@@ -99,7 +102,7 @@ def _wait_for(folder, timeout, poll_interval):
     deadline = time.monotonic() + timeout
     while not _is_complete(folder):
         if time.monotonic() > deadline:
-            raise TimeoutError(
+            raise DataError(
                 f"digits: waited {timeout:.0f} s for the writer rank to build {folder}; "
                 "is rank 0 running, and does every rank see the same DATA.DATA_PATH?")
         time.sleep(poll_interval)

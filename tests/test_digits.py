@@ -13,6 +13,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torchvision.datasets import ImageFolder
 
+from data import DataError
 from data.digits import COMPLETE_MARKER, ensure_digits_imagefolder
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +99,7 @@ def test_writer_killed_midway_leaves_no_folder_and_next_run_completes(tmp_path):
     writer.send_signal(signal.SIGKILL)
     writer.wait()
     assert not (tmp_path / 'digits_128').exists()
-    with pytest.raises(TimeoutError, match='digits_128'):
+    with pytest.raises(DataError, match='digits_128'):
         ensure_digits_imagefolder(str(tmp_path), 128, is_writer=False, timeout=0.2, poll_interval=0.05)
     folder = ensure_digits_imagefolder(str(tmp_path), 128, is_writer=True)
     assert len(image_files(folder)) == 1797 and not partial.exists()
@@ -121,9 +122,41 @@ def test_non_writer_waits_for_the_writer(tmp_path):
     assert result == {'folder': folder, 'files': 1797}
 
 
+def test_two_writers_at_once_share_one_folder(tmp_path):
+    # Two independent demo runs started together on one cache: the second waits on the lock,
+    # then finds the first one's folder complete.
+    results, errors = [], []
+
+    def write():
+        try:
+            results.append(ensure_digits_imagefolder(str(tmp_path), 8, is_writer=True))
+        except Exception as error:  # surfaced by the assertion below
+            errors.append(error)
+
+    writers = [threading.Thread(target=write) for _ in range(2)]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+    assert errors == [] and len(set(results)) == 1
+    assert len(image_files(results[0])) == 1797 and not (tmp_path / 'digits_8.partial').exists()
+
+
+def test_unwritable_cache_is_a_one_line_error(tmp_path):
+    not_a_folder = tmp_path / 'file'
+    not_a_folder.write_text('')
+    result = subprocess.run(
+        [sys.executable, 'main.py', '--cfg', 'configs/focal_micro_digits.yaml',
+         '--data-path', str(not_a_folder / 'digits'), '--output', str(tmp_path / 'out')],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith('error: digits: cannot write the demo data set under')
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / 'out').exists()
+
+
 @pytest.mark.parametrize('bad_size', [0, 4, 32.0, '32', True])
 def test_bad_image_size_is_named(tmp_path, bad_size):
-    with pytest.raises(ValueError, match='img_size'):
+    with pytest.raises(DataError, match='img_size'):
         ensure_digits_imagefolder(str(tmp_path), bad_size, is_writer=True)
 
 
