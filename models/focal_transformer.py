@@ -155,17 +155,26 @@ class _GatheredBiasedAttention(torch.autograd.Function):
         q, kv_source, key_index, bias, out, lse = ctx.saved_tensors
         scale = ctx.scale
         k, v = _gather_keys(kv_source, key_index)
-        logits = torch.matmul(q, k.transpose(-2, -1)).mul_(scale).add_(bias)
-        probs = logits.float().sub_(lse.unsqueeze(-1)).exp_().to(q.dtype)
+        grad_q = torch.empty_like(q)
         grad_kv = q.new_empty((2,) + k.shape)  # written in place: the gradient source for index_add_
-        torch.matmul(probs.transpose(-2, -1), grad_out, out=grad_kv[1])
-        grad_probs = torch.matmul(grad_out, v.transpose(-2, -1))
-        row_dot = (grad_out * out).sum(dim=-1, keepdim=True)
-        grad_logits = probs.mul_(grad_probs.sub_(row_dot))
-        grad_q = torch.matmul(grad_logits, k).mul_(scale)
-        torch.matmul(grad_logits.transpose(-2, -1), q, out=grad_kv[0])
+        # summed over images in float32, so that a low-precision bias does not round per image
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[3] else None
+        # One image at a time: the (heads·windows, ws², n_keys) intermediates then stay in cache.
+        for b in range(q.shape[0]):
+            logits = torch.matmul(q[b], k[b].transpose(-2, -1)).mul_(scale).add_(bias[0])
+            probs = logits.float().sub_(lse[b].unsqueeze(-1)).exp_().to(q.dtype)
+            torch.matmul(probs.transpose(-2, -1), grad_out[b], out=grad_kv[1, b])
+            grad_probs = torch.matmul(grad_out[b], v[b].transpose(-2, -1))
+            row_dot = (grad_out[b] * out[b]).sum(dim=-1, keepdim=True)
+            grad_logits = probs.mul_(grad_probs.sub_(row_dot))
+            torch.matmul(grad_logits, k[b], out=grad_q[b])
+            torch.matmul(grad_logits.transpose(-2, -1), q[b], out=grad_kv[0, b])
+            if grad_bias is not None:
+                grad_bias[0].add_(grad_logits)
+        grad_q.mul_(scale)
         grad_kv[0].mul_(scale)
-        grad_bias = grad_logits.sum(dim=0, keepdim=True) if ctx.needs_input_grad[3] else None
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)
         grad_source = None
         if ctx.needs_input_grad[1]:
             grad_kv = grad_kv.view(2, *kv_source.shape[1:3], -1, kv_source.shape[-1])
