@@ -5,7 +5,7 @@ Computes the function of the released ImageNet-1K checkpoints (see
 `shared/reference/FOCAL_ATTENTION.md`), parameter names and shapes included. Everything that depends
 only on the configuration (which token each key slot reads, which bias entry each logit takes, the
 shift and out-of-grid masks) is built once as index tables; a forward pass is then one gather for
-the keys/values, one gather for the bias and one fused attention call per block.
+the keys/values, a lookup of each bias table and one fused attention call per block.
 """
 import math
 from typing import List, Optional, Sequence, Tuple, Union
