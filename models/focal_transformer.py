@@ -138,7 +138,7 @@ class _GatheredBiasedAttention(torch.autograd.Function):
     PyTorch's CPU fused attention has no gradient for the bias, so SDPA falls back to the unfused
     path, which keeps every attention matrix and the gathered keys/values for the backward pass.
     This runs the fused forward and keeps only q, the un-gathered source, the output and the
-    log-sum-exp; the backward pass re-gathers and recomputes one block's probabilities at a time.
+    log-sum-exp; the backward pass re-gathers each image's keys and recomputes its probabilities.
     """
 
     @staticmethod
@@ -154,31 +154,33 @@ class _GatheredBiasedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, kv_source, key_index, bias, out, lse = ctx.saved_tensors
         scale = ctx.scale
-        k, v = _gather_keys(kv_source, key_index)
+        slots = key_index.flatten()
+        M, num_keys, head_dim = q.shape[1], key_index.shape[1], q.shape[-1]
         grad_q = torch.empty_like(q)
-        grad_kv = q.new_empty((2,) + k.shape)  # written in place: the gradient source for index_add_
+        grad_source = torch.zeros_like(kv_source) if ctx.needs_input_grad[1] else None
         # summed over images in float32, so that a low-precision bias does not round per image
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[3] else None
-        # One image at a time: the (heads·windows, ws², n_keys) intermediates then stay in cache.
+        grad_kv = q.new_empty(2, M, num_keys, head_dim)
+        # One image at a time, gathering its keys again: the gathered keys and the
+        # (heads·windows, ws², n_keys) intermediates then stay in cache.
         for b in range(q.shape[0]):
-            logits = torch.matmul(q[b], k[b].transpose(-2, -1)).mul_(scale).add_(bias[0])
+            k, v = kv_source[:, b].index_select(2, slots).view(2, M, num_keys, head_dim)
+            logits = torch.matmul(q[b], k.transpose(-2, -1)).mul_(scale).add_(bias[0])
             probs = logits.float().sub_(lse[b].unsqueeze(-1)).exp_().to(q.dtype)
-            torch.matmul(probs.transpose(-2, -1), grad_out[b], out=grad_kv[1, b])
-            grad_probs = torch.matmul(grad_out[b], v[b].transpose(-2, -1))
+            torch.matmul(probs.transpose(-2, -1), grad_out[b], out=grad_kv[1])
+            grad_probs = torch.matmul(grad_out[b], v.transpose(-2, -1))
             row_dot = (grad_out[b] * out[b]).sum(dim=-1, keepdim=True)
             grad_logits = probs.mul_(grad_probs.sub_(row_dot))
-            torch.matmul(grad_logits, k[b], out=grad_q[b])
-            torch.matmul(grad_logits.transpose(-2, -1), q[b], out=grad_kv[0, b])
+            torch.matmul(grad_logits, k, out=grad_q[b])
+            torch.matmul(grad_logits.transpose(-2, -1), q[b], out=grad_kv[0])
+            grad_kv[0].mul_(scale)
             if grad_bias is not None:
                 grad_bias[0].add_(grad_logits)
+            if grad_source is not None:
+                grad_source[:, b].index_add_(2, slots, grad_kv.view(2, kv_source.shape[2], -1, head_dim))
         grad_q.mul_(scale)
-        grad_kv[0].mul_(scale)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        grad_source = None
-        if ctx.needs_input_grad[1]:
-            grad_kv = grad_kv.view(2, *kv_source.shape[1:3], -1, kv_source.shape[-1])
-            grad_source = torch.zeros_like(kv_source).index_add_(3, key_index.flatten(), grad_kv)
         return grad_q, grad_source, None, grad_bias, None
 
 
