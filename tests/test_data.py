@@ -14,6 +14,7 @@ from config import get_config
 from data import DataError, build_loader
 from data.cached_image_folder import CachedImageFolder
 from data.samplers import ResumableDistributedSampler, ShardSampler
+from helpers import zip_dataset
 
 CLASSES = ('cat', 'dog', 'fox')
 
@@ -28,20 +29,6 @@ def write_image_folder(root, train_per_class=6, val_per_class=(3, 2, 2), size=(4
                 pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(root / split / name / f'{i}.png')
     return root
-
-
-def zip_image_folder(root, out):
-    """The zip layout of the original's get_started: {split}.zip + {split}_map.txt."""
-    os.makedirs(out, exist_ok=True)
-    for split in ('train', 'val'):
-        lines = []
-        with zipfile.ZipFile(out / f'{split}.zip', 'w') as archive:
-            for label, name in enumerate(CLASSES):
-                for file in sorted(os.listdir(root / split / name)):
-                    archive.write(root / split / name / file, f'{name}/{file}')
-                    lines.append(f'{name}/{file}\t{label}\n')
-        (out / f'{split}_map.txt').write_text(''.join(lines))
-    return out
 
 
 def make_config(data_path, *opts, **args):
@@ -100,7 +87,8 @@ def test_eval_transform_resizes_256_224_and_center_crops(tmp_path):
 
 @pytest.mark.parametrize('cache_mode', ['no', 'part', 'full'])
 def test_zip_dataset_matches_image_folder(folder, tmp_path, cache_mode):
-    zipped = zip_image_folder(folder, tmp_path / 'zipped')
+    zipped = tmp_path / 'zipped'
+    zip_dataset(folder, zipped)
     plain = build_loader(make_config(folder))
     config = make_config(zipped, zip=True, cache_mode=cache_mode)
     dataset_train, dataset_val, _, loader_val, _ = build_loader(config)
@@ -112,7 +100,8 @@ def test_zip_dataset_matches_image_folder(folder, tmp_path, cache_mode):
 
 
 def test_zip_part_cache_holds_this_process_shard(folder, tmp_path):
-    zipped = zip_image_folder(folder, tmp_path / 'zipped')
+    zipped = tmp_path / 'zipped'
+    zip_dataset(folder, zipped)
     part = CachedImageFolder(str(zipped / 'train.zip'), str(zipped / 'train_map.txt'),
                              cache_mode='part', rank=1, world_size=3)
     assert sorted(part.cache) == list(range(1, 18, 3))
@@ -187,7 +176,8 @@ def test_corrupt_image_error_names_the_file(tmp_path, workers):
 
 
 def test_truncated_image_in_zip_names_the_member(folder, tmp_path):
-    zipped = zip_image_folder(folder, tmp_path / 'zipped')
+    zipped = tmp_path / 'zipped'
+    zip_dataset(folder, zipped)
     with zipfile.ZipFile(zipped / 'val.zip', 'a') as archive:
         archive.writestr('cat/truncated.png', (folder / 'val' / 'cat' / '0.png').read_bytes()[:60])
     with open(zipped / 'val_map.txt', 'a') as f:
@@ -209,7 +199,8 @@ def test_missing_and_empty_data_folders(tmp_path):
 
 
 def test_bad_zip_inputs(folder, tmp_path):
-    zipped = zip_image_folder(folder, tmp_path / 'zipped')
+    zipped = tmp_path / 'zipped'
+    zip_dataset(folder, zipped)
     (zipped / 'val_map.txt').write_text('cat/0.png 0\n')
     with pytest.raises(DataError, match='val_map.txt line 1'):
         build_loader(make_config(zipped, zip=True))
