@@ -447,7 +447,7 @@ def update_config(config, args):
     amp = getattr(args, 'amp', None)
     if amp:
         config.AMP_ENABLE = True
-        if isinstance(amp, str):  # --amp bf16 / --amp fp16, if main.py lets it take a dtype
+        if isinstance(amp, str):  # --amp bf16 / --amp fp16
             config.AMP_DTYPE = amp
 
     _check_values(config)

@@ -77,7 +77,7 @@ def _torch_load(path):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as err:
-        if 'yacs.config.CfgNode' not in str(err) and 'CfgNode' not in str(err):
+        if 'CfgNode' not in str(err):
             raise
         return torch.load(path, map_location='cpu', weights_only=False)
 

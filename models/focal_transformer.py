@@ -101,8 +101,8 @@ def pooled_block_index(window_grid: Tuple[int, int], level: int, focal_window: i
     """Cells of pooled level `level` that each window attends.
 
     Returns (index, valid): both (nW, K²) with K = focal_window + 2**level - 1; index is the flat
-    cell index in the (nWh·2**level, nWw·2**level) grid (0 where invalid), valid marks cells inside
-    the grid.
+    cell index in the (nWh·2**level, nWw·2**level) grid, meaningful only where valid marks a cell
+    inside the grid.
     """
     nWh, nWw = window_grid
     scale = 2 ** level
@@ -114,8 +114,7 @@ def pooled_block_index(window_grid: Tuple[int, int], level: int, focal_window: i
     rows = top[:, None] + a.flatten()[None, :]
     cols = left[:, None] + b.flatten()[None, :]
     valid = (rows >= 0) & (rows < Gh) & (cols >= 0) & (cols < Gw)
-    index = torch.where(valid, rows * Gw + cols, torch.zeros_like(rows))
-    return index, valid
+    return rows * Gw + cols, valid
 
 
 def crop_or_pad(z: torch.Tensor, target: Tuple[int, int]) -> torch.Tensor:
