@@ -1,7 +1,6 @@
 """Data pipeline: ImageFolder and zip datasets written to tmp dirs, deterministic resumable
 sampling, exact validation sharding, transforms, and the errors on bad data."""
 import argparse
-import importlib.util
 import os
 import zipfile
 
@@ -233,7 +232,6 @@ def test_mixup_off_and_hflip_off(folder):
     assert 'RandomHorizontalFlip' not in names and 'RandomErasing' in names
 
 
-@pytest.mark.skipif(importlib.util.find_spec('data.digits') is None, reason='data/digits.py not there')
 def test_digits_dataset_is_written_and_loaded(tmp_path):
     config = make_config('', 'DATA.DATASET', 'digits', 'DATA.DATA_PATH', str(tmp_path), eval=True)
     _, dataset_val, _, _, _ = build_loader(config)
