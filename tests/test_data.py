@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from config import get_config
 from data import DataError, build_loader
@@ -16,6 +17,7 @@ from data.samplers import ResumableDistributedSampler, ShardSampler
 from helpers import zip_dataset
 
 CLASSES = ('cat', 'dog', 'fox')
+RED = (255, 0, 0)
 
 
 def write_image_folder(root, train_per_class=6, val_per_class=(3, 2, 2), size=(40, 36)):
@@ -74,14 +76,32 @@ def test_eval_mode_reads_only_val_and_released_num_classes_is_kept(tmp_path):
     assert len(dataset_val) == 7 and config.MODEL.NUM_CLASSES == 1000
 
 
-def test_eval_transform_resizes_256_224_and_center_crops(tmp_path):
-    write_image_folder(tmp_path, size=(100, 80))
-    config = make_config(tmp_path, 'DATA.IMG_SIZE', '64', eval=True)
+def normalized(pixels):
+    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD)
+    return (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - mean[:, None, None]) / std[:, None, None]
+
+
+@pytest.mark.parametrize('crop', [True, False])
+def test_eval_transform_centre_crops_away_a_marked_border(tmp_path, crop):
+    """A 256 px image with an 8 px red border, evaluated at 224: TEST.CROP resizes the short side
+    to 256 / 224 * 224 = 256 (no change) and crops the central 224, so what comes out is exactly
+    the centre of the image, border gone; without it the whole image, border included, is resized."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 200, (256, 256, 3), dtype=np.uint8)
+    pixels[:8], pixels[-8:], pixels[:, :8], pixels[:, -8:] = RED, RED, RED, RED
+    os.makedirs(tmp_path / 'val' / 'cat')
+    Image.fromarray(pixels).save(tmp_path / 'val' / 'cat' / '0.png')
+    config = make_config(tmp_path, 'DATA.IMG_SIZE', '224', 'TEST.CROP', str(crop), eval=True)
     _, dataset_val, _, _, _ = build_loader(config)
     image, _ = dataset_val[0]
-    assert image.shape == (3, 64, 64)
-    resize = dataset_val.transform.transforms[0]
-    assert resize.size == int(256 / 224 * 64)
+    assert image.shape == (3, 224, 224)
+    red = normalized(np.array([[RED]], dtype=np.uint8))[:, 0, 0]
+    edge_is_red = torch.allclose(image[:, 0, 112], red, atol=0.05)
+    if crop:
+        torch.testing.assert_close(image, normalized(pixels[16:240, 16:240]), rtol=0, atol=1e-5)
+        assert not edge_is_red
+    else:
+        assert edge_is_red and torch.allclose(image[:, 112, 223], red, atol=0.05)
 
 
 @pytest.mark.parametrize('cache_mode', ['no', 'part', 'full'])
