@@ -133,7 +133,7 @@ def test_zip_part_cache_holds_this_process_shard(folder, tmp_path):
     assert {index for _, index in sampler} == set(range(1, 18, 3))
 
 
-def test_samples_and_augmentations_do_not_depend_on_workers(folder):
+def test_augmentations_depend_on_seed_epoch_and_index_not_on_workers(folder):
     # RandAugment, random erasing, flips and random-resized crops at their defaults
     serial = build_loader(make_config(folder, 'DATA.IMG_SIZE', '40'))[2]
     state = torch.get_rng_state()
@@ -141,9 +141,13 @@ def test_samples_and_augmentations_do_not_depend_on_workers(folder):
     assert torch.equal(torch.get_rng_state(), state), 'loading in-process must not move the RNG'
     parallel = build_loader(make_config(folder, 'DATA.IMG_SIZE', '40', 'DATA.NUM_WORKERS', '2'))[2]
     assert_same_batches(batches_serial, epoch_batches(parallel, epoch=3))
-    # another epoch: another order and other augmentations
-    other_epoch = epoch_batches(serial, epoch=4)
-    assert not all(torch.equal(a[0], b[0]) for a, b in zip(batches_serial, other_epoch))
+    # another epoch or another SEED: other augmentations of the same image
+    samples = serial.dataset
+    image, label = samples[(3, 5)]
+    assert torch.equal(samples[(3, 5)][0], image)
+    assert samples[(4, 5)][1] == label and not torch.equal(samples[(4, 5)][0], image)
+    reseeded = build_loader(make_config(folder, 'DATA.IMG_SIZE', '40', 'SEED', '1'))[2].dataset
+    assert not torch.equal(reseeded[(3, 5)][0], image)
 
 
 def test_resume_at_start_step_gives_the_tail_of_the_epoch(folder):
@@ -164,6 +168,19 @@ def test_train_sampler_shards_one_permutation(world_size):
         assert len(shards[-1]) == len(sampler) == -(-11 // world_size)
     assert set().union(*map(set, shards)) == set(range(11))
     assert sum(map(len, shards)) - 11 < world_size  # only the padding repeats
+
+
+@pytest.mark.parametrize('shard_first', [False, True])
+def test_train_order_is_drawn_from_seed_and_epoch(shard_first):
+    def order(seed, epoch):
+        sampler = ResumableDistributedSampler(40, 2, num_replicas=2, rank=1, seed=seed, shard_first=shard_first)
+        sampler.set_epoch(epoch)
+        return [index for _, index in sampler]
+
+    assert order(5, 7) == order(5, 7)
+    assert order(5, 8) != order(5, 7) and order(6, 7) != order(5, 7)
+    if shard_first:  # the same shard, in another order
+        assert sorted(order(5, 8)) == sorted(order(6, 7)) == list(range(1, 40, 2))
 
 
 @pytest.mark.parametrize('world_size', [1, 2, 3])
