@@ -210,16 +210,22 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ['ckpt_epoch_0.pth']
 
 
-def test_prune_keeps_the_newest_and_the_best(tmp_path, logger):
-    names = ['ckpt_epoch_0.pth', 'ckpt_epoch_1.pth', 'ckpt_epoch_2.pth', 'ckpt_epoch_3.pth',
-             'ckpt_epoch_3_step_5.pth', 'ckpt_epoch_4_step_2.pth', 'ckpt_epoch_4_step_4.pth',
-             'ckpt_epoch_4_step_6.pth', 'ckpt_best.pth', '.ckpt_epoch_4.pth.99.tmp', 'config.yaml']
+@pytest.mark.parametrize('keep, kept_epochs, kept_steps', [
+    (2, [9, 10], ['ckpt_epoch_11_step_4.pth', 'ckpt_epoch_11_step_6.pth']),
+    (0, [0, 1, 2, 9, 10], ['ckpt_epoch_11_step_2.pth', 'ckpt_epoch_11_step_4.pth', 'ckpt_epoch_11_step_6.pth']),
+])
+def test_prune_keeps_the_newest_and_the_best(tmp_path, logger, keep, kept_epochs, kept_steps):
+    """Epochs 9 and 10 are newer than 2 (numbers, not names, order them); step checkpoints of
+    epoch 10 are older than its epoch checkpoint and go whatever `keep` says (0: keep all)."""
+    names = ['ckpt_epoch_0.pth', 'ckpt_epoch_1.pth', 'ckpt_epoch_2.pth', 'ckpt_epoch_9.pth',
+             'ckpt_epoch_10.pth', 'ckpt_epoch_10_step_5.pth', 'ckpt_epoch_11_step_2.pth',
+             'ckpt_epoch_11_step_4.pth', 'ckpt_epoch_11_step_6.pth', 'ckpt_best.pth',
+             '.ckpt_epoch_11.pth.99.tmp', 'config.yaml']
     for name in names:
         (tmp_path / name).write_bytes(b'x')
-    utils.prune_checkpoints(str(tmp_path), 2, logger)
-    assert sorted(os.listdir(tmp_path)) == ['ckpt_best.pth', 'ckpt_epoch_2.pth', 'ckpt_epoch_3.pth',
-                                             'ckpt_epoch_4_step_4.pth', 'ckpt_epoch_4_step_6.pth',
-                                             'config.yaml']
+    utils.prune_checkpoints(str(tmp_path), keep, logger)
+    expected = ['ckpt_best.pth', 'config.yaml'] + [f'ckpt_epoch_{epoch}.pth' for epoch in kept_epochs] + kept_steps
+    assert sorted(os.listdir(tmp_path)) == sorted(expected)
 
 
 @needs_golden
