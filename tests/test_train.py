@@ -1,5 +1,6 @@
 """main.py as users run it: torchrun on gloo, resuming, exact distributed evaluation,
 accumulation, mixed precision, EMA, TensorBoard and throughput (tiny model, CPU)."""
+import argparse
 import contextlib
 import glob
 import logging
@@ -15,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import main
+from config import get_config
 from helpers import assert_ok, run_dir, run_main, write_config, write_image_folder, zip_dataset
 
 SUMMARY_LINE = re.compile(r' \* Acc@1 (\d+\.\d{3}) Acc@5 (\d+\.\d{3})')
@@ -177,6 +179,35 @@ def test_amp_channels_last_and_ema_are_what_runs(workspace, monkeypatch, capsys)
                                    msg=lambda m: f'{name}: {m}')
 
 
+def test_validate_scores_the_whole_set_exactly(caplog):
+    """main.validate on a stand-in model with known logits, 7 images in batches of 3, 3 and 1:
+    top-1, top-5 and the mean loss are those of the whole set at once, not means of batch means."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 8, generator=generator)
+    targets = torch.tensor([0, 1, 2, 3, 4, 5, 6])
+    logits[0, 0] = logits[3, 3] = 10.0  # right at top-1
+    logits[1] = torch.tensor([5., 1., 4., 3., 2., 0., -1., -2.])  # its class 1 ranked 5th
+    logits[4] = torch.tensor([5., 4., 3., 2., -5., 1., 0., 6.])  # its class 4 ranked last
+    batches = [(torch.arange(start, min(start + 3, 7)).float()[:, None, None, None].expand(-1, 3, 2, 2),
+                targets[start:start + 3]) for start in (0, 3, 6)]
+
+    class KnownLogits(torch.nn.Module):
+        def forward(self, images):
+            return logits[images[:, 0, 0, 0].long()]
+
+    config = types.SimpleNamespace(TRAIN=types.SimpleNamespace(CHANNELS_LAST=False), PRINT_FREQ=1)
+    with caplog.at_level(logging.INFO, logger='test_validate'):
+        acc1, acc5, loss = main.validate(config, batches, KnownLogits(), torch.device('cpu'),
+                                         contextlib.nullcontext, logging.getLogger('test_validate'))
+    top5 = logits.topk(5, dim=1).indices
+    expected_acc1 = 100 * (logits.argmax(1) == targets).double().mean().item()
+    expected_acc5 = 100 * (top5 == targets[:, None]).any(1).double().mean().item()
+    assert 0 < expected_acc1 < expected_acc5 < 100
+    assert acc1 == pytest.approx(expected_acc1, abs=1e-9) and acc5 == pytest.approx(expected_acc5, abs=1e-9)
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(logits, targets).item(), rel=1e-6)
+    assert ' * loss' in caplog.text and 'over 7 images' in caplog.text
+
+
 def test_throughput_times_the_forward_passes_it_counts(monkeypatch, caplog):
     """main.throughput on a stand-in model that takes exactly 0.25 s of a fake clock per batch of
     4: 50 warm-up passes, 30 timed, 4 / 0.25 = 16 images per second."""
@@ -221,6 +252,20 @@ def test_parse_option_takes_the_original_flags(workspace):
     assert config.AMP_ENABLE and config.AMP_DTYPE == 'bf16'
     _, config = main.parse_option(['--cfg', cfg, '--amp', '--amp-opt-level', 'O0'])
     assert not config.AMP_ENABLE
+
+
+@pytest.mark.parametrize('world_size, batch, accumulation, images_per_update', [
+    (3, 6, 4, 72), (2, 4, 0, 8),  # ACCUMULATION_STEPS 0 means no accumulation, as 1
+])
+def test_every_rate_is_scaled_to_the_images_per_update(world_size, batch, accumulation, images_per_update):
+    config = get_config(argparse.Namespace(opts=[
+        'DATA.BATCH_SIZE', str(batch), 'TRAIN.ACCUMULATION_STEPS', str(accumulation),
+        'TRAIN.BASE_LR', '0.4', 'TRAIN.WARMUP_LR', '0.002', 'TRAIN.MIN_LR', '0.01']))
+    main.scale_learning_rates(config, world_size)
+    factor = images_per_update / 512  # the configured rates are for 512 images per update
+    assert config.is_frozen()
+    assert (config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR) == \
+        pytest.approx((0.4 * factor, 0.002 * factor, 0.01 * factor), rel=1e-12)
 
 
 def test_zip_mode_under_torchrun_matches_the_image_folder(workspace):
