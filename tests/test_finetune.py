@@ -69,6 +69,14 @@ def bicubic_matrix(old, new):
     return weights
 
 
+def expected_grids(table, new_size):
+    """(X, S*S) rows, each an S x S grid, resized bicubically to (X, new_size)."""
+    old_side, new_side = math.isqrt(table.shape[1]), math.isqrt(new_size)
+    weights = bicubic_matrix(old_side, new_side)
+    grids = table.double().reshape(-1, old_side, old_side)
+    return (weights @ grids @ weights.t()).reshape(table.shape[0], new_size)
+
+
 def expected_pool_kernel(kernel, new):
     """A pooling kernel resized as models/pretrained.py documents it: bicubic, times the area
     ratio, then shifted by one constant so that its sum is the old sum."""
@@ -119,14 +127,21 @@ def test_finetune_at_higher_resolution_other_window_and_classes(tmp_path):
             assert torch.equal(new[key], init[key]), key
     assert set(actions(report)) == set(new)
 
-    checked_centres = checked_kernels = 0
+    checked_centres = checked_tables = checked_kernels = 0
     for key in new:
         if key.endswith('attn.relative_position_bias_table'):
             assert torch.equal(centre(new[key].t()), centre(old[key].t())), key
+            torch.testing.assert_close(new[key].t().double(), expected_grids(old[key].t(), new[key].shape[0]),
+                                       rtol=0, atol=1e-5)
             checked_centres += 1
-        elif 'relative_position_bias_table_to_windows' in key and old[key].shape[1] % 2 == 1:
-            assert torch.equal(centre(new[key]), centre(old[key])), key
-            checked_centres += 1
+            checked_tables += 1
+        elif 'relative_position_bias_table_to_windows' in key:
+            if old[key].shape[1] % 2 == 1:
+                assert torch.equal(centre(new[key]), centre(old[key])), key
+                checked_centres += 1
+            torch.testing.assert_close(new[key].double(), expected_grids(old[key], new[key].shape[1]),
+                                       rtol=0, atol=1e-5)
+            checked_tables += 1
         elif key.endswith('pool_layers.0.weight'):
             side = 5 if key.startswith(('layers.0', 'layers.1', 'layers.2')) else 3
             old_side = math.isqrt(old[key].shape[1])
@@ -135,6 +150,7 @@ def test_finetune_at_higher_resolution_other_window_and_classes(tmp_path):
             torch.testing.assert_close(new[key].double().reshape(side, side), expected, rtol=0, atol=1e-6)
             checked_kernels += 1
     assert checked_centres == 5 + 4  # every window table; to_windows but stage 3's (2x2 -> 3x3)
+    assert checked_tables == 5 + 5
     assert checked_kernels == 5  # every block (depths 1, 1, 2, 1)
     copied = sum(value.numel() for key, value in new.items() if actions(report)[key] == 'copied')
     assert f'copied {len(new) - 21} tensors ({copied:,} weights)' in report.summary()
