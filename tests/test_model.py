@@ -5,9 +5,8 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from yacs.config import CfgNode
 
-import models
+import models  # noqa: F401  registers the focal models with timm
 from config import get_config
 from models import build_model
 from models.focal_transformer import (FocalTransformer, checkpoint_filter_fn, gathered_attention,
