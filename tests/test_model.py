@@ -6,9 +6,8 @@ import pytest
 import timm
 import torch
 
-import models  # noqa: F401  registers the focal models with timm
 from config import get_config
-from models import build_model
+from models import build_model  # importing models registers the focal models with timm
 from models.focal_transformer import (FocalTransformer, checkpoint_filter_fn, gathered_attention,
                                       neighbour_key_positions, shift_region_mask)
 
