@@ -179,6 +179,32 @@ def test_amp_channels_last_and_ema_are_what_runs(workspace, monkeypatch, capsys)
                                    msg=lambda m: f'{name}: {m}')
 
 
+def test_accumulation_steps_at_the_end_of_every_epoch(workspace, monkeypatch, capsys):
+    """10 batches an epoch, 3 accumulated: updates after batches 3, 6, 9 and 10 of each epoch,
+    so that no gradient is carried into the next epoch (or lost)."""
+    root, data, cfg = workspace
+    batches_seen, updates = [0], []
+
+    def build_and_count(config):
+        model = real_build_model(config)
+        model.register_forward_pre_hook(lambda module, args: batches_seen.__setitem__(
+            0, batches_seen[0] + module.training))
+        return model
+
+    real_build_model = main.build_model
+    monkeypatch.setattr(main, 'build_model', build_and_count)
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+        monkeypatch.delenv(name, raising=False)
+    hook = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: updates.append(batches_seen[0]))
+    try:
+        status = main.cli(['--cfg', cfg, '--data-path', data, '--output', str(root / 'accumulate3'),
+                           '--accumulation-steps', '3'])
+    finally:
+        hook.remove()
+    assert status == 0, capsys.readouterr().out[-3000:]
+    assert updates == [3, 6, 9, 10, 13, 16, 19, 20]
+
+
 def test_validate_scores_the_whole_set_exactly(caplog):
     """main.validate on a stand-in model with known logits, 7 images in batches of 3, 3 and 1:
     top-1, top-5 and the mean loss are those of the whole set at once, not means of batch means."""
