@@ -53,11 +53,11 @@ class GoldenCase:
                 parameter.copy_(weights[name])
         return model
 
-    def reference_checkpoint(self, model: FocalTransformer) -> dict:
+    def reference_checkpoint(self) -> dict:
         """The weights as the reference's state_dict holds them: with an integer relative-position
         index table in every block, which this model derives instead of storing."""
         state_dict = self.weights()
-        for i, stage in enumerate(model.layers):
+        for i, stage in enumerate(FocalTransformer(**self.kwargs).layers):
             for j, block in enumerate(stage.blocks):
                 tokens = block.attn.window_size ** 2
                 state_dict[f'layers.{i}.blocks.{j}.attn.relative_position_index'] = \
