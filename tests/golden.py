@@ -1,6 +1,7 @@
 """The reference's golden cases (tests/reference/golden/*.json) rebuilt from their seeded recipe:
 the model with its weights, the input, and what the reference computed for them (README there)."""
 import json
+import math
 import zlib
 from pathlib import Path
 
@@ -55,13 +56,15 @@ class GoldenCase:
 
     def reference_checkpoint(self) -> dict:
         """The weights as the reference's state_dict holds them: with an integer relative-position
-        index table in every block, which this model derives instead of storing."""
+        index table (ws², ws²) beside every block's (2ws-1)² x heads table, which this model
+        derives instead of storing."""
         state_dict = self.weights()
-        for i, stage in enumerate(FocalTransformer(**self.kwargs).layers):
-            for j, block in enumerate(stage.blocks):
-                tokens = block.attn.window_size ** 2
-                state_dict[f'layers.{i}.blocks.{j}.attn.relative_position_index'] = \
-                    torch.zeros(tokens, tokens, dtype=torch.long)
+        suffix = 'relative_position_bias_table'
+        for name, shape in self.data['parameters'].items():
+            if name.endswith(suffix):
+                window_size = (math.isqrt(shape[0]) + 1) // 2
+                state_dict[name.replace(suffix, 'relative_position_index')] = \
+                    torch.zeros(window_size ** 2, window_size ** 2, dtype=torch.long)
         return state_dict
 
     def input(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
