@@ -159,15 +159,17 @@ class _GatheredBiasedAttention(torch.autograd.Function):
         M, num_keys, head_dim = q.shape[1], key_index.shape[1], q.shape[-1]
         grad_q = torch.empty_like(q)
         grad_source = torch.zeros_like(kv_source) if ctx.needs_input_grad[1] else None
-        # summed over images in float32, so that a low-precision bias does not round per image
-        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if ctx.needs_input_grad[3] else None
+        # Probabilities and the bias gradient (summed over images) in at least float32, so that a
+        # low-precision input does not round them per image; float64 stays float64.
+        exact_dtype = torch.promote_types(q.dtype, torch.float32)
+        grad_bias = torch.zeros_like(bias, dtype=exact_dtype) if ctx.needs_input_grad[3] else None
         grad_kv = q.new_empty(2, M, num_keys, head_dim)
         # One image at a time, gathering its keys again: the gathered keys and the
         # (heads·windows, ws², n_keys) intermediates then stay in cache.
         for b in range(q.shape[0]):
             k, v = kv_source[:, b].index_select(2, slots).view(2, M, num_keys, head_dim)
             logits = torch.matmul(q[b], k.transpose(-2, -1)).mul_(scale).add_(bias[0])
-            probs = logits.float().sub_(lse[b].unsqueeze(-1)).exp_().to(q.dtype)
+            probs = logits.to(exact_dtype).sub_(lse[b].unsqueeze(-1)).exp_().to(q.dtype)
             torch.matmul(probs.transpose(-2, -1), grad_out[b], out=grad_kv[1])
             grad_probs = torch.matmul(grad_out[b], v.transpose(-2, -1))
             row_dot = (grad_out[b] * out[b]).sum(dim=-1, keepdim=True)

@@ -10,11 +10,9 @@ import pytest
 
 import models.build
 from config import ConfigError, get_config
+from golden import LAYOUTS
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYOUTS = Path('/work/shared/reference/checkpoint_layouts.json')
-if not LAYOUTS.exists():
-    LAYOUTS = ROOT.parent / 'shared' / 'reference' / 'checkpoint_layouts.json'
 # The original training configs (and the paper) use these; checkpoint_layouts.json lists the
 # evaluation kwargs the reference data was made with, 0.2 for every model.
 ORIGINAL_DROP_PATH = {'tiny': 0.2, 'small': 0.3, 'base': 0.5}
@@ -112,7 +110,7 @@ def test_dumped_config_loads_back(tmp_path):
             assert again[key] == config[key], key
 
 
-@pytest.mark.parametrize('name', json.loads(LAYOUTS.read_text()) if LAYOUTS.exists() else [])
+@pytest.mark.parametrize('name', json.loads(LAYOUTS.read_text()))
 def test_released_configs_build_the_reference_kwargs(name, monkeypatch):
     # record what build_model passes to the network instead of building 30-90M parameters
     monkeypatch.setattr(models.build, 'FocalTransformer', lambda **kwargs: kwargs)

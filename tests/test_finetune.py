@@ -12,14 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from config import get_config
+from golden import CASES, LAYOUTS, GoldenCase
 from helpers import assert_ok, load_weights, run_dir, run_main, write_config, write_image_folder
 from models import build_model
 from models.focal_transformer import FocalTransformer, neighbour_key_positions
 from models.pretrained import transfer_weights
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / 'shared' / 'reference'
-needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason=f'{REFERENCE} not present')
 
 SMALL = dict(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], focal_pool='fc',
              focal_levels=[2, 2, 2, 2], focal_windows=[3, 3, 1, 1], drop_path_rate=0.1)
@@ -93,7 +92,7 @@ def load_config(name):
 def released_state_dict(name):
     """Random tensors with the names, shapes and dtypes of a released checkpoint, its integer
     index buffers included."""
-    layout = json.loads((REFERENCE / 'checkpoint_layouts.json').read_text())[name]['state_dict']
+    layout = json.loads(LAYOUTS.read_text())[name]['state_dict']
     generator = torch.Generator().manual_seed(0)
     state_dict = {}
     for key, entry in layout.items():
@@ -300,17 +299,17 @@ def test_position_embedding_resized_and_classifier_dropped_or_added():
     assert torch.equal(state_dict['head.weight'], model.head.weight.detach())
 
 
-@needs_reference
-@pytest.mark.parametrize('golden', sorted(REFERENCE.glob('golden/*.pt')), ids=lambda path: path.stem)
-def test_golden_state_dicts_load_strictly(golden):
-    case = torch.load(golden, weights_only=False)
-    model = FocalTransformer(**case['kwargs'])
-    state_dict, report = transfer_weights(case['state_dict'], model)
+@pytest.mark.parametrize('name', CASES)
+def test_golden_state_dicts_load_strictly(name):
+    case = GoldenCase(name)
+    model = FocalTransformer(**case.kwargs)
+    checkpoint = case.reference_checkpoint()
+    state_dict, report = transfer_weights(checkpoint, model)
     model.load_state_dict(state_dict, strict=True)
     assert set(actions(report).values()) == {'copied'}
     assert report.dropped_buffers > 0
     for key, value in model.state_dict().items():
-        assert torch.equal(value, case['state_dict'][key]), key
+        assert torch.equal(value, checkpoint[key]), key
 
 
 @pytest.fixture(scope='module')
@@ -318,7 +317,6 @@ def released_focal_tiny():
     return released_state_dict('focal_tiny_patch4_window7_224')
 
 
-@needs_reference
 def test_released_focal_tiny_loads_for_evaluation_at_224(released_focal_tiny):
     model = build_model(load_config('focal_tiny_patch4_window7_224.yaml'))
     state_dict, report = transfer_weights(released_focal_tiny, model)
@@ -330,7 +328,6 @@ def test_released_focal_tiny_loads_for_evaluation_at_224(released_focal_tiny):
     assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
 
 
-@needs_reference
 def test_released_focal_tiny_transfers_to_384_window_12(released_focal_tiny):
     model = build_model(load_config('focal_tiny_patch4_window12_384_finetune.yaml'))
     state_dict, report = transfer_weights(released_focal_tiny, model)

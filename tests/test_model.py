@@ -1,18 +1,16 @@
 """The network beyond the golden cases: registry, released layouts, validation, features, compile."""
 import json
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 
 from config import get_config
+from golden import LAYOUTS
 from models import build_model  # importing models registers the focal models with timm
 from models.focal_transformer import (FocalTransformer, checkpoint_filter_fn, gathered_attention,
                                       neighbour_key_positions, shift_region_mask)
 
-REFERENCE = Path(__file__).resolve().parents[2] / 'shared' / 'reference'
-LAYOUTS = REFERENCE / 'checkpoint_layouts.json'
 PAPER_GFLOPS = {
     'focal_tiny_patch4_window7_224': 4.9, 'focal_tiny_useconv_patch4_window7_224': 5.2,
     'focal_small_patch4_window7_224': 9.4, 'focal_small_useconv_patch4_window7_224': 9.7,
@@ -29,7 +27,6 @@ def micro(**overrides) -> FocalTransformer:
     return FocalTransformer(**dict(MICRO, **overrides))
 
 
-@pytest.mark.skipif(not LAYOUTS.exists(), reason=f'{LAYOUTS} is missing')
 @pytest.mark.parametrize('name', sorted(PAPER_GFLOPS))
 def test_registered_model_matches_released_layout(name):
     layout = json.loads(LAYOUTS.read_text())[name]
@@ -43,7 +40,6 @@ def test_registered_model_matches_released_layout(name):
     assert model.flops() / 1e9 == pytest.approx(layout['gflops'], rel=1e-9)
 
 
-@pytest.mark.skipif(not LAYOUTS.exists(), reason=f'{LAYOUTS} is missing')
 def test_released_state_dict_loads_and_errors_name_keys():
     layout = json.loads(LAYOUTS.read_text())['focal_tiny_patch4_window7_224']
     released = {}

@@ -11,12 +11,10 @@ import pytest
 import torch
 
 import utils
-from helpers import (REPO, TINY_KWARGS, assert_ok, load_weights, run_dir, run_main, start_main, write_config,
+from golden import GoldenCase
+from helpers import (TINY_KWARGS, assert_ok, load_weights, run_dir, run_main, start_main, write_config,
                      write_image_folder)
 from models.focal_transformer import FocalTransformer, checkpoint_filter_fn
-
-GOLDEN = os.path.join(REPO, '..', 'shared', 'reference', 'golden', 'micro_fc_224.pt')
-needs_golden = pytest.mark.skipif(not os.path.isfile(GOLDEN), reason='reference data not present')
 
 
 @pytest.fixture(scope='module')
@@ -228,32 +226,31 @@ def test_prune_keeps_the_newest_and_the_best(tmp_path, logger, keep, kept_epochs
     assert sorted(os.listdir(tmp_path)) == sorted(expected)
 
 
-@needs_golden
 def test_released_wrapped_and_url_checkpoints_load(tmp_path, monkeypatch):
-    golden = torch.load(GOLDEN, weights_only=False)
-    model = FocalTransformer(**golden['kwargs'])
+    golden = GoldenCase('micro_fc_224')
+    model = FocalTransformer(**golden.kwargs)
+    released = golden.reference_checkpoint()  # as distributed, with the reference's index buffers
     raw = tmp_path / 'released.pth'
-    torch.save(golden['state_dict'], raw)  # as distributed, with the reference's index buffers
+    torch.save(released, raw)
     wrapped = tmp_path / 'wrapped.pth'
-    torch.save({'model': golden['state_dict']}, wrapped)
+    torch.save({'model': released}, wrapped)
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
     for location in (str(raw), str(wrapped), raw.as_uri()):
         model.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})
         utils.load_model_weights(model, utils.read_checkpoint(location), location)
         model.eval()
         with torch.no_grad():
-            torch.testing.assert_close(model(golden['input']), golden['output'], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(model(golden.input()).double(), golden.output, rtol=1e-4, atol=1e-4)
     cached = tmp_path / 'hub' / 'hub' / 'checkpoints' / 'released.pth'  # TORCH_HOME/hub/checkpoints
     assert cached.read_bytes() == raw.read_bytes()
     raw.unlink()  # downloaded once: the cache answers from now on
     assert utils.resolve_checkpoint_path(raw.as_uri()) == str(cached)
 
 
-@needs_golden
 def test_another_architecture_names_the_keys(tmp_path):
-    golden = torch.load(GOLDEN, weights_only=False)
+    golden = GoldenCase('micro_fc_224')
     path = str(tmp_path / 'released.pth')
-    torch.save(golden['state_dict'], path)
+    torch.save(golden.reference_checkpoint(), path)
     with pytest.raises(utils.CheckpointError) as error:
         utils.load_model_weights(FocalTransformer(**TINY_KWARGS), utils.read_checkpoint(path), path)
     message = str(error.value)
