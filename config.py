@@ -10,8 +10,7 @@
 builds; every one is optional (read with ``getattr``), so a partial Namespace works:
 
     cfg, opts, batch_size, data_path, dataset, zip, cache_mode, resume, pretrained,
-    accumulation_steps, use_checkpoint, amp, amp_opt_level, output, tag, eval, throughput,
-    local_rank
+    accumulation_steps, use_checkpoint, amp, amp_opt_level, output, tag, eval, throughput
 
 Every problem with the configuration raises ``ConfigError`` with a one-line message naming the
 file, key or value at fault.
@@ -130,8 +129,6 @@ _C.MODEL.FOCAL.USE_PRE_NORM = False
 # Training settings
 # -----------------------------------------------------------------------------
 _C.TRAIN = CN()
-# First epoch (set from the checkpoint on resume)
-_C.TRAIN.START_EPOCH = 0
 # Training epochs
 _C.TRAIN.EPOCHS = 300
 # Epochs of linear warmup from WARMUP_LR (stepped per optimizer step)
@@ -252,8 +249,6 @@ _C.SEED = 0
 _C.EVAL_MODE = False
 # Measure throughput only; --throughput sets it
 _C.THROUGHPUT_MODE = False
-# Local rank of this process (torchrun's LOCAL_RANK, or --local_rank)
-_C.LOCAL_RANK = 0
 
 # Allowed values of the keys that take one of a few strings.
 _CHOICES = {
@@ -401,7 +396,6 @@ def _check_values(config):
         'DATA.NUM_WORKERS': config.DATA.NUM_WORKERS,
         'MODEL.NUM_CLASSES': config.MODEL.NUM_CLASSES,
         'TRAIN.WARMUP_EPOCHS': config.TRAIN.WARMUP_EPOCHS,
-        'TRAIN.START_EPOCH': config.TRAIN.START_EPOCH,
         'TRAIN.ACCUMULATION_STEPS': config.TRAIN.ACCUMULATION_STEPS,
         'TRAIN.KEEP_CHECKPOINTS': config.TRAIN.KEEP_CHECKPOINTS,
         'TRAIN.SAVE_EVERY_STEPS': config.TRAIN.SAVE_EVERY_STEPS,
@@ -454,9 +448,6 @@ def update_config(config, args):
     # the original's apex opt level, when given, decides whether mixed precision is on
     if config.AMP_OPT_LEVEL:
         config.AMP_ENABLE = config.AMP_OPT_LEVEL != 'O0'
-    # torchrun passes the local rank in the environment; the old launcher passed --local_rank
-    local_rank = getattr(args, 'local_rank', None)
-    config.LOCAL_RANK = int(local_rank if local_rank is not None else os.environ.get('LOCAL_RANK', 0))
     config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
     config.freeze()
 

@@ -97,7 +97,8 @@ def parse_option(argv=None):
     parser.add_argument('--eval', action='store_true', help='evaluate only')
     parser.add_argument('--throughput', action='store_true', help='measure throughput only')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=None,
-                        help='accepted for torch.distributed.launch; torchrun sets LOCAL_RANK')
+                        help='accepted and ignored, for torch.distributed.launch; the device '
+                             'comes from the LOCAL_RANK environment variable')
     args = parser.parse_args(argv)
     config = get_config(args)
     return args, config

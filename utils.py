@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from models.focal_transformer import checkpoint_filter_fn
 from models.pretrained import transfer_weights
+from models.unwrap import unwrap_state_dict
 
 
 class InputError(Exception):
@@ -110,13 +111,12 @@ def read_checkpoint(location):
 
 
 def model_state_dict(checkpoint, path):
-    """The model weights of any accepted layout: ours / {'model': ...} or a raw state dict."""
-    state_dict = checkpoint.get('model', checkpoint)
-    if not isinstance(state_dict, dict) or not state_dict or \
-            not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
-        raise CheckpointError(f"{path} is not a model checkpoint: expected a state dict of tensors "
-                              f"or a dict with a 'model' state dict")
-    return state_dict
+    """The plain model weights of any accepted layout (see models.unwrap.unwrap_state_dict)."""
+    try:
+        return unwrap_state_dict(checkpoint)
+    except ValueError as err:
+        raise CheckpointError(f"{path} is not a model checkpoint ({err}): expected a state dict of "
+                              f"tensors or a dict with a 'model' state dict") from None
 
 
 def _listed(keys):

@@ -17,6 +17,8 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from .unwrap import unwrap_state_dict
+
 __all__ = ['FocalTransformer', 'checkpoint_filter_fn', 'neighbour_key_positions']
 
 POOL_METHODS = ('none', 'fc', 'conv', 'mean', 'max')
@@ -686,16 +688,15 @@ class FocalTransformer(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict, model: FocalTransformer) -> dict:
-    """Adapt a released checkpoint (raw, or under 'model') to `model.load_state_dict(strict=True)`.
+    """Adapt a checkpoint (raw, under 'model', DDP names: see unwrap_state_dict) to
+    `model.load_state_dict(strict=True)`.
 
     The reference stores integer tables it derives from the configuration and the shift mask; this
     model derives its own, so they are dropped. Parameters pass through untouched: a missing,
     unexpected or wrong-shape parameter still fails the strict load, which names the key.
     """
-    if 'model' in state_dict and isinstance(state_dict['model'], dict):
-        state_dict = state_dict['model']
     out = {}
-    for key, value in state_dict.items():
+    for key, value in unwrap_state_dict(state_dict).items():
         leaf = key.rsplit('.', 1)[-1]
         if leaf.startswith(REFERENCE_BUFFER_PREFIXES) or leaf == 'attn_mask':
             continue

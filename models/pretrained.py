@@ -30,20 +30,19 @@ ValueError names the keys.
 import functools
 import math
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .focal_transformer import checkpoint_filter_fn, neighbour_key_positions
+from .unwrap import unwrap_state_dict
 
 RELATIVE_TABLE = re.compile(r'\.attn\.relative_position_bias_table$')
 WINDOWS_TABLE = re.compile(r'\.attn\.relative_position_bias_table_to_windows\.\d+$')
 NEIGHBOURS_TABLE = re.compile(r'\.attn\.relative_position_bias_table_to_neighbors$')
 POOL_WEIGHT = re.compile(r'\.pool_layers\.\d+\.weight$')
 HEAD = ('head.weight', 'head.bias')
-WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 MAX_NAMED_PROBLEMS = 8
 
 
@@ -102,7 +101,7 @@ def transfer_weights(state_dict, model):
     Tensors that start fresh are clones of the model's current (freshly initialised) ones.
     Raises ValueError naming the keys when the checkpoint is of another architecture.
     """
-    unwrapped = _unwrap(state_dict)
+    unwrapped = unwrap_state_dict(state_dict)
     checkpoint = checkpoint_filter_fn(unwrapped, model)  # drops the reference's index buffers
     target = model.state_dict()
     report = TransferReport()
@@ -268,16 +267,3 @@ def _square_side(size):
 
 def _shape_text(shape):
     return 'absent' if shape is None else str(shape)
-
-
-def _unwrap(state_dict):
-    """The raw tensor dict: unwraps {'model': ...} and DDP / torch.compile name prefixes."""
-    if isinstance(state_dict, Mapping) and isinstance(state_dict.get('model'), Mapping):
-        state_dict = state_dict['model']
-    for prefix in WRAPPER_PREFIXES:
-        if state_dict and all(key.startswith(prefix) for key in state_dict):
-            state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
-    for key, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f'checkpoint entry {key} is a {type(value).__name__}, not a tensor')
-    return state_dict

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import models.build
 from config import ConfigError, get_config
 from golden import LAYOUTS
 
@@ -27,8 +28,7 @@ def write(path, text):
     return path
 
 
-def test_defaults(monkeypatch):
-    monkeypatch.delenv('LOCAL_RANK', raising=False)
+def test_defaults():
     config = get_config(argparse.Namespace())
     assert config.is_frozen()
     assert config.MODEL.NUM_CLASSES == 0 and config.MODEL.FOCAL.FOCAL_POOL == 'none'
@@ -37,7 +37,7 @@ def test_defaults(monkeypatch):
     assert config.TRAIN.AUTO_RESUME and config.TRAIN.KEEP_CHECKPOINTS == 3
     assert config.TRAIN.EMA.DECAY == 0.9998 and not config.TRAIN.EMA.ENABLE
     assert (config.AMP_ENABLE, config.AMP_DTYPE, config.AMP_OPT_LEVEL) == (False, 'bf16', '')
-    assert config.AUG.HFLIP == 0.5 and config.LOCAL_RANK == 0
+    assert config.AUG.HFLIP == 0.5
     assert config.OUTPUT == os.path.join('output', 'focal_tiny_patch4_window7_224', 'default')
 
 
@@ -61,8 +61,7 @@ def test_base_inheritance_relative_to_the_including_file(tmp_path):
     assert config.DATA.IMG_SIZE == 96  # child over parent
 
 
-def test_opts_and_flags_override_the_file_in_order(tmp_path, monkeypatch):
-    monkeypatch.setenv('LOCAL_RANK', '3')
+def test_opts_and_flags_override_the_file_in_order(tmp_path):
     cfg = write(tmp_path / 'a.yaml', 'DATA:\n  BATCH_SIZE: 16\nTRAIN:\n  BASE_LR: 1e-3\n')
     config = load(str(cfg), 'DATA.BATCH_SIZE', '32', 'TRAIN.MIN_LR', '1', 'MODEL.FOCAL.DEPTHS', '[1, 1, 2, 1]',
                   'TRAIN.OPTIMIZER.BETAS', '[0.8, 0.9]', 'MODEL.FOCAL.USE_SHIFT', 'true', 'TAG', '123',
@@ -76,7 +75,7 @@ def test_opts_and_flags_override_the_file_in_order(tmp_path, monkeypatch):
     assert (config.DATA.DATA_PATH, config.DATA.ZIP_MODE, config.DATA.CACHE_MODE) == ('/data', True, 'full')
     assert (config.MODEL.RESUME, config.MODEL.PRETRAINED) == ('r.pth', 'p.pth')
     assert config.TRAIN.ACCUMULATION_STEPS == 4 and config.TRAIN.USE_CHECKPOINT
-    assert config.EVAL_MODE and config.THROUGHPUT_MODE and config.LOCAL_RANK == 3
+    assert config.EVAL_MODE and config.THROUGHPUT_MODE
     assert config.OUTPUT == os.path.join('/out', config.MODEL.NAME, 'run')
     assert load(None, 'TAG', '123').TAG == '123'  # a string key keeps the string
 
@@ -95,9 +94,12 @@ def test_amp_flags(args, enabled, dtype):
     assert (config.AMP_ENABLE, config.AMP_DTYPE) == (enabled, dtype)
 
 
-def test_local_rank_flag_wins_over_environment(monkeypatch):
-    monkeypatch.setenv('LOCAL_RANK', '1')
-    assert get_config(argparse.Namespace(local_rank=2)).LOCAL_RANK == 2
+@pytest.mark.parametrize('key', ['TRAIN.START_EPOCH', 'LOCAL_RANK'])
+def test_keys_nothing_reads_are_not_in_the_config(key):
+    # The resume point comes from the checkpoint and the device from the LOCAL_RANK environment
+    # variable; keys for them would be settings that do nothing.
+    with pytest.raises(ConfigError, match=key):
+        load(None, key, '1')
 
 
 def test_dumped_config_loads_back(tmp_path):
@@ -110,11 +112,10 @@ def test_dumped_config_loads_back(tmp_path):
 
 @pytest.mark.parametrize('name', json.loads(LAYOUTS.read_text()))
 def test_released_configs_build_the_reference_kwargs(name, monkeypatch):
-    models_build = pytest.importorskip('models.build')
     # record what build_model passes to the network instead of building 30-90M parameters
-    monkeypatch.setattr(models_build, 'FocalTransformer', lambda **kwargs: kwargs)
+    monkeypatch.setattr(models.build, 'FocalTransformer', lambda **kwargs: kwargs)
     config = load(str(ROOT / 'configs' / f'{name}.yaml'))
-    built = models_build.build_model(config)
+    built = models.build.build_model(config)
     expected = dict(json.loads(LAYOUTS.read_text())[name]['kwargs'])
     expected['drop_path_rate'] = ORIGINAL_DROP_PATH[name.split('_')[1]]
     assert {key: built[key] for key in expected} == expected

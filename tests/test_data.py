@@ -1,7 +1,6 @@
 """Data pipeline: ImageFolder and zip datasets written to tmp dirs, deterministic resumable
 sampling, exact validation sharding, transforms, and the errors on bad data."""
 import argparse
-import importlib.util
 import os
 import zipfile
 
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from config import get_config
 from data import DataError, build_loader
@@ -17,6 +17,7 @@ from data.samplers import ResumableDistributedSampler, ShardSampler
 from helpers import zip_dataset
 
 CLASSES = ('cat', 'dog', 'fox')
+RED = (255, 0, 0)
 
 
 def write_image_folder(root, train_per_class=6, val_per_class=(3, 2, 2), size=(40, 36)):
@@ -75,14 +76,32 @@ def test_eval_mode_reads_only_val_and_released_num_classes_is_kept(tmp_path):
     assert len(dataset_val) == 7 and config.MODEL.NUM_CLASSES == 1000
 
 
-def test_eval_transform_resizes_256_224_and_center_crops(tmp_path):
-    write_image_folder(tmp_path, size=(100, 80))
-    config = make_config(tmp_path, 'DATA.IMG_SIZE', '64', eval=True)
+def normalized(pixels):
+    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN), torch.tensor(IMAGENET_DEFAULT_STD)
+    return (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - mean[:, None, None]) / std[:, None, None]
+
+
+@pytest.mark.parametrize('crop', [True, False])
+def test_eval_transform_centre_crops_away_a_marked_border(tmp_path, crop):
+    """A 256 px image with an 8 px red border, evaluated at 224: TEST.CROP resizes the short side
+    to 256 / 224 * 224 = 256 (no change) and crops the central 224, so what comes out is exactly
+    the centre of the image, border gone; without it the whole image, border included, is resized."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 200, (256, 256, 3), dtype=np.uint8)
+    pixels[:8], pixels[-8:], pixels[:, :8], pixels[:, -8:] = RED, RED, RED, RED
+    os.makedirs(tmp_path / 'val' / 'cat')
+    Image.fromarray(pixels).save(tmp_path / 'val' / 'cat' / '0.png')
+    config = make_config(tmp_path, 'DATA.IMG_SIZE', '224', 'TEST.CROP', str(crop), eval=True)
     _, dataset_val, _, _, _ = build_loader(config)
     image, _ = dataset_val[0]
-    assert image.shape == (3, 64, 64)
-    resize = dataset_val.transform.transforms[0]
-    assert resize.size == int(256 / 224 * 64)
+    assert image.shape == (3, 224, 224)
+    red = normalized(np.array([[RED]], dtype=np.uint8))[:, 0, 0]
+    edge_is_red = torch.allclose(image[:, 0, 112], red, atol=0.05)
+    if crop:
+        torch.testing.assert_close(image, normalized(pixels[16:240, 16:240]), rtol=0, atol=1e-5)
+        assert not edge_is_red
+    else:
+        assert edge_is_red and torch.allclose(image[:, 112, 223], red, atol=0.05)
 
 
 @pytest.mark.parametrize('cache_mode', ['no', 'part', 'full'])
@@ -114,7 +133,7 @@ def test_zip_part_cache_holds_this_process_shard(folder, tmp_path):
     assert {index for _, index in sampler} == set(range(1, 18, 3))
 
 
-def test_samples_and_augmentations_do_not_depend_on_workers(folder):
+def test_augmentations_depend_on_seed_epoch_and_index_not_on_workers(folder):
     # RandAugment, random erasing, flips and random-resized crops at their defaults
     serial = build_loader(make_config(folder, 'DATA.IMG_SIZE', '40'))[2]
     state = torch.get_rng_state()
@@ -122,9 +141,13 @@ def test_samples_and_augmentations_do_not_depend_on_workers(folder):
     assert torch.equal(torch.get_rng_state(), state), 'loading in-process must not move the RNG'
     parallel = build_loader(make_config(folder, 'DATA.IMG_SIZE', '40', 'DATA.NUM_WORKERS', '2'))[2]
     assert_same_batches(batches_serial, epoch_batches(parallel, epoch=3))
-    # another epoch: another order and other augmentations
-    other_epoch = epoch_batches(serial, epoch=4)
-    assert not all(torch.equal(a[0], b[0]) for a, b in zip(batches_serial, other_epoch))
+    # another epoch or another SEED: other augmentations of the same image
+    samples = serial.dataset
+    image, label = samples[(3, 5)]
+    assert torch.equal(samples[(3, 5)][0], image)
+    assert samples[(4, 5)][1] == label and not torch.equal(samples[(4, 5)][0], image)
+    reseeded = build_loader(make_config(folder, 'DATA.IMG_SIZE', '40', 'SEED', '1'))[2].dataset
+    assert not torch.equal(reseeded[(3, 5)][0], image)
 
 
 def test_resume_at_start_step_gives_the_tail_of_the_epoch(folder):
@@ -145,6 +168,19 @@ def test_train_sampler_shards_one_permutation(world_size):
         assert len(shards[-1]) == len(sampler) == -(-11 // world_size)
     assert set().union(*map(set, shards)) == set(range(11))
     assert sum(map(len, shards)) - 11 < world_size  # only the padding repeats
+
+
+@pytest.mark.parametrize('shard_first', [False, True])
+def test_train_order_is_drawn_from_seed_and_epoch(shard_first):
+    def order(seed, epoch):
+        sampler = ResumableDistributedSampler(40, 2, num_replicas=2, rank=1, seed=seed, shard_first=shard_first)
+        sampler.set_epoch(epoch)
+        return [index for _, index in sampler]
+
+    assert order(5, 7) == order(5, 7)
+    assert order(5, 8) != order(5, 7) and order(6, 7) != order(5, 7)
+    if shard_first:  # the same shard, in another order
+        assert sorted(order(5, 8)) == sorted(order(6, 7)) == list(range(1, 40, 2))
 
 
 @pytest.mark.parametrize('world_size', [1, 2, 3])
@@ -233,7 +269,6 @@ def test_mixup_off_and_hflip_off(folder):
     assert 'RandomHorizontalFlip' not in names and 'RandomErasing' in names
 
 
-@pytest.mark.skipif(importlib.util.find_spec('data.digits') is None, reason='data/digits.py not there')
 def test_digits_dataset_is_written_and_loaded(tmp_path):
     config = make_config('', 'DATA.DATASET', 'digits', 'DATA.DATA_PATH', str(tmp_path), eval=True)
     _, dataset_val, _, _, _ = build_loader(config)

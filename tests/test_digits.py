@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torchvision.datasets import ImageFolder
 
+import data.digits
 from data import DataError
 from data.digits import COMPLETE_MARKER, ensure_digits_imagefolder
 
@@ -53,13 +55,21 @@ def test_split_sizes_balance_and_labels(tmp_path):
     assert np.abs(back - digits.images[index] * 255 / 16).mean() < 20
 
 
+def inodes(folder):
+    """The inode of the folder and of every file in it: a rewrite (new files renamed into
+    place while the old ones still exist) gives every one a new inode."""
+    paths = [folder] + [os.path.join(dirpath, name)
+                        for dirpath, _, names in os.walk(folder) for name in names]
+    return {path: os.stat(path).st_ino for path in paths}
+
+
 def test_second_call_reuses_the_folder(tmp_path):
     folder = ensure_digits_imagefolder(str(tmp_path), 8, is_writer=True)
-    before = {path: os.stat(path).st_mtime_ns for path in image_files(folder)}
-    time.sleep(0.01)
+    before = inodes(folder)
+    assert len(before) == 1797 + 2  # the folder, the images and the completion marker
     assert ensure_digits_imagefolder(str(tmp_path), 8, is_writer=True) == folder
     assert ensure_digits_imagefolder(str(tmp_path), 8, is_writer=False, timeout=0) == folder
-    assert {path: os.stat(path).st_mtime_ns for path in image_files(folder)} == before
+    assert inodes(folder) == before
     # Another size is another folder beside it.
     assert ensure_digits_imagefolder(str(tmp_path), 12, is_writer=True) != folder
 
@@ -84,28 +94,54 @@ def test_folder_without_marker_is_rewritten(tmp_path):
     Image.open(os.path.join(folder, 'train', '0', '0.png')).verify()
 
 
+# A writer that stops for good after its 50th image, once it has said so in a file: the test
+# kills it at a known point, whatever the speed of the machine.
+STOPPING_WRITER = """
+import sys, time
+from PIL import Image
+from data.digits import ensure_digits_imagefolder
+save, saved = Image.Image.save, []
+def save_then_stop(image, *args, **kwargs):
+    save(image, *args, **kwargs)
+    saved.append(1)
+    if len(saved) == 50:
+        open(sys.argv[2], 'w').close()
+        time.sleep(600)
+Image.Image.save = save_then_stop
+ensure_digits_imagefolder(sys.argv[1], 8, True)
+"""
+
+
 def test_writer_killed_midway_leaves_no_folder_and_next_run_completes(tmp_path):
-    # A large size makes the write slow enough (about two seconds) to kill it in the middle.
-    writer = subprocess.Popen(
-        [sys.executable, '-c',
-         'import sys; from data.digits import ensure_digits_imagefolder as e; e(sys.argv[1], 128, True)',
-         str(tmp_path)], cwd=REPO_ROOT)
-    partial = tmp_path / 'digits_128.partial'
-    deadline = time.monotonic() + 60
-    while len(image_files(partial)) < 50:
-        assert writer.poll() is None, 'the writer finished before it could be interrupted'
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    writer.send_signal(signal.SIGKILL)
-    writer.wait()
-    assert not (tmp_path / 'digits_128').exists()
-    with pytest.raises(DataError, match='digits_128'):
-        ensure_digits_imagefolder(str(tmp_path), 128, is_writer=False, timeout=0.2, poll_interval=0.05)
-    folder = ensure_digits_imagefolder(str(tmp_path), 128, is_writer=True)
+    stopped = tmp_path / 'stopped'
+    writer = subprocess.Popen([sys.executable, '-c', STOPPING_WRITER, str(tmp_path / 'cache'), str(stopped)],
+                              cwd=REPO_ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not stopped.exists():
+            assert writer.poll() is None, 'the writer ended before its 50th image'
+            assert time.monotonic() < deadline, 'the writer did not reach its 50th image in 60 s'
+            time.sleep(0.05)
+        partial = tmp_path / 'cache' / 'digits_8.partial'
+        assert len(image_files(partial)) == 50
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert not (tmp_path / 'cache' / 'digits_8').exists()
+    with pytest.raises(DataError, match='digits_8'):
+        ensure_digits_imagefolder(str(tmp_path / 'cache'), 8, is_writer=False, timeout=0.2, poll_interval=0.05)
+    folder = ensure_digits_imagefolder(str(tmp_path / 'cache'), 8, is_writer=True)
     assert len(image_files(folder)) == 1797 and not partial.exists()
 
 
-def test_non_writer_waits_for_the_writer(tmp_path):
+def test_non_writer_waits_for_the_writer(tmp_path, monkeypatch):
+    polled = threading.Event()
+
+    def sleep(seconds):  # the waiter has looked for the folder, not found it, and waits
+        polled.set()
+        time.sleep(seconds)
+
+    monkeypatch.setattr(data.digits, 'time', types.SimpleNamespace(monotonic=time.monotonic, sleep=sleep))
     result = {}
 
     def wait():
@@ -115,7 +151,7 @@ def test_non_writer_waits_for_the_writer(tmp_path):
 
     waiter = threading.Thread(target=wait)
     waiter.start()
-    time.sleep(0.3)
+    assert polled.wait(60)
     assert waiter.is_alive() and not (tmp_path / 'digits_8').exists()
     folder = ensure_digits_imagefolder(str(tmp_path), 8, is_writer=True)
     waiter.join(60)

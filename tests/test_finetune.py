@@ -2,6 +2,7 @@
 (models/pretrained.py) and the 384 px fine-tuning configs."""
 import argparse
 import json
+import math
 import pathlib
 import re
 import shutil
@@ -50,6 +51,40 @@ def centre(grid_values):
     return grid_values[..., (grid_values.shape[-1] - 1) // 2]
 
 
+def bicubic_matrix(old, new):
+    """(new, old) weights of a 1-D bicubic resize as torch does it: Keys' cubic with a = -0.75,
+    half-pixel centres (align_corners=False), edge samples repeated beyond the border."""
+    def cubic(t):
+        t, a = abs(t), -0.75
+        if t <= 1:
+            return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1
+        return a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a if t < 2 else 0.0
+
+    weights = torch.zeros(new, old, dtype=torch.float64)
+    for i in range(new):
+        x = (i + 0.5) * old / new - 0.5
+        for j in range(math.floor(x) - 1, math.floor(x) + 3):
+            weights[i, min(max(j, 0), old - 1)] += cubic(x - j)
+    return weights
+
+
+def expected_grids(table, new_size):
+    """(X, S*S) rows, each an S x S grid, resized bicubically to (X, new_size)."""
+    old_side, new_side = math.isqrt(table.shape[1]), math.isqrt(new_size)
+    weights = bicubic_matrix(old_side, new_side)
+    grids = table.double().reshape(-1, old_side, old_side)
+    return (weights @ grids @ weights.t()).reshape(table.shape[0], new_size)
+
+
+def expected_pool_kernel(kernel, new):
+    """A pooling kernel resized as models/pretrained.py documents it: bicubic, times the area
+    ratio, then shifted by one constant so that its sum is the old sum."""
+    old = kernel.shape[-1]
+    weights = bicubic_matrix(old, new)
+    resized = weights @ kernel.double() @ weights.t() * (old / new) ** 2
+    return resized + (kernel.double().sum() - resized.sum()) / new ** 2
+
+
 def load_config(name):
     return get_config(argparse.Namespace(cfg=str(REPO / 'configs' / name)))
 
@@ -91,18 +126,31 @@ def test_finetune_at_higher_resolution_other_window_and_classes(tmp_path):
             assert torch.equal(new[key], init[key]), key
     assert set(actions(report)) == set(new)
 
-    checked_centres = 0
+    checked_centres = checked_tables = checked_kernels = 0
     for key in new:
         if key.endswith('attn.relative_position_bias_table'):
             assert torch.equal(centre(new[key].t()), centre(old[key].t())), key
+            torch.testing.assert_close(new[key].t().double(), expected_grids(old[key].t(), new[key].shape[0]),
+                                       rtol=0, atol=1e-5)
             checked_centres += 1
-        elif 'relative_position_bias_table_to_windows' in key and old[key].shape[1] % 2 == 1:
-            assert torch.equal(centre(new[key]), centre(old[key])), key
-            checked_centres += 1
+            checked_tables += 1
+        elif 'relative_position_bias_table_to_windows' in key:
+            if old[key].shape[1] % 2 == 1:
+                assert torch.equal(centre(new[key]), centre(old[key])), key
+                checked_centres += 1
+            torch.testing.assert_close(new[key].double(), expected_grids(old[key], new[key].shape[1]),
+                                       rtol=0, atol=1e-5)
+            checked_tables += 1
         elif key.endswith('pool_layers.0.weight'):
-            assert new[key].shape == (1, 25 if key.startswith(('layers.0', 'layers.1', 'layers.2')) else 9)
-            torch.testing.assert_close(new[key].sum(), old[key].sum(), rtol=0, atol=1e-6)
+            side = 5 if key.startswith(('layers.0', 'layers.1', 'layers.2')) else 3
+            old_side = math.isqrt(old[key].shape[1])
+            assert new[key].shape == (1, side * side)
+            expected = expected_pool_kernel(old[key].reshape(old_side, old_side), side)
+            torch.testing.assert_close(new[key].double().reshape(side, side), expected, rtol=0, atol=1e-6)
+            checked_kernels += 1
     assert checked_centres == 5 + 4  # every window table; to_windows but stage 3's (2x2 -> 3x3)
+    assert checked_tables == 5 + 5
+    assert checked_kernels == 5  # every block (depths 1, 1, 2, 1)
     copied = sum(value.numel() for key, value in new.items() if actions(report)[key] == 'copied')
     assert f'copied {len(new) - 21} tensors ({copied:,} weights)' in report.summary()
     assert 'fresh 2 tensors (325 weights)' in report.summary()
@@ -212,7 +260,7 @@ def test_other_architecture_fails_naming_the_keys(change, named):
     assert named in str(error.value)
 
 
-def test_conv_pooling_kernels_resized_per_channel_keeping_their_sums():
+def test_conv_pooling_kernels_resized_bicubic_per_channel_keeping_their_sums():
     conv = dict(SMALL, focal_pool='conv', expand_sizes=[1, 1, 1, 1], num_classes=10)
     pretrained = trained_state_dict(dict(conv, img_size=64, window_size=3))
     model = build(dict(conv, img_size=96, window_size=5))
@@ -221,6 +269,13 @@ def test_conv_pooling_kernels_resized_per_channel_keeping_their_sums():
     key = 'layers.1.blocks.0.pool_layers.0.weight'
     assert pretrained[key].shape == (16, 1, 3, 3) and state_dict[key].shape == (16, 1, 5, 5)
     torch.testing.assert_close(state_dict[key].sum((1, 2, 3)), pretrained[key].sum((1, 2, 3)), rtol=0, atol=1e-6)
+    for channel in range(16):
+        torch.testing.assert_close(state_dict[key][channel, 0].double(),
+                                   expected_pool_kernel(pretrained[key][channel, 0], 5), rtol=0, atol=1e-6)
+    # A constant kernel (mean pooling) stays constant: the same total over 25 cells instead of 9.
+    pretrained[key] = torch.full((16, 1, 3, 3), 0.5)
+    state_dict, _ = transfer_weights(pretrained, model)
+    torch.testing.assert_close(state_dict[key], torch.full((16, 1, 5, 5), 0.5 * 9 / 25), rtol=0, atol=1e-7)
     assert actions(report)['layers.1.blocks.0.pool_layers.0.bias'] == 'copied'
 
 

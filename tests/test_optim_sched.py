@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import models
 from config import get_config
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer
@@ -76,7 +77,6 @@ def test_unknown_optimizer_and_scheduler_names():
 
 
 def test_focal_model_no_weight_decay_names_reach_the_no_decay_group():
-    models = pytest.importorskip('models')
     config = get_config(argparse.Namespace(opts=[
         'DATA.IMG_SIZE', '32', 'MODEL.NUM_CLASSES', '3', 'MODEL.FOCAL.EMBED_DIM', '8',
         'MODEL.FOCAL.DEPTHS', '[1, 1]', 'MODEL.FOCAL.NUM_HEADS', '[1, 2]', 'MODEL.FOCAL.WINDOW_SIZE', '4',

@@ -1,6 +1,7 @@
 """Crash safety: SIGKILL and restart end bit-identical to an uninterrupted run; a rank that dies
 under torchrun --max-restarts brings the group back; non-finite losses stop the run; auto-resume
 skips unusable checkpoints; checkpoint writes are atomic; every accepted checkpoint layout loads."""
+import argparse
 import logging
 import os
 import signal
@@ -13,7 +14,7 @@ import utils
 from golden import GoldenCase
 from helpers import (TINY_KWARGS, assert_ok, load_weights, run_dir, run_main, start_main, write_config,
                      write_image_folder)
-from models.focal_transformer import FocalTransformer
+from models.focal_transformer import FocalTransformer, checkpoint_filter_fn
 
 
 @pytest.fixture(scope='module')
@@ -207,16 +208,22 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ['ckpt_epoch_0.pth']
 
 
-def test_prune_keeps_the_newest_and_the_best(tmp_path, logger):
-    names = ['ckpt_epoch_0.pth', 'ckpt_epoch_1.pth', 'ckpt_epoch_2.pth', 'ckpt_epoch_3.pth',
-             'ckpt_epoch_3_step_5.pth', 'ckpt_epoch_4_step_2.pth', 'ckpt_epoch_4_step_4.pth',
-             'ckpt_epoch_4_step_6.pth', 'ckpt_best.pth', '.ckpt_epoch_4.pth.99.tmp', 'config.yaml']
+@pytest.mark.parametrize('keep, kept_epochs, kept_steps', [
+    (2, [9, 10], ['ckpt_epoch_11_step_4.pth', 'ckpt_epoch_11_step_6.pth']),
+    (0, [0, 1, 2, 9, 10], ['ckpt_epoch_11_step_2.pth', 'ckpt_epoch_11_step_4.pth', 'ckpt_epoch_11_step_6.pth']),
+])
+def test_prune_keeps_the_newest_and_the_best(tmp_path, logger, keep, kept_epochs, kept_steps):
+    """Epochs 9 and 10 are newer than 2 (numbers, not names, order them); step checkpoints of
+    epoch 10 are older than its epoch checkpoint and go whatever `keep` says (0: keep all)."""
+    names = ['ckpt_epoch_0.pth', 'ckpt_epoch_1.pth', 'ckpt_epoch_2.pth', 'ckpt_epoch_9.pth',
+             'ckpt_epoch_10.pth', 'ckpt_epoch_10_step_5.pth', 'ckpt_epoch_11_step_2.pth',
+             'ckpt_epoch_11_step_4.pth', 'ckpt_epoch_11_step_6.pth', 'ckpt_best.pth',
+             '.ckpt_epoch_11.pth.99.tmp', 'config.yaml']
     for name in names:
         (tmp_path / name).write_bytes(b'x')
-    utils.prune_checkpoints(str(tmp_path), 2, logger)
-    assert sorted(os.listdir(tmp_path)) == ['ckpt_best.pth', 'ckpt_epoch_2.pth', 'ckpt_epoch_3.pth',
-                                             'ckpt_epoch_4_step_4.pth', 'ckpt_epoch_4_step_6.pth',
-                                             'config.yaml']
+    utils.prune_checkpoints(str(tmp_path), keep, logger)
+    expected = ['ckpt_best.pth', 'config.yaml'] + [f'ckpt_epoch_{epoch}.pth' for epoch in kept_epochs] + kept_steps
+    assert sorted(os.listdir(tmp_path)) == sorted(expected)
 
 
 def test_released_wrapped_and_url_checkpoints_load(tmp_path, monkeypatch):
@@ -264,3 +271,32 @@ def test_the_original_repositorys_training_checkpoint_loads(tmp_path):
     utils.load_model_weights(fresh, checkpoint, path)
     assert checkpoint['epoch'] == 299
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize('prefix', ['', 'module.', '_orig_mod.', '_orig_mod.module.'])
+def test_resume_pretrained_and_timm_filter_unwrap_a_checkpoint_alike(tmp_path, logger, prefix):
+    """A DDP (`module.`) or compiled (`_orig_mod.`) model's weights, raw or under 'model', load
+    through --resume, --pretrained and timm's filter alike (models.unwrap does it once for all)."""
+    trained = FocalTransformer(**TINY_KWARGS).state_dict()
+    trained = {key: torch.randn_like(value) if value.is_floating_point() else value
+               for key, value in trained.items()}
+    wrapped = {prefix + key: value for key, value in trained.items()}
+    for layout, contents in (('raw', wrapped), ('model', {'model': wrapped, 'epoch': 3})):
+        path = str(tmp_path / f'{layout}.pth')
+        torch.save(contents, path)
+        resumed, pretrained = FocalTransformer(**TINY_KWARGS), FocalTransformer(**TINY_KWARGS)
+        utils.load_model_weights(resumed, utils.read_checkpoint(path), path)
+        config = argparse.Namespace(MODEL=argparse.Namespace(PRETRAINED=path))
+        utils.load_pretrained(config, pretrained, logger)
+        filtered = checkpoint_filter_fn(torch.load(path, weights_only=True), FocalTransformer(**TINY_KWARGS))
+        for key, value in trained.items():
+            assert torch.equal(resumed.state_dict()[key], value), (layout, key)
+            assert torch.equal(pretrained.state_dict()[key], value), (layout, key)
+            assert torch.equal(filtered[key], value), (layout, key)
+
+
+def test_a_checkpoint_without_a_state_dict_is_named(tmp_path):
+    path = str(tmp_path / 'notes.pth')
+    torch.save({'model': {'weight': torch.ones(1), 'note': 'trained on Tuesday'}}, path)
+    with pytest.raises(utils.CheckpointError, match=f'{path} is not a model checkpoint .*entry note is a str'):
+        utils.load_model_weights(FocalTransformer(**TINY_KWARGS), utils.read_checkpoint(path), path)
