@@ -131,3 +131,22 @@ def test_torchrun_non_finite_loss_is_reported_once_and_not_retried(workspace):
     assert len(first) == 1 and len(retried) == 2 and len(ours) == 3, result.stderr[-3000:]
     log = open(os.path.join(run_dir(out), 'log_rank0.txt')).read()
     assert log.count('Start training') == 1, "a restarted attempt trained again"
+
+
+def test_torchrun_ranks_stop_together_when_rank_0_cannot_write(workspace):
+    """Rank 0's failed write reaches rank 1 in the save's all-reduce: both exit 74, one line is
+    printed, and the attempt torchrun restarts stops at start-up with the same status."""
+    root, data, cfg = workspace
+    out = str(root / 'efbig_torchrun')
+    result = run_limited(root, ['--cfg', cfg, '--data-path', data, '--output', out, '--opts',
+                                'TRAIN.EPOCHS', '1'], limit=64 * 1024, nproc=2,
+                         torchrun_args=['--max-restarts', '1'])
+    assert result.returncode == 1, result.stderr[-3000:]
+    ours = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+    assert len(ours) == 2, result.stderr[-3000:]
+    assert WRITE_ERROR.match(ours[0]).group(4) == 'EFBIG'
+    assert ours[1] == f"error: an earlier attempt of this torchrun stopped with: {ours[0][7:]}; " \
+                      f"not training again"
+    # the restarted attempt's two workers, as torchrun's summary lists them
+    assert result.stderr.count(f'exitcode  : {main.EXIT_CHECKPOINT_WRITE_FAILED}') == 2
+    assert_complete_checkpoints_only(run_dir(out))
