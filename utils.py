@@ -18,6 +18,7 @@ import pickle
 import re
 import urllib.error
 import urllib.parse
+from xml.etree import ElementTree
 
 import torch
 import torch.distributed as dist
@@ -40,6 +41,8 @@ BEST_CHECKPOINT = 'ckpt_best.pth'
 TRAINING_STATE_KEYS = ('model', 'optimizer', 'lr_scheduler', 'epoch', 'max_accuracy')
 # How many offending keys an architecture-mismatch message lists before "(+N more)".
 KEYS_SHOWN = 4
+# How much of an HTTP error's body is read for an error code.
+MAX_ERROR_BODY = 64 * 1024
 
 
 def epoch_checkpoint_name(epoch, step=None):
@@ -50,7 +53,7 @@ def epoch_checkpoint_name(epoch, step=None):
 # Reading
 # ---------------------------------------------------------------------------------------------
 def resolve_checkpoint_path(location):
-    """A local path as given; an https:// or file:// URL is downloaded once into the torch hub
+    """A local path as given; an http(s):// or file:// URL is downloaded once into the torch hub
     cache (`torch.hub.get_dir()/checkpoints`) and the cached path returned."""
     scheme = urllib.parse.urlparse(location).scheme
     if scheme not in ('http', 'https', 'file'):
@@ -64,10 +67,28 @@ def resolve_checkpoint_path(location):
         os.makedirs(cache_dir, exist_ok=True)
         try:  # writes a temporary file and renames it: an interrupted download leaves no file
             torch.hub.download_url_to_file(location, cached, progress=False)
+        except urllib.error.HTTPError as err:
+            raise CheckpointError(f"cannot download checkpoint {location}: the server answered "
+                                  f"{_http_failure(err)}") from None
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, 'reason', err)
             raise CheckpointError(f"cannot download checkpoint {location}: {reason}") from None
     return cached
+
+
+def _http_failure(err):
+    """'HTTP <code> <reason>', followed by the error code and message of an Azure/S3-style XML
+    body (<Error><Code>PublicAccessNotPermitted</Code><Message>...</Message></Error>)."""
+    failure = f"HTTP {err.code} {err.reason}"
+    try:
+        error = ElementTree.fromstring(err.read(MAX_ERROR_BODY))
+    except (ElementTree.ParseError, OSError, ValueError):
+        return failure
+    code = (error.findtext('Code') or '').strip()
+    message = (error.findtext('Message') or '').strip().splitlines()
+    if code:
+        failure += f": {code}" + (f" ({message[0].strip()})" if message else '')
+    return failure
 
 
 def _torch_load(path):
