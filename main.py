@@ -46,7 +46,7 @@ from models import build_model
 from optimizer import build_optimizer
 from utils import (BEST_CHECKPOINT, CHECKPOINT_NAME, InputError, atomic_write,
                    auto_resume_helper, is_distributed, load_checkpoint, load_pretrained,
-                   prune_checkpoints, reduce_sum, save_checkpoint, ResumePoint)
+                   prune_checkpoints, reduce_sum, round_namespace, save_checkpoint, ResumePoint)
 
 EXIT_TRAINING_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -119,10 +119,10 @@ def init_distributed():
     store, rank, world_size = next(dist.rendezvous('env://'))
     # After `torchrun --max-restarts` restarts the group, the store still holds the dead
     # attempt's gloo/NCCL addresses under the same keys, and a new rank may connect to a dead
-    # peer; a namespace per attempt keeps the attempts apart.
-    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+    # peer; a namespace per start of the group keeps the attempts apart.
+    namespace = round_namespace(dist.PrefixStore('focal_start', store), rank, world_size)
     dist.init_process_group('nccl' if cuda else 'gloo', rank=rank, world_size=world_size,
-                            store=dist.PrefixStore(f'attempt_{attempt}', store),
+                            store=dist.PrefixStore(namespace, store),
                             device_id=device if cuda else None)
     return rank, world_size, device
 
