@@ -17,10 +17,10 @@ from helpers import (MAIN, REPO, assert_ok, load_weights, run_dir, run_main, sub
                      write_config, write_image_folder)
 from test_resume import assert_same_training_state, children, environ, reached, wait_for
 
-# 42 training images, 4 per batch, 2 processes: 5 steps per epoch (~0.1 s each); a checkpoint
-# every 2 steps
-# gives the elastic restart a point to resume from inside an epoch.
-EPOCHS = 5  # a few more than needed: the test must kill a worker before the run ends
+# 42 training images, 4 per batch, 2 processes: 5 steps of ~0.1 s per epoch; a checkpoint every
+# 2 steps gives the elastic restart a point inside an epoch to resume from. 5 epochs leave the
+# elastic test time to kill a worker before the run ends.
+EPOCHS = 5
 TRAIN_OPTS = ['TRAIN.SAVE_EVERY_STEPS', '2', 'TRAIN.EPOCHS', str(EPOCHS)]
 LAST_CHECKPOINT = f'ckpt_epoch_{EPOCHS - 1}.pth'
 ACCURACY_LINE = re.compile(r' \* Acc@1 [\d.]+ Acc@5 [\d.]+')
