@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from config import ConfigError, get_config
-from data import DataError, build_loader
+from data import DataError, UnreadableImages, build_loader
 from logger import create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
@@ -258,6 +258,10 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
         resume = load_checkpoint(config, model, optimizer, lr_scheduler, loss_scaler, logger,
                                  model_ema=model_ema, steps_per_epoch=steps_per_epoch)
 
+    unreadable = UnreadableImages(config.DATA.MAX_BAD_SAMPLES, device, resume.bad_samples)
+    if unreadable.paths:
+        logger.info(f"{len(unreadable)} unreadable training images met before this checkpoint "
+                    f"(DATA.MAX_BAD_SAMPLES {config.DATA.MAX_BAD_SAMPLES}): {unreadable.paths}")
     autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype,
                                  enabled=config.AMP_ENABLE)
     if config.THROUGHPUT_MODE:
@@ -297,7 +301,8 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
             data_loader_train.sampler.set_epoch(epoch, start_step)
             train_one_epoch(config, train_model, ddp_model, model, criterion, data_loader_train,
                             optimizer, epoch, start_step, mixup_fn, lr_scheduler, loss_scaler,
-                            model_ema, device, rank, autocast, logger, writer, max_accuracy)
+                            model_ema, device, rank, autocast, logger, writer, max_accuracy,
+                            unreadable)
 
             # the bare model: val shards differ in size, and a DDP forward would wait for peers
             acc1, acc5, val_loss = validate(config, data_loader_val, model, device, autocast,
@@ -312,9 +317,10 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
                                    lr_scheduler, loss_scaler, logger, model_ema)
                 # the best first: a run killed between the two redoes this epoch and saves both
                 if is_best:
-                    save_checkpoint(*checkpoint_args, name=BEST_CHECKPOINT)
+                    save_checkpoint(*checkpoint_args, name=BEST_CHECKPOINT,
+                                    bad_samples=unreadable.paths)
                 if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
-                    save_checkpoint(*checkpoint_args)
+                    save_checkpoint(*checkpoint_args, bad_samples=unreadable.paths)
                     prune_checkpoints(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS, logger)
                 writer.add_scalar('val/loss', val_loss, epoch)
                 writer.add_scalar('val/acc1', acc1, epoch)
@@ -336,7 +342,7 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
 
 def train_one_epoch(config, train_model, ddp_model, model, criterion, data_loader, optimizer, epoch,
                     start_step, mixup_fn, lr_scheduler, loss_scaler, model_ema, device, rank,
-                    autocast, logger, writer, max_accuracy):
+                    autocast, logger, writer, max_accuracy, unreadable):
     train_model.train()
     optimizer.zero_grad(set_to_none=True)
     num_steps = len(data_loader)
@@ -347,7 +353,13 @@ def train_one_epoch(config, train_model, ddp_model, model, criterion, data_loade
 
     batch_time, loss_meter, norm_meter = AverageMeter(), AverageMeter(), AverageMeter()
     epoch_start = end = time.time()
-    for step, (samples, targets) in enumerate(data_loader, start=start_step):
+    for step, (samples, targets, replaced) in enumerate(data_loader, start=start_step):
+        # every process at every step: past DATA.MAX_BAD_SAMPLES all stop here together
+        new_unreadable = unreadable.add(replaced)
+        for _, error in new_unreadable:
+            logger.warning(f"{error}; replaced by the next readable training image")
+        if writer is not None and new_unreadable:
+            writer.add_scalar('train/bad_samples', len(unreadable), epoch * num_steps + step)
         seed_step(config.SEED, epoch, step, rank)
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
@@ -410,7 +422,7 @@ def train_one_epoch(config, train_model, ddp_model, model, criterion, data_loade
         if (rank == 0 and is_update and config.TRAIN.SAVE_EVERY_STEPS and step + 1 < num_steps
                 and updates_in_epoch % config.TRAIN.SAVE_EVERY_STEPS == 0):
             save_checkpoint(config, epoch, step + 1, model, max_accuracy, optimizer, lr_scheduler,
-                            loss_scaler, logger, model_ema)
+                            loss_scaler, logger, model_ema, bad_samples=unreadable.paths)
             prune_checkpoints(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS, logger)
 
     epoch_time = time.time() - epoch_start

@@ -183,10 +183,12 @@ def is_training_checkpoint(checkpoint):
 # Resuming and fine-tuning
 # ---------------------------------------------------------------------------------------------
 class ResumePoint:
-    """Where training continues: `epoch` and the batch `step` inside it, and the best accuracy."""
+    """Where training continues: `epoch` and the batch `step` inside it, the best accuracy, and
+    the unreadable training images met so far (`bad_samples`, their paths)."""
 
-    def __init__(self, epoch=0, step=0, max_accuracy=0.0):
+    def __init__(self, epoch=0, step=0, max_accuracy=0.0, bad_samples=()):
         self.epoch, self.step, self.max_accuracy = epoch, step, max_accuracy
+        self.bad_samples = list(bad_samples)
 
 
 def load_checkpoint(config, model, optimizer, lr_scheduler, loss_scaler, logger, model_ema=None,
@@ -220,10 +222,11 @@ def load_checkpoint(config, model, optimizer, lr_scheduler, loss_scaler, logger,
                               f"{str(err).strip().splitlines()[0]}") from None
     epoch, step = checkpoint['epoch'], checkpoint.get('step')
     # Epoch checkpoints (and the original's, which have no 'step') mean "epoch done".
+    bad_samples = checkpoint.get('bad_samples', [])
     if step is None or (steps_per_epoch is not None and step >= steps_per_epoch):
-        point = ResumePoint(epoch + 1, 0, checkpoint['max_accuracy'])
+        point = ResumePoint(epoch + 1, 0, checkpoint['max_accuracy'], bad_samples)
     else:
-        point = ResumePoint(epoch, step, checkpoint['max_accuracy'])
+        point = ResumePoint(epoch, step, checkpoint['max_accuracy'], bad_samples)
     logger.info(f"=> resumed {path}: continuing at epoch {point.epoch} step {point.step}, "
                 f"best Acc@1 so far {point.max_accuracy:.3f}")
     return point
@@ -299,9 +302,10 @@ def atomic_write(path, write):
 
 
 def save_checkpoint(config, epoch, step, model, max_accuracy, optimizer, lr_scheduler, loss_scaler,
-                    logger, model_ema=None, name=None):
-    """Save the whole training state after `step` batches of `epoch` (step None: epoch done).
-    Returns the path. Call on rank 0 only."""
+                    logger, model_ema=None, name=None, bad_samples=()):
+    """Save the whole training state after `step` batches of `epoch` (step None: epoch done);
+    `bad_samples`: the paths of the unreadable training images met so far. Returns the path.
+    Call on rank 0 only."""
     state = {
         'model': model.state_dict(),
         'optimizer': optimizer.state_dict(),
@@ -310,6 +314,7 @@ def save_checkpoint(config, epoch, step, model, max_accuracy, optimizer, lr_sche
         'epoch': epoch,
         'step': step,
         'max_accuracy': max_accuracy,
+        'bad_samples': list(bad_samples),
         'config': config.dump(),
     }
     if model_ema is not None:
