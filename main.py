@@ -81,7 +81,7 @@ def parse_option(argv=None):
                         help='zip mode: no = no cache, full = cache all images, '
                              'part = each process caches its shard')
     parser.add_argument('--resume', help='resume (or, with --eval, evaluate) from this checkpoint '
-                                         '(path or https:// / file:// URL)')
+                                         '(path or http(s):// / file:// URL)')
     parser.add_argument('--pretrained', help='start from these weights, adapted to the model '
                                              '(fine-tuning); path or URL')
     parser.add_argument('--accumulation-steps', type=int, help='gradient accumulation steps')
@@ -260,8 +260,9 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
 
     unreadable = UnreadableImages(config.DATA.MAX_BAD_SAMPLES, device, resume.bad_samples)
     if unreadable.paths:
-        logger.info(f"{len(unreadable)} unreadable training images met before this checkpoint "
-                    f"(DATA.MAX_BAD_SAMPLES {config.DATA.MAX_BAD_SAMPLES}): {unreadable.paths}")
+        logger.info(f"unreadable training images met before this checkpoint: {len(unreadable)} "
+                    f"(DATA.MAX_BAD_SAMPLES {config.DATA.MAX_BAD_SAMPLES}): "
+                    + ', '.join(unreadable.paths))
     autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype,
                                  enabled=config.AMP_ENABLE)
     if config.THROUGHPUT_MODE:

@@ -140,7 +140,8 @@ def test_training_goes_past_an_unreadable_image_and_resumes_with_its_count(tmp_p
     shutil.copy(os.path.join(straight, 'ckpt_epoch_0.pth'), resumed)
     result = run_main(tmp_path, args + ['--output', str(tmp_path / 'resumed')])
     assert_ok(result)
-    assert f'1 unreadable training images met before this checkpoint' in result.stdout
+    assert f'unreadable training images met before this checkpoint: 1 (DATA.MAX_BAD_SAMPLES 1): {bad}' \
+        in result.stdout
     assert 'replaced by the next readable' not in result.stdout
     assert_same_training_state(os.path.join(straight, 'ckpt_epoch_1.pth'),
                                os.path.join(resumed, 'ckpt_epoch_1.pth'))
