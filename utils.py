@@ -18,8 +18,8 @@ import pickle
 import re
 import time
 import urllib.error
-import uuid
 import urllib.parse
+import uuid
 from xml.etree import ElementTree
 
 import torch

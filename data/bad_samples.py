@@ -33,7 +33,7 @@ class ReplaceUnreadable(Dataset):
     """``dataset[index]`` as ``(image, label, replaced)``. With ``limit`` 0 an unreadable image
     raises its ``DataError``; above 0 it is replaced by the next readable image (index + 1, + 2,
     ... wrapping around), a choice that depends on the index alone, and ``replaced`` lists the
-    ``(path, error)`` of each image skipped."""
+    ``(path, error)`` of each image skipped. A ``DataError`` that names no one image is raised."""
 
     def __init__(self, dataset, limit):
         self.dataset = dataset
@@ -51,8 +51,9 @@ class ReplaceUnreadable(Dataset):
             try:
                 image, label = self.dataset[candidate % len(self.dataset)]
             except DataError as err:
-                replaced.append((err.path or f'training image {candidate % len(self.dataset)}',
-                                 str(err)))
+                if err.path is None:  # not about one image (a zip that cannot be opened)
+                    raise
+                replaced.append((err.path, str(err)))
                 continue
             return image, label, tuple(replaced)
         raise too_many_error([path for path, _ in replaced], self.limit)

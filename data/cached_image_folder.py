@@ -65,7 +65,7 @@ class CachedImageFolder(Dataset):
             try:
                 self.cache[index] = ZipReader.read(zip_path, self.samples[index][0])
             except DataError:
-                pass  # not cached: reading it when it is used raises the error there, as a folder does
+                pass  # left uncached: using it raises the error then, as in a folder
 
     def __len__(self):
         return len(self.samples)

@@ -51,7 +51,8 @@ def test_an_unreadable_image_is_replaced_by_the_next_one(tmp_path, layout, worke
     in memory): a member whose CRC check fails."""
     broken = write_image_folder(tmp_path / 'broken', n_train=4, n_val=1)
     replaced_by_hand = shutil.copytree(broken, tmp_path / 'by_hand')
-    shutil.copy(os.path.join(broken, 'train', SECOND), os.path.join(replaced_by_hand, 'train', FIRST))
+    shutil.copy(os.path.join(broken, 'train', SECOND),
+                os.path.join(replaced_by_hand, 'train', FIRST))
     opts = ['DATA.MAX_BAD_SAMPLES', '1', 'DATA.NUM_WORKERS', str(workers)]
     if layout == 'folder':
         with open(os.path.join(broken, 'train', FIRST), 'wb') as f:
@@ -68,13 +69,13 @@ def test_an_unreadable_image_is_replaced_by_the_next_one(tmp_path, layout, worke
                                             *opts, zip=True, cache_mode='full'))[2]
 
     for epoch in (0, 1):
-        batches, expected_batches = training_epoch(loader, epoch), training_epoch(expected, epoch)
-        for (images, labels, _), (expected_images, expected_labels, _) in zip(batches, expected_batches):
-            assert torch.equal(labels, expected_labels) and torch.equal(images, expected_images)
+        batches, by_hand = training_epoch(loader, epoch), training_epoch(expected, epoch)
+        for (images, labels, _), (images_by_hand, labels_by_hand, _) in zip(batches, by_hand):
+            assert torch.equal(labels, labels_by_hand) and torch.equal(images, images_by_hand)
         reports = [report for _, _, replaced in batches for report in replaced]
         assert len(reports) == 1 and reports[0][0] == bad_path
         assert reports[0][1].startswith('cannot read') and error in reports[0][1]
-        assert all(replaced == [] for _, _, replaced in expected_batches)
+        assert all(replaced == [] for _, _, replaced in by_hand)
 
 
 @pytest.mark.parametrize('workers', [0, 2])
@@ -140,8 +141,8 @@ def test_training_goes_past_an_unreadable_image_and_resumes_with_its_count(tmp_p
     shutil.copy(os.path.join(straight, 'ckpt_epoch_0.pth'), resumed)
     result = run_main(tmp_path, args + ['--output', str(tmp_path / 'resumed')])
     assert_ok(result)
-    assert f'unreadable training images met before this checkpoint: 1 (DATA.MAX_BAD_SAMPLES 1): {bad}' \
-        in result.stdout
+    assert ('unreadable training images met before this checkpoint: 1 (DATA.MAX_BAD_SAMPLES 1): '
+            f'{bad}') in result.stdout
     assert 'replaced by the next readable' not in result.stdout
     assert_same_training_state(os.path.join(straight, 'ckpt_epoch_1.pth'),
                                os.path.join(resumed, 'ckpt_epoch_1.pth'))
@@ -195,4 +196,5 @@ def test_a_bad_validation_image_is_never_replaced(tmp_path, capsys):
                            '--output', str(tmp_path / 'out'), '--opts', 'DATA.MAX_BAD_SAMPLES', '5',
                            'TRAIN.EPOCHS', '1'])
     lines = capsys.readouterr().err.strip().splitlines()
-    assert returncode == 2 and len(lines) == 1 and lines[0].startswith(f'error: cannot read image {bad}')
+    assert returncode == 2 and len(lines) == 1
+    assert lines[0].startswith(f'error: cannot read image {bad}')
