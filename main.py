@@ -56,7 +56,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from config import ConfigError, get_config
-from data import DataError, build_loader
+from data import DataError, UnreadableImages, build_loader
 from logger import create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
@@ -64,7 +64,7 @@ from optimizer import build_optimizer
 from utils import (BEST_CHECKPOINT, CheckpointWriteError, InputError, TrainingState,
                    atomic_write, auto_resume_helper, is_distributed, load_checkpoint,
                    load_pretrained, parse_checkpoint_name, prune_checkpoints, reduce_sum,
-                   save_checkpoint)
+                   round_namespace, save_checkpoint)
 
 EXIT_TRAINING_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -104,7 +104,7 @@ def parse_option(argv=None):
                         help='zip mode: no = no cache, full = cache all images, '
                              'part = each process caches its shard')
     parser.add_argument('--resume', help='resume (or, with --eval, evaluate) from this checkpoint '
-                                         '(path or https:// / file:// URL)')
+                                         '(path or http(s):// / file:// URL)')
     parser.add_argument('--pretrained', help='start from these weights, adapted to the model '
                                              '(fine-tuning); path or URL')
     parser.add_argument('--accumulation-steps', type=int, help='gradient accumulation steps')
@@ -132,7 +132,8 @@ def parse_option(argv=None):
 def init_distributed():
     """(rank, world size, device, store): one process unless torchrun set RANK and WORLD_SIZE;
     then a process group on NCCL with one GPU per process, or on gloo on the CPU, and torchrun's
-    key-value store (None for one process)."""
+    key-value store (None for one process): the store itself, outside the process group's
+    namespace for this start of the group, so that what is written there outlives restarts."""
     cuda = torch.cuda.is_available()
     if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
         return 0, 1, torch.device('cuda' if cuda else 'cpu'), None
@@ -143,10 +144,10 @@ def init_distributed():
     store, rank, world_size = next(dist.rendezvous('env://'))
     # After `torchrun --max-restarts` restarts the group, the store still holds the dead
     # attempt's gloo/NCCL addresses under the same keys, and a new rank may connect to a dead
-    # peer; a namespace per attempt keeps the attempts apart.
-    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+    # peer; a namespace per start of the group keeps the attempts apart.
+    namespace = round_namespace(dist.PrefixStore('focal_start', store), rank, world_size)
     dist.init_process_group('nccl' if cuda else 'gloo', rank=rank, world_size=world_size,
-                            store=dist.PrefixStore(f'attempt_{attempt}', store),
+                            store=dist.PrefixStore(namespace, store),
                             device_id=device if cuda else None)
     return rank, world_size, device, store
 
@@ -411,9 +412,14 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
         load_pretrained(config, model, logger)
     model_ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
-    state = TrainingState(model, optimizer, lr_scheduler, loss_scaler, model_ema)
+    state = TrainingState(model, optimizer, lr_scheduler, loss_scaler,
+                          UnreadableImages(config.DATA.MAX_BAD_SAMPLES, device), model_ema)
     if config.MODEL.RESUME:
         load_checkpoint(config, state, logger, steps_per_epoch)
+    if state.unreadable.paths:
+        logger.info(f"unreadable training images met before this checkpoint: "
+                    f"{len(state.unreadable)} (DATA.MAX_BAD_SAMPLES "
+                    f"{config.DATA.MAX_BAD_SAMPLES}): " + ', '.join(state.unreadable.paths))
 
     if config.THROUGHPUT_MODE:
         throughput(data_loader_val, model, device, autocast, logger)
@@ -518,7 +524,13 @@ def train_one_epoch(loop, state, data_loader):
 
     batch_time, loss_meter, norm_meter = AverageMeter(), AverageMeter(), AverageMeter()
     epoch_start = end = time.time()
-    for step, (samples, targets) in enumerate(data_loader, start=state.step):
+    for step, (samples, targets, replaced) in enumerate(data_loader, start=state.step):
+        # every process at every step: past DATA.MAX_BAD_SAMPLES all stop here together
+        new_unreadable = state.unreadable.add(replaced)
+        for _, error in new_unreadable:
+            logger.warning(f"{error}; replaced by the next readable training image")
+        if writer is not None and new_unreadable:
+            writer.add_scalar('train/bad_samples', len(state.unreadable), epoch * num_steps + step)
         seed_step(config.SEED, epoch, step, loop.rank)
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)

@@ -19,9 +19,12 @@ import errno
 import os
 import pickle
 import re
+import time
 import typing
 import urllib.error
 import urllib.parse
+import uuid
+from xml.etree import ElementTree
 
 import torch
 import torch.distributed as dist
@@ -44,6 +47,8 @@ BEST_CHECKPOINT = 'ckpt_best.pth'
 TRAINING_STATE_KEYS = ('model', 'optimizer', 'lr_scheduler', 'epoch', 'max_accuracy')
 # How many offending keys an architecture-mismatch message lists before "(+N more)".
 KEYS_SHOWN = 4
+# How much of an HTTP error's body is read for an error code.
+MAX_ERROR_BODY = 64 * 1024
 
 
 def epoch_checkpoint_name(epoch, step=None):
@@ -75,7 +80,7 @@ def parse_checkpoint_name(name):
 # Reading
 # ---------------------------------------------------------------------------------------------
 def resolve_checkpoint_path(location):
-    """A local path as given; an https:// or file:// URL is downloaded once into the torch hub
+    """A local path as given; an http(s):// or file:// URL is downloaded once into the torch hub
     cache (`torch.hub.get_dir()/checkpoints`) and the cached path returned."""
     scheme = urllib.parse.urlparse(location).scheme
     if scheme not in ('http', 'https', 'file'):
@@ -89,10 +94,28 @@ def resolve_checkpoint_path(location):
         os.makedirs(cache_dir, exist_ok=True)
         try:  # writes a temporary file and renames it: an interrupted download leaves no file
             torch.hub.download_url_to_file(location, cached, progress=False)
+        except urllib.error.HTTPError as err:
+            raise CheckpointError(f"cannot download checkpoint {location}: the server answered "
+                                  f"{_http_failure(err)}") from None
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, 'reason', err)
             raise CheckpointError(f"cannot download checkpoint {location}: {reason}") from None
     return cached
+
+
+def _http_failure(err):
+    """'HTTP <code> <reason>', followed by the error code and message of an Azure/S3-style XML
+    body (<Error><Code>PublicAccessNotPermitted</Code><Message>...</Message></Error>)."""
+    failure = f"HTTP {err.code} {err.reason}"
+    try:
+        error = ElementTree.fromstring(err.read(MAX_ERROR_BODY))
+    except (ElementTree.ParseError, OSError, ValueError):
+        return failure
+    code = (error.findtext('Code') or '').strip()
+    message = (error.findtext('Message') or '').strip().splitlines()
+    if code:
+        failure += f": {code}" + (f" ({message[0].strip()})" if message else '')
+    return failure
 
 
 def _torch_load(path):
@@ -187,8 +210,9 @@ def is_training_checkpoint(checkpoint):
 class TrainingState:
     """Everything training needs to go on exactly where it stopped: the model, its EMA, the
     optimizer, the learning-rate scheduler, the gradient scaler, the position (`epoch`, and the
-    batches `step` done in it), the best top-1 accuracy so far and the number of training
-    samples skipped as unreadable (`bad_samples`). `state_dict()` is what every checkpoint holds,
+    batches `step` done in it), the best top-1 accuracy so far and the training images found
+    unreadable (`unreadable`, a `data.UnreadableImages`, saved as 'bad_samples': their paths, so
+    that a resumed run counts on where it stopped). `state_dict()` is what every checkpoint holds,
     whatever wrote it (a step, the end of an epoch, a stop signal), and `load_state_dict()`
     restores it.
 
@@ -197,16 +221,16 @@ class TrainingState:
     not yet evaluated).
     """
 
-    def __init__(self, model, optimizer, lr_scheduler, loss_scaler, model_ema=None):
+    def __init__(self, model, optimizer, lr_scheduler, loss_scaler, unreadable, model_ema=None):
         self.model = model
         self.model_ema = model_ema
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.loss_scaler = loss_scaler
+        self.unreadable = unreadable
         self.epoch = 0
         self.step = 0
         self.max_accuracy = 0.0
-        self.bad_samples = 0
 
     def saved_position(self):
         """(epoch, step) as a checkpoint stores them (see the class docstring)."""
@@ -227,7 +251,7 @@ class TrainingState:
             'epoch': epoch,
             'step': step,
             'max_accuracy': self.max_accuracy,
-            'bad_samples': self.bad_samples,
+            'bad_samples': self.unreadable.state_dict(),
         }
         if self.model_ema is not None:
             state['model_ema'] = self.model_ema.module.state_dict()
@@ -252,7 +276,7 @@ class TrainingState:
             self.epoch = epoch
             self.step = step if steps_per_epoch is None else min(step, steps_per_epoch)
         self.max_accuracy = state_dict['max_accuracy']
-        self.bad_samples = state_dict.get('bad_samples', 0)
+        self.unreadable.load_state_dict(state_dict.get('bad_samples', []))
 
 
 def load_checkpoint(config, state, logger, steps_per_epoch=None):
@@ -409,6 +433,40 @@ def prune_checkpoints(output_dir, keep, logger):
 # ---------------------------------------------------------------------------------------------
 def is_distributed():
     return dist.is_available() and dist.is_initialized()
+
+
+def round_namespace(store, rank, world_size, poll_interval=0.01):
+    """A name that every process of this start of the group agrees on and no earlier start used,
+    for the keys a process group writes into `store`.
+
+    torchrun's agent store outlives the restarts of `--max-restarts`, so a restarted process could
+    read the keys (gloo/NCCL addresses, barrier counts) of a dead one. TORCHELASTIC_RESTART_COUNT
+    does not tell starts apart across nodes: an agent that restarts because a peer node failed does
+    not count a restart, the failed node's agent does. So rank 0 draws a fresh name and hands it
+    to each rank in answer to that rank's own fresh request; a stale request is answered too, and
+    harmlessly, and rank 0 waits until every rank has acknowledged this name.
+    """
+    if world_size == 1:
+        return uuid.uuid4().hex
+    deadline = time.monotonic() + store.timeout.total_seconds()
+    if rank == 0:
+        name = uuid.uuid4().hex
+        pending = set(range(1, world_size))
+        while pending:
+            for peer in sorted(pending):
+                if store.check([f'ack/{name}/{peer}']):
+                    pending.discard(peer)
+                elif store.check([f'request/{peer}']):
+                    store.set(f'answer/{store.get(f"request/{peer}").decode()}', name)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ranks {sorted(pending)} did not join the process group")
+            time.sleep(poll_interval)
+        return name
+    request = uuid.uuid4().hex
+    store.set(f'request/{rank}', request)
+    name = store.get(f'answer/{request}').decode()  # waits up to the store's timeout
+    store.set(f'ack/{name}/{rank}', b'1')
+    return name
 
 
 def reduce_sum(tensor):
