@@ -53,6 +53,12 @@ _C.DATA.CACHE_MODE = 'part'
 _C.DATA.PIN_MEMORY = True
 # Number of data loading worker processes per training process
 _C.DATA.NUM_WORKERS = 8
+# Unreadable or undecodable training images a run tolerates. 0: the first one stops the run.
+# Above 0: each is replaced by the next readable image of the data set (the same in every run, so
+# resumed runs stay identical), named once in the log and counted in TensorBoard
+# (train/bad_samples); the run stops when more than this many different files failed. Validation
+# images are never replaced: a bad one always stops the run.
+_C.DATA.MAX_BAD_SAMPLES = 0
 
 # -----------------------------------------------------------------------------
 # Model settings
@@ -394,6 +400,7 @@ def _check_values(config):
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
     non_negative = {
         'DATA.NUM_WORKERS': config.DATA.NUM_WORKERS,
+        'DATA.MAX_BAD_SAMPLES': config.DATA.MAX_BAD_SAMPLES,
         'MODEL.NUM_CLASSES': config.MODEL.NUM_CLASSES,
         'TRAIN.WARMUP_EPOCHS': config.TRAIN.WARMUP_EPOCHS,
         'TRAIN.ACCUMULATION_STEPS': config.TRAIN.ACCUMULATION_STEPS,

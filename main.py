@@ -15,8 +15,24 @@ tensorboard/, ckpt_epoch_*.pth and ckpt_best.pth. A run started again with the s
 continues from its newest complete checkpoint (TRAIN.AUTO_RESUME), at the exact batch when
 TRAIN.SAVE_EVERY_STEPS wrote one, and ends with the same weights as a run never interrupted.
 
-Exit status: 0 done; 1 training failed (non-finite loss); 2 bad input (config, data, checkpoint,
-output folder), reported as one `error: ...` line on stderr.
+Preemption: SIGTERM or SIGUSR1 to the job (every process, data workers included, as SLURM and
+Kubernetes send it; or to torchrun, which forwards SIGTERM) lets the current optimizer step
+finish; all processes agree on that step, rank 0 saves it atomically as ckpt_epoch_E_step_S.pth,
+the log says where, and the run exits with status 75. A signal during evaluation lets it finish
+and saves the epoch; one before the first step saves nothing. Started again, the same command
+resumes there and ends bit-identical to a run never stopped.
+
+Exit status (errors as one `error: ...` line on stderr, from rank 0 alone when every process
+stops for the same reason):
+   0  done
+   1  training failed: non-finite loss
+   2  bad input: config, data, checkpoint, output folder
+  74  a checkpoint could not be written (disk full, I/O error); the complete ones are kept
+  75  preempted by SIGTERM/SIGUSR1 after saving: run the same command again to continue
+Under torchrun, a failure (1, 74) is also left in torchrun's store: the attempts that
+--max-restarts starts after it stop at once with the same status instead of training into it
+again. torchrun itself exits with 1 after any failed worker or a signal to itself; its summary
+lists the workers' statuses.
 """
 import argparse
 import contextlib
@@ -27,6 +43,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import sys
 import time
 
@@ -39,17 +56,23 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from config import ConfigError, get_config
-from data import DataError, build_loader
+from data import DataError, UnreadableImages, build_loader
 from logger import create_logger
 from lr_scheduler import build_scheduler
 from models import build_model
 from optimizer import build_optimizer
-from utils import (BEST_CHECKPOINT, CHECKPOINT_NAME, InputError, atomic_write,
-                   auto_resume_helper, is_distributed, load_checkpoint, load_pretrained,
-                   prune_checkpoints, reduce_sum, save_checkpoint, ResumePoint)
+from utils import (BEST_CHECKPOINT, CheckpointWriteError, InputError, TrainingState,
+                   atomic_write, auto_resume_helper, is_distributed, load_checkpoint,
+                   load_pretrained, parse_checkpoint_name, prune_checkpoints, reduce_sum,
+                   round_namespace, save_checkpoint)
 
 EXIT_TRAINING_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_CHECKPOINT_WRITE_FAILED = 74  # EX_IOERR of sysexits.h
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL of sysexits.h: temporary failure, run me again
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# torchrun's store key under which a failed attempt leaves its exit status and message
+FAILURE_KEY = 'focal_transformer/training_failed'
 BAD_INPUT_ERRORS = (ConfigError, DataError, InputError)
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 # --throughput: forward passes before timing, then timed forward passes (as the original).
@@ -81,7 +104,7 @@ def parse_option(argv=None):
                         help='zip mode: no = no cache, full = cache all images, '
                              'part = each process caches its shard')
     parser.add_argument('--resume', help='resume (or, with --eval, evaluate) from this checkpoint '
-                                         '(path or https:// / file:// URL)')
+                                         '(path or http(s):// / file:// URL)')
     parser.add_argument('--pretrained', help='start from these weights, adapted to the model '
                                              '(fine-tuning); path or URL')
     parser.add_argument('--accumulation-steps', type=int, help='gradient accumulation steps')
@@ -108,11 +131,13 @@ def parse_option(argv=None):
 # Process setup
 # ---------------------------------------------------------------------------------------------
 def init_distributed():
-    """(rank, world size, device): one process unless torchrun set RANK and WORLD_SIZE; then a
-    process group on NCCL with one GPU per process, or on gloo on the CPU."""
+    """(rank, world size, device, store): one process unless torchrun set RANK and WORLD_SIZE;
+    then a process group on NCCL with one GPU per process, or on gloo on the CPU, and torchrun's
+    key-value store (None for one process): the store itself, outside the process group's
+    namespace for this start of the group, so that what is written there outlives restarts."""
     cuda = torch.cuda.is_available()
     if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
-        return 0, 1, torch.device('cuda' if cuda else 'cpu')
+        return 0, 1, torch.device('cuda' if cuda else 'cpu'), None
     local_rank = int(os.environ.get('LOCAL_RANK', 0))
     device = torch.device('cuda', local_rank) if cuda else torch.device('cpu')
     if cuda:
@@ -120,12 +145,12 @@ def init_distributed():
     store, rank, world_size = next(dist.rendezvous('env://'))
     # After `torchrun --max-restarts` restarts the group, the store still holds the dead
     # attempt's gloo/NCCL addresses under the same keys, and a new rank may connect to a dead
-    # peer; a namespace per attempt keeps the attempts apart.
-    attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+    # peer; a namespace per start of the group keeps the attempts apart.
+    namespace = round_namespace(dist.PrefixStore('focal_start', store), rank, world_size)
     dist.init_process_group('nccl' if cuda else 'gloo', rank=rank, world_size=world_size,
-                            store=dist.PrefixStore(f'attempt_{attempt}', store),
+                            store=dist.PrefixStore(namespace, store),
                             device_id=device if cuda else None)
-    return rank, world_size, device
+    return rank, world_size, device, store
 
 
 def scale_learning_rates(config, world_size):
@@ -167,19 +192,145 @@ def memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, kB on Linux
 
 
-def all_ranks_agree(flag, device):
-    """True when `flag` holds on every process (a single process just returns it)."""
+# ---------------------------------------------------------------------------------------------
+# Stopping: signals, agreement between processes, failures torchrun must not retry
+# ---------------------------------------------------------------------------------------------
+class StopSignals:
+    """While installed (a context manager), SIGTERM and SIGUSR1 only record that the job was
+    asked to stop (`received`, the first signal's name); the training loop stops at its next
+    optimizer step. Later signals change nothing, so a second one during the save is harmless;
+    once one has come, they stay ignored until the process has exited with EXIT_PREEMPTED."""
+
+    def __init__(self):
+        self.received = None
+        self._previous = {}
+
+    def __enter__(self):
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if self.received is None else signal.SIG_IGN)
+
+    def _record(self, signum, frame):
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+
+
+def ignore_stop_signals(worker_id, then=None):
+    """DataLoader worker_init_fn: the job's stop signal reaches the workers too (SLURM and
+    Kubernetes signal every process); the main process decides, a worker just goes on. (Forked
+    workers inherit StopSignals' handler, which is harmless there; spawned ones need this.)"""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if then is not None:
+        then(worker_id)
+
+
+class Preempted(Exception):
+    """The job was asked to stop; the message says what was saved."""
+
+
+class EarlierAttemptFailed(Exception):
+    """A restarted torchrun attempt found that an earlier attempt of the same torchrun failed."""
+
+    def __init__(self, message, exit_status):
+        super().__init__(message)
+        self.exit_status = exit_status
+
+
+def any_process(flags, device):
+    """For each flag, whether it holds on any process: one all-reduce for all of them, so that
+    every process takes the same decision at the same step."""
     if not is_distributed():
-        return flag
-    failures = torch.tensor([0.0 if flag else 1.0], device=device)
-    return reduce_sum(failures).item() == 0
+        return [bool(flag) for flag in flags]
+    counts = reduce_sum(torch.tensor([float(bool(flag)) for flag in flags], device=device))
+    return [count > 0 for count in counts.tolist()]
+
+
+def record_failure(store, rank, exit_status, err):
+    """Leave rank 0's account of the failure in torchrun's store, which outlives the attempt:
+    torchrun restarts the group after any failed worker (--max-restarts), and the restarted
+    attempt stops at once (check_earlier_failure) instead of training into the same failure."""
+    if store is not None and rank == 0:
+        store.set(FAILURE_KEY, f'{exit_status} {err}')
+
+
+def check_earlier_failure(store):
+    if store is not None and store.check([FAILURE_KEY]):
+        exit_status, message = store.get(FAILURE_KEY).decode().split(' ', 1)
+        raise EarlierAttemptFailed(f"an earlier attempt of this torchrun stopped with: {message}; "
+                                   f"not training again", int(exit_status))
 
 
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
-def main(config):
-    rank, world_size, device = init_distributed()
+class TrainingLoop:
+    """What the training loop uses besides the TrainingState; none of it is saved."""
+
+    def __init__(self, config, logger, device, rank, model, ddp_model, train_model, criterion,
+                 mixup_fn, autocast, writer, stop):
+        self.config, self.logger, self.device, self.rank = config, logger, device, rank
+        self.model = model  # the bare model (clipping, EMA, evaluation)
+        self.ddp_model = ddp_model  # for no_sync() during gradient accumulation; None alone
+        self.train_model = train_model  # what the forward pass runs: DDP and/or compiled
+        self.criterion, self.mixup_fn, self.autocast = criterion, mixup_fn, autocast
+        self.writer = writer  # TensorBoard, rank 0 only
+        self.stop = stop
+
+    def save(self, state, name=None):
+        """Rank 0 writes `state` (to `name`, default its position's name, then prunes old
+        checkpoints); every process learns whether that worked and raises the same
+        CheckpointWriteError if not. Returns the path."""
+        config, error = self.config, None
+        path = os.path.join(config.OUTPUT, name or state.checkpoint_name())
+        if self.rank == 0:
+            try:
+                save_checkpoint(state, config, self.logger, name)
+                if name is None:
+                    prune_checkpoints(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS, self.logger)
+            except CheckpointWriteError as err:
+                error = err
+        if any_process([error is not None], self.device)[0]:
+            raise error or CheckpointWriteError(f"rank 0 could not write a checkpoint in "
+                                                f"{config.OUTPUT}")
+        return path
+
+    def stop_requested(self, *other_flags):
+        """Whether any process received a stop signal, agreed on by all, with `other_flags`
+        agreed on in the same all-reduce."""
+        return any_process([self.stop is not None and self.stop.received is not None,
+                            *other_flags], self.device)
+
+    def preempted(self, state, saved):
+        # from here on this process ignores stop signals too (StopSignals.__exit__)
+        self.stop.received = self.stop.received or 'a signal to another process'
+        where = f"saved {saved}" if saved else "nothing new to save"
+        message = (f"stopped by {self.stop.received} at epoch "
+                   f"{state.epoch} step {state.step}: {where}; run the same command again to "
+                   f"continue (exit status {EXIT_PREEMPTED})")
+        self.logger.warning(message)
+        return Preempted(message)
+
+
+def main(config, stop=None):
+    """Train (or evaluate) as `config` says; `stop` is the StopSignals of a training run."""
+    rank, world_size, device, store = init_distributed()
+    check_earlier_failure(store)
+    try:
+        return build_and_run(config, rank, world_size, device, stop)
+    except NonFiniteLossError as err:
+        record_failure(store, rank, EXIT_TRAINING_FAILED, err)
+        raise
+    except CheckpointWriteError as err:
+        record_failure(store, rank, EXIT_CHECKPOINT_WRITE_FAILED, err)
+        raise
+
+
+def build_and_run(config, rank, world_size, device, stop):
     scale_learning_rates(config, world_size)
     torch.manual_seed(config.SEED)  # the same initial weights on every process
     if device.type == 'cuda':
@@ -187,6 +338,10 @@ def main(config):
 
     # Validate the data and the model before anything is written.
     _, _, data_loader_train, data_loader_val, mixup_fn = build_loader(config)
+    if stop is not None:
+        for loader in (data_loader_train, data_loader_val):
+            loader.worker_init_fn = functools.partial(ignore_stop_signals,
+                                                      then=loader.worker_init_fn)
     try:
         model = build_model(config)
     except ValueError as err:
@@ -197,18 +352,19 @@ def main(config):
     logger = create_logger(output_dir=config.OUTPUT, dist_rank=rank, name=config.MODEL.NAME)
     try:
         return run(config, logger, rank, world_size, device, model,
-                   data_loader_train, data_loader_val, mixup_fn)
+                   data_loader_train, data_loader_val, mixup_fn, stop)
     except BAD_INPUT_ERRORS:
         # a run stopped by bad input before its first checkpoint leaves no folder behind
         if rank == 0 and not output_existed and not any(
-                CHECKPOINT_NAME.match(name) or name == BEST_CHECKPOINT
+                parse_checkpoint_name(name) or name == BEST_CHECKPOINT
                 for name in os.listdir(config.OUTPUT)):
             shutil.rmtree(config.OUTPUT, ignore_errors=True)
         raise
 
 
 def run(config, logger, rank, world_size, device, model, data_loader_train, data_loader_val,
-        mixup_fn):
+        mixup_fn, stop):
+    # --- build ---
     if rank == 0:
         atomic_write(os.path.join(config.OUTPUT, 'config.yaml'),
                      lambda f: f.write(config.dump().encode()))
@@ -229,6 +385,8 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
     if config.AMP_ENABLE:
         logger.info(f"mixed precision: autocast {config.AMP_DTYPE} on {device.type}"
                     + (", with a gradient scaler" if use_scaler else ""))
+    autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype,
+                                 enabled=config.AMP_ENABLE)
 
     optimizer = build_optimizer(config, model)
     accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
@@ -236,6 +394,7 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
     updates_per_epoch = math.ceil(steps_per_epoch / accumulation) if steps_per_epoch else 1
     lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch)
 
+    # --- resume ---
     # A restarted training command continues from its own newest checkpoint whatever --resume
     # says (as the original); an evaluation evaluates the file it was given.
     evaluating = config.EVAL_MODE or config.THROUGHPUT_MODE
@@ -254,13 +413,15 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
         load_pretrained(config, model, logger)
     model_ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
-    resume = ResumePoint()
+    state = TrainingState(model, optimizer, lr_scheduler, loss_scaler,
+                          UnreadableImages(config.DATA.MAX_BAD_SAMPLES, device), model_ema)
     if config.MODEL.RESUME:
-        resume = load_checkpoint(config, model, optimizer, lr_scheduler, loss_scaler, logger,
-                                 model_ema=model_ema, steps_per_epoch=steps_per_epoch)
+        load_checkpoint(config, state, logger, steps_per_epoch)
+    if state.unreadable.paths:
+        logger.info(f"unreadable training images met before this checkpoint: "
+                    f"{len(state.unreadable)} (DATA.MAX_BAD_SAMPLES "
+                    f"{config.DATA.MAX_BAD_SAMPLES}): " + ', '.join(state.unreadable.paths))
 
-    autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype,
-                                 enabled=config.AMP_ENABLE)
     if config.THROUGHPUT_MODE:
         throughput(data_loader_val, model, device, autocast, logger)
         return 0
@@ -270,6 +431,7 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
                     f"{acc1:.3f}%")
         return 0
 
+    # --- train ---
     # The buffers are constant index tables: DDP need not sync them before every forward.
     ddp_model = (DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda'
                                          else None, forward_sync_buffers=False)
@@ -288,93 +450,119 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
     writer = None
     if rank == 0:  # purge what a killed run logged after the point we resume from
         writer = SummaryWriter(os.path.join(config.OUTPUT, 'tensorboard'),
-                               purge_step=resume.epoch * steps_per_epoch + resume.step)
-    max_accuracy = resume.max_accuracy
-    logger.info("Start training")
-    start_time = time.time()
+                               purge_step=state.epoch * steps_per_epoch + state.step)
+    loop = TrainingLoop(config, logger, device, rank, model, ddp_model, train_model, criterion,
+                        mixup_fn, autocast, writer, stop)
     try:
-        for epoch in range(resume.epoch, config.TRAIN.EPOCHS):
-            start_step = resume.step if epoch == resume.epoch else 0
-            data_loader_train.sampler.set_epoch(epoch, start_step)
-            train_one_epoch(config, train_model, ddp_model, model, criterion, data_loader_train,
-                            optimizer, epoch, start_step, mixup_fn, lr_scheduler, loss_scaler,
-                            model_ema, device, rank, autocast, logger, writer, max_accuracy)
-
-            # the bare model: val shards differ in size, and a DDP forward would wait for peers
-            acc1, acc5, val_loss = validate(config, data_loader_val, model, device, autocast,
-                                            logger)
-            is_best = acc1 > max_accuracy
-            max_accuracy = max(max_accuracy, acc1)
-            if model_ema is not None:
-                logger.info("EMA weights:")
-                validate(config, data_loader_val, model_ema.module, device, autocast, logger)
-            if rank == 0:
-                checkpoint_args = (config, epoch, None, model, max_accuracy, optimizer,
-                                   lr_scheduler, loss_scaler, logger, model_ema)
-                # the best first: a run killed between the two redoes this epoch and saves both
-                if is_best:
-                    save_checkpoint(*checkpoint_args, name=BEST_CHECKPOINT)
-                if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1:
-                    save_checkpoint(*checkpoint_args)
-                    prune_checkpoints(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS, logger)
-                writer.add_scalar('val/loss', val_loss, epoch)
-                writer.add_scalar('val/acc1', acc1, epoch)
-                writer.add_scalar('val/acc5', acc5, epoch)
-            logger.info(f"Accuracy of the network on the {len(data_loader_val.dataset)} test "
-                        f"images: {acc1:.3f}%")
-            logger.info(f"Max accuracy: {max_accuracy:.3f}%")
+        train(loop, state, data_loader_train, data_loader_val)
     finally:
         if writer is not None:
             writer.close()
-
-    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
-    logger.info(f"Training time {total_time}")
-    logger.info(f"Best Acc@1 {max_accuracy:.3f}%. Checkpoints: {config.OUTPUT} "
-                f"(best: {BEST_CHECKPOINT}); logs: {config.OUTPUT}/log_rank*.txt; "
-                f"TensorBoard: tensorboard --logdir {os.path.join(config.OUTPUT, 'tensorboard')}")
     return 0
 
 
-def train_one_epoch(config, train_model, ddp_model, model, criterion, data_loader, optimizer, epoch,
-                    start_step, mixup_fn, lr_scheduler, loss_scaler, model_ema, device, rank,
-                    autocast, logger, writer, max_accuracy):
-    train_model.train()
+def train(loop, state, data_loader_train, data_loader_val):
+    """Epochs from the state's position to TRAIN.EPOCHS: train, evaluate, save. Raises
+    Preempted, after saving the state, when a process received a stop signal."""
+    config, logger = loop.config, loop.logger
+    # before the first step: the state is what was resumed, nothing to save
+    if state.epoch < config.TRAIN.EPOCHS and loop.stop_requested()[0]:
+        raise loop.preempted(state, saved=None)
+    logger.info("Start training")
+    start_time = time.time()
+    while state.epoch < config.TRAIN.EPOCHS:
+        epoch = state.epoch
+        data_loader_train.sampler.set_epoch(epoch, state.step)
+        train_one_epoch(loop, state, data_loader_train)
+
+        # the bare model: val shards differ in size, and a DDP forward would wait for peers
+        acc1, acc5, val_loss = validate(config, data_loader_val, loop.model, loop.device,
+                                        loop.autocast, logger)
+        if state.model_ema is not None:
+            logger.info("EMA weights:")
+            validate(config, data_loader_val, state.model_ema.module, loop.device, loop.autocast,
+                     logger)
+        is_best = acc1 > state.max_accuracy
+        state.max_accuracy = max(state.max_accuracy, acc1)
+        state.epoch, state.step = epoch + 1, 0
+        # a signal during the evaluation: the epoch is complete, save it and stop
+        stopping = loop.stop_requested()[0] and state.epoch < config.TRAIN.EPOCHS
+        # the best first: a run killed between the two redoes this epoch and saves both
+        if is_best:
+            loop.save(state, BEST_CHECKPOINT)
+        saved = None
+        if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or stopping:
+            saved = loop.save(state)
+        if loop.writer is not None:
+            loop.writer.add_scalar('val/loss', val_loss, epoch)
+            loop.writer.add_scalar('val/acc1', acc1, epoch)
+            loop.writer.add_scalar('val/acc5', acc5, epoch)
+        logger.info(f"Accuracy of the network on the {len(data_loader_val.dataset)} test "
+                    f"images: {acc1:.3f}%")
+        logger.info(f"Max accuracy: {state.max_accuracy:.3f}%")
+        if stopping:
+            raise loop.preempted(state, saved)
+
+    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
+    logger.info(f"Training time {total_time}")
+    logger.info(f"Best Acc@1 {state.max_accuracy:.3f}%. Checkpoints: {config.OUTPUT} "
+                f"(best: {BEST_CHECKPOINT}); logs: {config.OUTPUT}/log_rank*.txt; "
+                f"TensorBoard: tensorboard --logdir {os.path.join(config.OUTPUT, 'tensorboard')}")
+
+
+def train_one_epoch(loop, state, data_loader):
+    """Train epoch `state.epoch` from batch `state.step` on, advancing the state batch by batch.
+    A stop signal ends it after the next optimizer step, with that step saved."""
+    config, logger, device, writer = loop.config, loop.logger, loop.device, loop.writer
+    epoch, optimizer, loss_scaler = state.epoch, state.optimizer, state.loss_scaler
+    loop.train_model.train()
     optimizer.zero_grad(set_to_none=True)
     num_steps = len(data_loader)
     accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
     updates_per_epoch = math.ceil(num_steps / accumulation)
     clip = config.TRAIN.CLIP_GRAD if config.TRAIN.CLIP_GRAD > 0 else float('inf')
-    lr_scheduler.step_update(epoch * updates_per_epoch + start_step // accumulation)
+    state.lr_scheduler.step_update(epoch * updates_per_epoch + math.ceil(state.step / accumulation))
 
     batch_time, loss_meter, norm_meter = AverageMeter(), AverageMeter(), AverageMeter()
     epoch_start = end = time.time()
-    for step, (samples, targets) in enumerate(data_loader, start=start_step):
-        seed_step(config.SEED, epoch, step, rank)
+    for step, (samples, targets, replaced) in enumerate(data_loader, start=state.step):
+        # every process at every step: past DATA.MAX_BAD_SAMPLES all stop here together
+        new_unreadable = state.unreadable.add(replaced)
+        for _, error in new_unreadable:
+            logger.warning(f"{error}; replaced by the next readable training image")
+        if writer is not None and new_unreadable:
+            writer.add_scalar('train/bad_samples', len(state.unreadable), epoch * num_steps + step)
+        seed_step(config.SEED, epoch, step, loop.rank)
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if config.TRAIN.CHANNELS_LAST:
             samples = samples.contiguous(memory_format=torch.channels_last)
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
+        if loop.mixup_fn is not None:
+            samples, targets = loop.mixup_fn(samples, targets)
 
         # Step the optimizer every `accumulation` batches and at the end of the epoch, so that no
         # gradient crosses an epoch boundary (and a checkpoint never holds a partial sum).
         is_update = (step + 1) % accumulation == 0 or step + 1 == num_steps
-        no_sync = ddp_model.no_sync() if ddp_model is not None and not is_update \
+        no_sync = loop.ddp_model.no_sync() if loop.ddp_model is not None and not is_update \
             else contextlib.nullcontext()
         with no_sync:
-            with autocast():
-                outputs = train_model(samples)
-                loss = criterion(outputs, targets)
+            with loop.autocast():
+                outputs = loop.train_model(samples)
+                loss = loop.criterion(outputs, targets)
             loss_value = loss.item()
-            if not all_ranks_agree(math.isfinite(loss_value), device):
-                raise NonFiniteLossError(f"non-finite loss ({loss_value}) at epoch {epoch} step "
-                                         f"{step} of {num_steps}")
+            # one all-reduce decides both: stop on a bad loss anywhere, or after this update
+            # when any process was signalled
+            stopping, non_finite = loop.stop_requested(not math.isfinite(loss_value))
+            stopping = stopping and is_update
+            if non_finite:
+                here = f" ({loss_value})" if not math.isfinite(loss_value) else " on another process"
+                raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {step} of "
+                                         f"{num_steps}{here}")
             loss_scaler.scale(loss / accumulation).backward()
 
         if is_update:
             loss_scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(loop.model.parameters(), clip).item()
             # with fp16 an overflow only makes the scaler skip this step, as usual
             if not math.isfinite(grad_norm) and not loss_scaler.is_enabled():
                 raise NonFiniteLossError(f"non-finite gradient norm ({grad_norm}) at epoch {epoch} "
@@ -383,12 +571,13 @@ def train_one_epoch(config, train_model, ddp_model, model, criterion, data_loade
             loss_scaler.update()
             optimizer.zero_grad(set_to_none=True)
             updates_done = epoch * updates_per_epoch + step // accumulation + 1
-            lr_scheduler.step_update(updates_done)
-            if model_ema is not None:
-                model_ema.update(model, step=updates_done)
+            state.lr_scheduler.step_update(updates_done)
+            if state.model_ema is not None:
+                state.model_ema.update(loop.model, step=updates_done)
             norm_meter.update(grad_norm)
             if writer is not None:
                 writer.add_scalar('train/grad_norm', grad_norm, epoch * num_steps + step)
+        state.step = step + 1
 
         loss_meter.update(loss_value, targets.size(0))
         batch_time.update(time.time() - end)
@@ -407,12 +596,12 @@ def train_one_epoch(config, train_model, ddp_model, model, criterion, data_loade
                 f"grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})\t"
                 f"mem {memory_mb(device):.0f}MB")
 
+        if stopping:  # the last batch too: then the epoch is trained but not evaluated
+            raise loop.preempted(state, loop.save(state))
         updates_in_epoch = step // accumulation + 1
-        if (rank == 0 and is_update and config.TRAIN.SAVE_EVERY_STEPS and step + 1 < num_steps
+        if (is_update and config.TRAIN.SAVE_EVERY_STEPS and step + 1 < num_steps
                 and updates_in_epoch % config.TRAIN.SAVE_EVERY_STEPS == 0):
-            save_checkpoint(config, epoch, step + 1, model, max_accuracy, optimizer, lr_scheduler,
-                            loss_scaler, logger, model_ema)
-            prune_checkpoints(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS, logger)
+            loop.save(state)
 
     epoch_time = time.time() - epoch_start
     if writer is not None:
@@ -492,18 +681,37 @@ def first_line(err):
 
 
 def cli(argv=None):
+    def report(line):  # every process stops for the same reason: say it once
+        if not is_distributed() or dist.get_rank() == 0:
+            print(line, file=sys.stderr)
+
     try:
         _, config = parse_option(argv)
-        return main(config)
     except BAD_INPUT_ERRORS as err:
         print(f"error: {first_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except NonFiniteLossError as err:
-        print(f"error: {err}; stopped, the checkpoints saved before it are kept", file=sys.stderr)
-        return EXIT_TRAINING_FAILED
-    finally:
-        if is_distributed():
-            dist.destroy_process_group()
+    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
+    with StopSignals() if training else contextlib.nullcontext() as stop:
+        try:
+            return main(config, stop)
+        except BAD_INPUT_ERRORS as err:
+            print(f"error: {first_line(err)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except NonFiniteLossError as err:
+            report(f"error: {err}; stopped, the checkpoints saved before it are kept")
+            return EXIT_TRAINING_FAILED
+        except CheckpointWriteError as err:
+            report(f"error: {err}")
+            return EXIT_CHECKPOINT_WRITE_FAILED
+        except EarlierAttemptFailed as err:
+            report(f"error: {err}")
+            return err.exit_status
+        except Preempted as err:
+            report(f"preempted: {err}")
+            return EXIT_PREEMPTED
+        finally:
+            if is_distributed():
+                dist.destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -5,19 +5,26 @@
 """Reading, writing and finding checkpoints, and the few distributed helpers main.py needs.
 
 A checkpoint file is one of
-  * a training checkpoint written by `save_checkpoint` (model, optimizer, lr_scheduler, scaler,
-    epoch, step, max_accuracy, config, and the EMA weights when EMA is on);
+  * a training checkpoint written by `save_checkpoint`: a `TrainingState.state_dict()` (model,
+    optimizer, lr_scheduler, scaler, epoch, step, max_accuracy, bad_samples, and the EMA weights
+    when EMA is on) and the config;
   * a released model as distributed: a raw state dict that still carries the reference's
     integer index buffers;
   * a `{'model': state_dict}` dict (the original repository's and Swin's layout).
 Every way a checkpoint can be unusable raises `CheckpointError` with a one-line message naming
-the file, and for an architecture mismatch the offending keys.
+the file, and for an architecture mismatch the offending keys; a checkpoint that cannot be
+written raises `CheckpointWriteError` naming the folder and the OS error.
 """
+import errno
 import os
 import pickle
 import re
+import time
+import typing
 import urllib.error
 import urllib.parse
+import uuid
+from xml.etree import ElementTree
 
 import torch
 import torch.distributed as dist
@@ -41,17 +48,40 @@ BEST_CHECKPOINT = 'ckpt_best.pth'
 TRAINING_STATE_KEYS = ('model', 'optimizer', 'lr_scheduler', 'epoch', 'max_accuracy')
 # How many offending keys an architecture-mismatch message lists before "(+N more)".
 KEYS_SHOWN = 4
+# How much of an HTTP error's body is read for an error code.
+MAX_ERROR_BODY = 64 * 1024
 
 
 def epoch_checkpoint_name(epoch, step=None):
     return f'ckpt_epoch_{epoch}.pth' if step is None else f'ckpt_epoch_{epoch}_step_{step}.pth'
 
 
+class CheckpointName(typing.NamedTuple):
+    """A parsed checkpoint file name: `step` is None for an epoch checkpoint."""
+    epoch: int
+    step: typing.Optional[int]
+
+    def position(self):
+        """Where training continues from this file, as (epoch, batches done in it): the order
+        of the files in time (an epoch checkpoint comes after every step checkpoint of its
+        epoch)."""
+        return (self.epoch + 1, 0) if self.step is None else (self.epoch, self.step)
+
+
+def parse_checkpoint_name(name):
+    """The CheckpointName of a file written by save_checkpoint, or None for any other file
+    (ckpt_best.pth included)."""
+    match = CHECKPOINT_NAME.match(name)
+    if match is None:
+        return None
+    return CheckpointName(int(match.group(1)), None if match.group(2) is None else int(match.group(2)))
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
 def resolve_checkpoint_path(location):
-    """A local path as given; an https:// or file:// URL is downloaded once into the torch hub
+    """A local path as given; an http(s):// or file:// URL is downloaded once into the torch hub
     cache (`torch.hub.get_dir()/checkpoints`) and the cached path returned."""
     scheme = urllib.parse.urlparse(location).scheme
     if scheme not in ('http', 'https', 'file'):
@@ -65,10 +95,28 @@ def resolve_checkpoint_path(location):
         os.makedirs(cache_dir, exist_ok=True)
         try:  # writes a temporary file and renames it: an interrupted download leaves no file
             torch.hub.download_url_to_file(location, cached, progress=False)
+        except urllib.error.HTTPError as err:
+            raise CheckpointError(f"cannot download checkpoint {location}: the server answered "
+                                  f"{_http_failure(err)}") from None
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, 'reason', err)
             raise CheckpointError(f"cannot download checkpoint {location}: {reason}") from None
     return cached
+
+
+def _http_failure(err):
+    """'HTTP <code> <reason>', followed by the error code and message of an Azure/S3-style XML
+    body (<Error><Code>PublicAccessNotPermitted</Code><Message>...</Message></Error>)."""
+    failure = f"HTTP {err.code} {err.reason}"
+    try:
+        error = ElementTree.fromstring(err.read(MAX_ERROR_BODY))
+    except (ElementTree.ParseError, OSError, ValueError):
+        return failure
+    code = (error.findtext('Code') or '').strip()
+    message = (error.findtext('Message') or '').strip().splitlines()
+    if code:
+        failure += f": {code}" + (f" ({message[0].strip()})" if message else '')
+    return failure
 
 
 def _torch_load(path):
@@ -159,51 +207,103 @@ def is_training_checkpoint(checkpoint):
 # ---------------------------------------------------------------------------------------------
 # Resuming and fine-tuning
 # ---------------------------------------------------------------------------------------------
-class ResumePoint:
-    """Where training continues: `epoch` and the batch `step` inside it, and the best accuracy."""
+class TrainingState:
+    """Everything training needs to go on exactly where it stopped: the model, its EMA, the
+    optimizer, the learning-rate scheduler, the gradient scaler, the position (`epoch`, and the
+    batches `step` done in it), the best top-1 accuracy so far and the training images found
+    unreadable (`unreadable`, a `data.UnreadableImages`, saved as 'bad_samples': their paths, so
+    that a resumed run counts on where it stopped). `state_dict()` is what every checkpoint holds,
+    whatever wrote it (a step, the end of an epoch, a stop signal), and `load_state_dict()`
+    restores it.
 
-    def __init__(self, epoch=0, step=0, max_accuracy=0.0):
-        self.epoch, self.step, self.max_accuracy = epoch, step, max_accuracy
+    On disk the position keeps the original's convention: 'epoch' E with 'step' None is the end
+    of epoch E, evaluated; 'step' S is S batches into epoch E (S = the epoch's length: trained,
+    not yet evaluated).
+    """
+
+    def __init__(self, model, optimizer, lr_scheduler, loss_scaler, unreadable, model_ema=None):
+        self.model = model
+        self.model_ema = model_ema
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.loss_scaler = loss_scaler
+        self.unreadable = unreadable
+        self.epoch = 0
+        self.step = 0
+        self.max_accuracy = 0.0
+
+    def saved_position(self):
+        """(epoch, step) as a checkpoint stores them (see the class docstring)."""
+        if self.step == 0 and self.epoch > 0:
+            return self.epoch - 1, None
+        return self.epoch, self.step
+
+    def checkpoint_name(self):
+        return epoch_checkpoint_name(*self.saved_position())
+
+    def state_dict(self):
+        epoch, step = self.saved_position()
+        state = {
+            'model': self.model.state_dict(),
+            'optimizer': self.optimizer.state_dict(),
+            'lr_scheduler': self.lr_scheduler.state_dict(),
+            'scaler': self.loss_scaler.state_dict(),
+            'epoch': epoch,
+            'step': step,
+            'max_accuracy': self.max_accuracy,
+            'bad_samples': self.unreadable.state_dict(),
+        }
+        if self.model_ema is not None:
+            state['model_ema'] = self.model_ema.module.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict, steps_per_epoch=None):
+        """Restore a training checkpoint. One without EMA weights restarts the EMA from the
+        model; a step beyond `steps_per_epoch` (the epoch got shorter) means the epoch's
+        training is done. The torch objects raise ValueError, KeyError or RuntimeError when the
+        checkpoint does not fit them."""
+        self.model.load_state_dict(checkpoint_filter_fn(state_dict['model'], self.model))
+        self.optimizer.load_state_dict(state_dict['optimizer'])
+        self.lr_scheduler.load_state_dict(state_dict['lr_scheduler'])
+        if state_dict.get('scaler'):
+            self.loss_scaler.load_state_dict(state_dict['scaler'])
+        if self.model_ema is not None:
+            self.model_ema.module.load_state_dict(state_dict.get('model_ema', self.model.state_dict()))
+        epoch, step = state_dict['epoch'], state_dict.get('step')
+        if step is None:  # also the original's checkpoints, which have no 'step'
+            self.epoch, self.step = epoch + 1, 0
+        else:
+            self.epoch = epoch
+            self.step = step if steps_per_epoch is None else min(step, steps_per_epoch)
+        self.max_accuracy = state_dict['max_accuracy']
+        self.unreadable.load_state_dict(state_dict.get('bad_samples', []))
 
 
-def load_checkpoint(config, model, optimizer, lr_scheduler, loss_scaler, logger, model_ema=None,
-                    steps_per_epoch=None):
+def load_checkpoint(config, state, logger, steps_per_epoch=None):
     """Resume from `config.MODEL.RESUME`: the model always, and, when the file is one of our
-    training checkpoints and we are training, the optimizer, scheduler, scaler, EMA and position.
-    A released or weights-only file just sets the weights (training then starts at epoch 0)."""
+    training checkpoints and we are training, the whole TrainingState. A released or
+    weights-only file just sets the weights (training then starts at epoch 0)."""
     path = config.MODEL.RESUME
     logger.info(f"==> Resuming from {path}")
     checkpoint = read_checkpoint(path)
-    load_model_weights(model, checkpoint, path)
+    load_model_weights(state.model, checkpoint, path)
     if config.EVAL_MODE or config.THROUGHPUT_MODE:
-        return ResumePoint(max_accuracy=checkpoint.get('max_accuracy', 0.0))
+        return
     if not is_training_checkpoint(checkpoint):
         logger.info(f"{path} holds weights only: training starts at epoch 0")
-        return ResumePoint()
+        return
+    if state.model_ema is not None:
+        if 'model_ema' in checkpoint:
+            check_fits_model(checkpoint['model_ema'], state.model_ema.module, path)
+        else:
+            logger.info(f"{path} has no EMA weights: EMA restarts from the resumed model")
     try:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])
-        if loss_scaler is not None and checkpoint.get('scaler'):
-            loss_scaler.load_state_dict(checkpoint['scaler'])
-        if model_ema is not None:
-            if 'model_ema' in checkpoint:
-                check_fits_model(checkpoint['model_ema'], model_ema.module, path)
-                model_ema.module.load_state_dict(checkpoint['model_ema'])
-            else:
-                logger.info(f"{path} has no EMA weights: EMA restarts from the resumed model")
-                model_ema.module.load_state_dict(model.state_dict())
+        state.load_state_dict(checkpoint, steps_per_epoch)
     except (ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: cannot restore the training state: "
                               f"{str(err).strip().splitlines()[0]}") from None
-    epoch, step = checkpoint['epoch'], checkpoint.get('step')
-    # Epoch checkpoints (and the original's, which have no 'step') mean "epoch done".
-    if step is None or (steps_per_epoch is not None and step >= steps_per_epoch):
-        point = ResumePoint(epoch + 1, 0, checkpoint['max_accuracy'])
-    else:
-        point = ResumePoint(epoch, step, checkpoint['max_accuracy'])
-    logger.info(f"=> resumed {path}: continuing at epoch {point.epoch} step {point.step}, "
-                f"best Acc@1 so far {point.max_accuracy:.3f}")
-    return point
+    logger.info(f"=> resumed {path}: continuing at epoch {state.epoch} step {state.step}, "
+                f"best Acc@1 so far {state.max_accuracy:.3f}")
 
 
 def load_pretrained(config, model, logger):
@@ -228,13 +328,8 @@ def auto_resume_helper(output_dir, logger=None):
     None. Newer ones that do not are skipped, with the reason logged."""
     if not os.path.isdir(output_dir):
         return None
-    candidates = []
-    for name in os.listdir(output_dir):
-        match = CHECKPOINT_NAME.match(name)
-        if match:
-            epoch, step = int(match.group(1)), match.group(2)
-            # an epoch checkpoint sorts after every step checkpoint of the same epoch
-            candidates.append(((epoch, int(step) if step is not None else float('inf')), name))
+    candidates = [(parsed.position(), name) for name in os.listdir(output_dir)
+                  for parsed in [parse_checkpoint_name(name)] if parsed is not None]
     for _, name in sorted(candidates, reverse=True):
         path = os.path.join(output_dir, name)
         try:
@@ -275,25 +370,37 @@ def atomic_write(path, write):
         os.close(dir_fd)
 
 
-def save_checkpoint(config, epoch, step, model, max_accuracy, optimizer, lr_scheduler, loss_scaler,
-                    logger, model_ema=None, name=None):
-    """Save the whole training state after `step` batches of `epoch` (step None: epoch done).
-    Returns the path. Call on rank 0 only."""
-    state = {
-        'model': model.state_dict(),
-        'optimizer': optimizer.state_dict(),
-        'lr_scheduler': lr_scheduler.state_dict(),
-        'scaler': loss_scaler.state_dict() if loss_scaler is not None else {},
-        'epoch': epoch,
-        'step': step,
-        'max_accuracy': max_accuracy,
-        'config': config.dump(),
-    }
-    if model_ema is not None:
-        state['model_ema'] = model_ema.module.state_dict()
-    path = os.path.join(config.OUTPUT, name or epoch_checkpoint_name(epoch, step))
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written (disk full, I/O error); the message is one line."""
+
+
+def _os_error(err):
+    """The OSError behind `err`, or None: torch.save reports a failed write as a RuntimeError
+    raised while handling the file's OSError."""
+    while err is not None and not isinstance(err, OSError):
+        err = err.__context__
+    return err
+
+
+def save_checkpoint(state, config, logger, name=None):
+    """Write `state` (a TrainingState) and the config to OUTPUT/`name` (default: the name of its
+    position) and return the path; call on rank 0 only. A failed write leaves no file behind and
+    raises a one-line CheckpointWriteError naming the folder and the OS error."""
+    path = os.path.join(config.OUTPUT, name or state.checkpoint_name())
+    checkpoint = dict(state.state_dict(), config=config.dump())
     logger.info(f"{path} saving......")
-    atomic_write(path, lambda f: torch.save(state, f))
+    try:
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+    except (OSError, RuntimeError) as err:
+        os_error = _os_error(err)
+        if os_error is None:
+            raise
+        reason = os_error.strerror or str(os_error)
+        if os_error.errno in errno.errorcode:
+            reason += f' ({errno.errorcode[os_error.errno]})'
+        raise CheckpointWriteError(f"cannot write checkpoint {os.path.basename(path)} in "
+                                   f"{config.OUTPUT}: {reason}; the complete checkpoints "
+                                   f"already there are kept") from None
     logger.info(f"{path} saved !!!")
     return path
 
@@ -304,17 +411,16 @@ def prune_checkpoints(output_dir, keep, logger):
     file a killed write left behind."""
     epochs, steps = [], []
     for name in os.listdir(output_dir):
-        match = CHECKPOINT_NAME.match(name)
-        if match:
-            position = (int(match.group(1)), int(match.group(2) or 0))
-            (epochs if match.group(2) is None else steps).append((position, name))
+        parsed = parse_checkpoint_name(name)
+        if parsed is not None:
+            (epochs if parsed.step is None else steps).append((parsed.position(), name))
         elif name.startswith('.ckpt_') and name.endswith('.tmp'):
             os.remove(os.path.join(output_dir, name))
     epochs.sort()
     steps.sort()
-    newest_epoch = epochs[-1][0][0] if epochs else -1
-    doomed = [name for position, name in steps if position[0] <= newest_epoch]
-    running = [name for position, name in steps if position[0] > newest_epoch]
+    newest_epoch = epochs[-1][0] if epochs else (0, 0)
+    doomed = [name for position, name in steps if position < newest_epoch]
+    running = [name for position, name in steps if position > newest_epoch]
     if keep > 0:
         doomed += [name for _, name in epochs[:-keep]] + running[:-keep]
     for name in doomed:
@@ -327,6 +433,40 @@ def prune_checkpoints(output_dir, keep, logger):
 # ---------------------------------------------------------------------------------------------
 def is_distributed():
     return dist.is_available() and dist.is_initialized()
+
+
+def round_namespace(store, rank, world_size, poll_interval=0.01):
+    """A name that every process of this start of the group agrees on and no earlier start used,
+    for the keys a process group writes into `store`.
+
+    torchrun's agent store outlives the restarts of `--max-restarts`, so a restarted process could
+    read the keys (gloo/NCCL addresses, barrier counts) of a dead one. TORCHELASTIC_RESTART_COUNT
+    does not tell starts apart across nodes: an agent that restarts because a peer node failed does
+    not count a restart, the failed node's agent does. So rank 0 draws a fresh name and hands it
+    to each rank in answer to that rank's own fresh request; a stale request is answered too, and
+    harmlessly, and rank 0 waits until every rank has acknowledged this name.
+    """
+    if world_size == 1:
+        return uuid.uuid4().hex
+    deadline = time.monotonic() + store.timeout.total_seconds()
+    if rank == 0:
+        name = uuid.uuid4().hex
+        pending = set(range(1, world_size))
+        while pending:
+            for peer in sorted(pending):
+                if store.check([f'ack/{name}/{peer}']):
+                    pending.discard(peer)
+                elif store.check([f'request/{peer}']):
+                    store.set(f'answer/{store.get(f"request/{peer}").decode()}', name)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ranks {sorted(pending)} did not join the process group")
+            time.sleep(poll_interval)
+        return name
+    request = uuid.uuid4().hex
+    store.set(f'request/{rank}', request)
+    name = store.get(f'answer/{request}').decode()  # waits up to the store's timeout
+    store.set(f'ack/{name}/{rank}', b'1')
+    return name
 
 
 def reduce_sum(tensor):

@@ -12,6 +12,7 @@ from timm.data.transforms import str_to_interp_mode
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from .bad_samples import ReplaceUnreadable, collate_training_batch
 from .cached_image_folder import CachedImageFolder
 from .image_io import DataError, load_rgb
 from .samplers import ResumableDistributedSampler, SeededSamples, ShardSampler
@@ -32,7 +33,10 @@ def build_loader(config):
     MODEL.NUM_CLASSES 0 is replaced by the number of classes of the data (the config is
     defrosted for that and frozen again). Training samples are drawn by
     ``ResumableDistributedSampler`` (``data_loader_train.sampler.set_epoch(epoch, start_step)``),
-    validation by ``ShardSampler`` (every image exactly once over all processes).
+    validation by ``ShardSampler`` (every image exactly once over all processes). A training
+    batch is ``(images, labels, replaced)``: ``replaced`` lists the unreadable images replaced
+    under DATA.MAX_BAD_SAMPLES (``data.bad_samples``); a validation batch is ``(images, labels)``
+    and an unreadable validation image always raises ``DataError``.
     """
     rank, world_size = _rank_and_world_size()
     root = _data_root(config, rank)
@@ -57,8 +61,9 @@ def build_loader(config):
     sampler_train = ResumableDistributedSampler(
         len(dataset_train), config.DATA.BATCH_SIZE, world_size, rank, config.SEED, shard_first)
     data_loader_train = DataLoader(
-        SeededSamples(dataset_train, config.SEED), sampler=sampler_train,
-        batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
+        SeededSamples(ReplaceUnreadable(dataset_train, config.DATA.MAX_BAD_SAMPLES), config.SEED),
+        sampler=sampler_train, batch_size=config.DATA.BATCH_SIZE,
+        num_workers=config.DATA.NUM_WORKERS, collate_fn=collate_training_batch,
         pin_memory=pin_memory, drop_last=True, generator=loader_generator)
     if len(data_loader_train) == 0:
         raise DataError(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is larger than the "

@@ -60,7 +60,12 @@ class CachedImageFolder(Dataset):
             cached = []
         else:
             raise ValueError(f"unknown cache mode {cache_mode!r} (use 'no', 'part' or 'full')")
-        self.cache = {index: ZipReader.read(zip_path, self.samples[index][0]) for index in cached}
+        self.cache = {}
+        for index in cached:
+            try:
+                self.cache[index] = ZipReader.read(zip_path, self.samples[index][0])
+            except DataError:
+                pass  # left uncached: using it raises the error then, as in a folder
 
     def __len__(self):
         return len(self.samples)

@@ -10,14 +10,16 @@ from PIL import Image
 
 class DataError(Exception):
     """Missing, empty or unreadable data; the message is one line naming the file or folder.
+    ``path`` is the one image that cannot be read, when the error is about one.
 
     A DataLoader worker's exception reaches the main process re-created with the worker's whole
     traceback as its message; only the last line, the original message, is kept.
     """
 
-    def __init__(self, message):
+    def __init__(self, message, path=None):
         last_line = str(message).strip().splitlines()[-1] if str(message).strip() else ''
         super().__init__(last_line.split('DataError: ', 1)[-1])
+        self.path = path
 
 
 def decode_rgb(source, name):
@@ -27,7 +29,7 @@ def decode_rgb(source, name):
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             return image.convert('RGB')
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {name}: {err}") from None
+        raise DataError(f"cannot read image {name}: {err}", path=name) from None
 
 
 def load_rgb(path):

@@ -33,4 +33,5 @@ class ZipReader:
         except KeyError:
             raise DataError(f"{zip_path} has no file {member}") from None
         except (OSError, zipfile.BadZipFile) as err:
-            raise DataError(f"cannot read {member} from {zip_path}: {err}") from None
+            raise DataError(f"cannot read {member} from {zip_path}: {err}",
+                            path=f'{zip_path}@/{member}') from None

@@ -3,6 +3,7 @@ main.py as users do (python or torchrun) in a subprocess with a timeout."""
 import os
 import subprocess
 import sys
+import time
 import zipfile
 
 import numpy as np
@@ -133,3 +134,39 @@ def load_weights(path):
 def assert_ok(result):
     assert result.returncode == 0, \
         f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+def children(pid):
+    """The child processes of `pid` (torchrun's workers)."""
+    with open(f'/proc/{pid}/task/{pid}/children') as f:
+        return [int(child) for child in f.read().split()]
+
+
+def environ(pid):
+    with open(f'/proc/{pid}/environ', 'rb') as f:
+        return dict(item.split(b'=', 1) for item in f.read().split(b'\0') if b'=' in item)
+
+
+def wait_for(condition, process, timeout=120, poll=0.02):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before the moment the test waits for"
+        assert time.time() < deadline, "timed out waiting"
+        time.sleep(poll)
+
+
+def assert_same_training_state(path_a, path_b):
+    """The two checkpoints hold the same training state, bit for bit."""
+    a = torch.load(path_a, weights_only=True)
+    b = torch.load(path_b, weights_only=True)
+    for weights in ('model', 'model_ema'):
+        assert (weights in a) == (weights in b), weights
+        if weights in a:
+            assert a[weights].keys() == b[weights].keys()
+            for key in a[weights]:
+                assert torch.equal(a[weights][key], b[weights][key]), f"{weights} {key} differs"
+    for index, state in a['optimizer']['state'].items():
+        for name, value in state.items():
+            assert torch.equal(value, b['optimizer']['state'][index][name]), f"optimizer {index} {name}"
+    for key in ('lr_scheduler', 'scaler', 'epoch', 'step', 'max_accuracy', 'bad_samples'):
+        assert a.get(key) == b.get(key), key

@@ -44,7 +44,7 @@ def folder(tmp_path_factory):
 
 def epoch_batches(loader, epoch, start_step=0):
     loader.sampler.set_epoch(epoch, start_step)
-    return [(images.clone(), labels.clone()) for images, labels in loader]
+    return [(images.clone(), labels.clone()) for images, labels, _ in loader]
 
 
 def assert_same_batches(first, second):
@@ -61,8 +61,8 @@ def test_image_folder_loader_takes_classes_from_data(folder):
     assert config.MODEL.NUM_CLASSES == 3 and config.is_frozen()
     assert (len(dataset_train), len(dataset_val)) == (18, 7)
     assert len(loader_train) == 18 // 4  # drop_last: every step has a full batch
-    images, labels = next(iter(loader_train))
-    assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.int64
+    images, labels, replaced = next(iter(loader_train))
+    assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.int64 and replaced == []
     assert mixup_fn is not None and mixup_fn.num_classes == 3
     assert sum(len(labels) for _, labels in loader_val) == 7
 

@@ -5,14 +5,14 @@ import argparse
 import logging
 import os
 import signal
-import time
 
 import pytest
 import torch
 
 import utils
 from golden import GoldenCase
-from helpers import (TINY_KWARGS, assert_ok, load_weights, run_dir, run_main, start_main, write_config,
+from helpers import (TINY_KWARGS, assert_ok, assert_same_training_state, children, environ,
+                     load_weights, run_dir, run_main, start_main, wait_for, write_config,
                      write_image_folder)
 from models.focal_transformer import FocalTransformer, checkpoint_filter_fn
 
@@ -23,45 +23,15 @@ def workspace(tmp_path_factory):
     return root, write_image_folder(root / 'data'), write_config(root / 'tiny.yaml')
 
 
-def wait_for(condition, process, timeout=120):
-    deadline = time.time() + timeout
-    while not condition():
-        assert process.poll() is None, "the run ended before the moment the test waits for"
-        assert time.time() < deadline, "timed out waiting"
-        time.sleep(0.02)
-
-
 def reached(run, epoch, step):
     """Whether the run in `run` has written a checkpoint at or after `step` of `epoch` (older
     step checkpoints are pruned as it goes, so look for any)."""
     def condition():
         names = os.listdir(run) if os.path.isdir(run) else []
-        positions = [(int(m.group(1)), int(m.group(2)) if m.group(2) else 10 ** 9)
-                     for m in map(utils.CHECKPOINT_NAME.match, names) if m]
+        positions = [parsed.position() for parsed in map(utils.parse_checkpoint_name, names)
+                     if parsed]
         return any(position >= (epoch, step) for position in positions)
     return condition
-
-
-def children(pid):
-    with open(f'/proc/{pid}/task/{pid}/children') as f:
-        return [int(child) for child in f.read().split()]
-
-
-def environ(pid):
-    with open(f'/proc/{pid}/environ', 'rb') as f:
-        return dict(item.split(b'=', 1) for item in f.read().split(b'\0') if b'=' in item)
-
-
-def assert_same_training_state(path_a, path_b):
-    a = torch.load(path_a, weights_only=True)
-    b = torch.load(path_b, weights_only=True)
-    assert a['model'].keys() == b['model'].keys()
-    for key in a['model']:
-        assert torch.equal(a['model'][key], b['model'][key]), f"{key} differs"
-    for index, state in a['optimizer']['state'].items():
-        for name, value in state.items():
-            assert torch.equal(value, b['optimizer']['state'][index][name]), f"optimizer {index} {name}"
-    assert a['lr_scheduler'] == b['lr_scheduler']
 
 
 def test_sigkill_and_restart_end_bit_identical(workspace):
