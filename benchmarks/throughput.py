@@ -1,12 +1,19 @@
 """Focal-T against Swin-T, side by side in one run: inference and training images/s, training peak memory.
 
 Each model is measured in its own subprocess so that peak memory is its own. On the CPU (default)
-the models run in float32 on all cores; peak memory is the growth of the process's peak resident
-set over the built model (gradients, optimizer state, activations). With `--device cuda` they run
-under bf16 autocast and peak memory is `torch.cuda.max_memory_allocated`. Times are the best of
-`--repeats` rounds of `--steps` steps, which is the figure least disturbed by other work on the machine.
+the models run in float32 eager mode on all cores; peak memory is the growth of the process's peak
+resident set over the built model (gradients, optimizer state, activations). With `--device cuda`
+they run under bf16 autocast and peak memory is `torch.cuda.max_memory_allocated`. Times are the
+best of `--repeats` rounds of `--steps` steps, which is the figure least disturbed by other work on
+the machine.
 
-    python benchmarks/throughput.py                      # CPU, batch 8, 224 px
+`--variants` adds rows for the same two models under `torch.compile` and/or bf16 autocast; `all`
+takes every variant, bf16 ones on the CPU only where it has bfloat16 instructions (avx512_bf16,
+AMX). A compiled model's first steps (compilation) are not timed; on the CPU its peak memory is not
+reported, since the compiler's own memory would be counted.
+
+    python benchmarks/throughput.py                      # CPU, float32 eager, batch 8, 224 px
+    python benchmarks/throughput.py --variants all       # + torch.compile and bf16 autocast rows
     python benchmarks/throughput.py --device cuda --batch-size 64
 """
 import argparse
@@ -16,6 +23,7 @@ import resource
 import subprocess
 import sys
 import time
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -23,6 +31,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BASELINE = 'swin_tiny_patch4_window7_224'
 CANDIDATE = 'focal_tiny_patch4_window7_224'
+CPU_BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
+
+
+class Variant(NamedTuple):
+    label: str
+    compile: bool
+    bf16: bool
+
+
+VARIANTS = {
+    'eager': Variant('float32 eager', compile=False, bf16=False),
+    'compile': Variant('float32 compile', compile=True, bf16=False),
+    'bf16': Variant('bf16 eager', compile=False, bf16=True),
+    'compile-bf16': Variant('bf16 compile', compile=True, bf16=True),
+}
 
 
 def peak_rss_bytes() -> int:
@@ -32,6 +55,22 @@ def peak_rss_bytes() -> int:
 def current_rss_bytes() -> int:
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def cpu_info() -> tuple:
+    """(model name, bfloat16 instruction flags) from /proc/cpuinfo; ('unknown', ()) where it is absent."""
+    name, flags = 'unknown', set()
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                key, _, value = line.partition(':')
+                if key.strip() == 'model name' and name == 'unknown':
+                    name = value.strip()
+                elif key.strip() == 'flags' and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return name, tuple(flag for flag in CPU_BF16_FLAGS if flag in flags)
 
 
 def timed(fn, steps: int, repeats: int, device: torch.device) -> float:
@@ -54,36 +93,43 @@ def measure(name: str, args) -> dict:
     import models  # noqa: F401  (registers the focal models with timm)
 
     device = torch.device(args.device)
+    variant = VARIANTS[args.variant]
     torch.manual_seed(0)
     model = timm.create_model(name, img_size=args.img_size).to(device)
+    forward = torch.compile(model) if variant.compile else model
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     labels = torch.randint(0, 1000, (args.batch_size,), device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.bf16)
 
     def train_step():
         with autocast:
-            loss = torch.nn.functional.cross_entropy(model(images), labels)
+            loss = torch.nn.functional.cross_entropy(forward(images), labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     def infer_step():
         with torch.inference_mode(), autocast:
-            model(images)
+            forward(images)
 
+    model.train()
+    if variant.compile:
+        train_step()  # compiles; untimed and, on a GPU, before the peak memory is reset
     rss_before = current_rss_bytes()
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
-    model.train()
     for _ in range(args.warmup):
         train_step()
+    train_memory: Optional[float] = None
     if device.type == 'cuda':
         train_memory = torch.cuda.max_memory_allocated()
-    else:
+    elif not variant.compile:
         train_memory = peak_rss_bytes() - rss_before
     train_time = timed(train_step, args.steps, args.repeats, device)
     model.eval()
+    if variant.compile:
+        infer_step()  # compiles the inference graph; untimed
     for _ in range(args.warmup):
         infer_step()
     infer_time = timed(infer_step, args.steps, args.repeats, device)
@@ -92,8 +138,42 @@ def measure(name: str, args) -> dict:
         'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
         'infer_img_s': args.batch_size / infer_time,
         'train_img_s': args.batch_size / train_time,
-        'train_peak_mib': train_memory / 2 ** 20,
+        'train_peak_mib': None if train_memory is None else train_memory / 2 ** 20,
     }
+
+
+def chosen_variants(args, cpu_bf16: tuple) -> list:
+    """`--variants` with `all` expanded; bf16 rows of `all` only where the CPU has bf16 instructions."""
+    if args.variants is None:
+        return ['bf16'] if args.device == 'cuda' else ['eager']
+    if 'all' not in args.variants:
+        return list(dict.fromkeys(args.variants))
+    return [key for key, variant in VARIANTS.items()
+            if not variant.bf16 or args.device == 'cuda' or cpu_bf16]
+
+
+def short_name(model: str) -> str:
+    return model.replace('_patch4_window7_224', '')
+
+
+def print_table(results: dict):
+    """One row per variant and model, then per variant each model's ratios to the variant's first model."""
+    columns = (f'{"variant":16s} {"model":34s} {"params(M)":>9s} {"infer img/s":>12s} '
+               f'{"train img/s":>12s} {"train peak MiB":>15s}')
+    print(columns)
+    print('-' * len(columns))
+    for key, rows in results.items():
+        base = rows[0]
+        for row in rows:
+            memory = '-' if row['train_peak_mib'] is None else f'{row["train_peak_mib"]:.0f}'
+            print(f'{VARIANTS[key].label:16s} {row["model"]:34s} {row["params_m"]:9.2f} '
+                  f'{row["infer_img_s"]:12.2f} {row["train_img_s"]:12.2f} {memory:>15s}')
+        for row in rows[1:]:
+            memory = '-' if None in (row['train_peak_mib'], base['train_peak_mib']) else \
+                f'{row["train_peak_mib"] / base["train_peak_mib"]:.2f}x'
+            ratio = f'ratio {short_name(row["model"])} / {short_name(base["model"])}'
+            print(f'{"":16s} {ratio:34s} {"":9s} {row["infer_img_s"] / base["infer_img_s"]:11.2f}x '
+                  f'{row["train_img_s"] / base["train_img_s"]:11.2f}x {memory:>15s}')
 
 
 def main():
@@ -107,7 +187,12 @@ def main():
     parser.add_argument('--threads', type=int, default=os.cpu_count(), help='CPU threads (default: all cores)')
     parser.add_argument('--models', nargs='+', default=[BASELINE, CANDIDATE],
                         help=f'timm model names; ratios are against the first ({BASELINE} by default)')
+    parser.add_argument('--variants', nargs='+', choices=(*VARIANTS, 'all'),
+                        help='eager: float32; compile: float32 under torch.compile; bf16: bf16 autocast; '
+                             'compile-bf16: both; all: every one (bf16 on the CPU only where it has bf16 '
+                             'instructions). Default: eager on the CPU, bf16 on cuda')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
+    parser.add_argument('--variant', default='eager', choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -117,30 +202,32 @@ def main():
     if args.device == 'cuda' and not torch.cuda.is_available():
         sys.exit('error: --device cuda given but no CUDA device is available')
 
-    rows = []
-    for name in args.models:
-        command = [sys.executable, os.path.abspath(__file__), '--worker', name] + [
-            f'--{key.replace("_", "-")}={value}' for key, value in vars(args).items()
-            if key not in ('worker', 'models')]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            sys.exit(f'error: measuring {name} failed:\n{result.stderr.strip()}')
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    cpu_name, cpu_bf16 = cpu_info()
+    variants = chosen_variants(args, cpu_bf16)
+    print(f'CPU: {cpu_name}, {os.cpu_count()} logical CPUs, bf16 instructions: '
+          f'{" ".join(cpu_bf16) or "none"}; torch {torch.__version__}; {args.threads} threads')
+    if args.device == 'cuda':
+        print(f'GPU: {torch.cuda.get_device_name()}')
+    if args.device == 'cpu' and not cpu_bf16 and any(VARIANTS[key].bf16 for key in variants):
+        print('note: this CPU has no bf16 instructions; its bf16 rows convert to float32 to compute')
+    if args.device == 'cpu' and 'all' in (args.variants or ()) and not cpu_bf16:
+        print('note: bf16 rows left out, this CPU has no bf16 instructions')
 
-    precision = 'bf16 autocast' if args.device == 'cuda' else 'float32'
-    print(f'device {args.device} ({precision}), batch {args.batch_size}, {args.img_size} px, '
-          f'{args.threads} threads, best of {args.repeats}x{args.steps} steps')
-    header = f'{"model":34s} {"params(M)":>9s} {"infer img/s":>12s} {"train img/s":>12s} {"train peak MiB":>15s}'
-    print(header)
-    print('-' * len(header))
-    base = rows[0]
-    for row in rows:
-        print(f'{row["model"]:34s} {row["params_m"]:9.2f} {row["infer_img_s"]:12.2f} '
-              f'{row["train_img_s"]:12.2f} {row["train_peak_mib"]:15.0f}')
-    for row in rows[1:]:
-        print(f'{row["model"]} / {base["model"]}: inference {row["infer_img_s"] / base["infer_img_s"]:.2f}x, '
-              f'training {row["train_img_s"] / base["train_img_s"]:.2f}x, '
-              f'training peak memory {row["train_peak_mib"] / base["train_peak_mib"]:.2f}x')
+    results = {}
+    for key in variants:
+        results[key] = []
+        for name in args.models:
+            command = [sys.executable, os.path.abspath(__file__), '--worker', name, '--variant', key] + [
+                f'--{option.replace("_", "-")}={value}' for option, value in vars(args).items()
+                if option not in ('worker', 'models', 'variants', 'variant')]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode != 0:
+                sys.exit(f'error: measuring {name} ({VARIANTS[key].label}) failed:\n{result.stderr.strip()}')
+            results[key].append(json.loads(result.stdout.strip().splitlines()[-1]))
+
+    print(f'device {args.device}, batch {args.batch_size}, {args.img_size} px, '
+          f'best of {args.repeats}x{args.steps} steps')
+    print_table(results)
 
 
 if __name__ == '__main__':

@@ -200,6 +200,12 @@ def gathered_attention(q: torch.Tensor, kv_source: torch.Tensor, key_index: torc
     """Attention of q (B, nH·nW, ws², hd) to keys/values gathered from kv_source at key_index."""
     if q.device.type == 'cpu' and dropout_p == 0. and torch.is_grad_enabled() and bias.requires_grad:
         return _GatheredBiasedAttention.apply(q, kv_source, key_index, bias, scale)
+    if torch.is_grad_enabled() and bias.requires_grad and not (q.requires_grad or kv_source.requires_grad):
+        # Only the bias tables train here (frozen projections, first block). SDPA then skips the
+        # log-sum-exp that CUDA's memory-efficient backward reads to get the bias gradient, and that
+        # backward reads memory it does not own (pytorch/pytorch#148476). A q that asks for a
+        # gradient (thrown away) makes the forward keep it.
+        q = q.detach().requires_grad_()
     k, v = _gather_keys(kv_source, key_index)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
 
