@@ -147,6 +147,7 @@ def test_torchrun_ranks_stop_together_when_rank_0_cannot_write(workspace):
     assert WRITE_ERROR.match(ours[0]).group(4) == 'EFBIG'
     assert ours[1] == f"error: an earlier attempt of this torchrun stopped with: {ours[0][7:]}; " \
                       f"not training again"
-    # the restarted attempt's two workers, as torchrun's summary lists them
-    assert result.stderr.count(f'exitcode  : {main.EXIT_CHECKPOINT_WRITE_FAILED}') == 2
+    # the restarted attempt's failure, as torchrun's summary lists it (a peer that torchrun stops
+    # before it exits by itself is listed as signalled, so only the first failure is certain)
+    assert f'exitcode  : {main.EXIT_CHECKPOINT_WRITE_FAILED}' in result.stderr
     assert_complete_checkpoints_only(run_dir(out))
