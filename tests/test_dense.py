@@ -4,6 +4,7 @@ backbone. Each trains a few steps on generated images of shapes (with their mask
 loss falls; a released-format classification checkpoint loads into the backbone strictly."""
 import numpy as np
 import pytest
+import segmentation_models_pytorch as smp
 import timm
 import torch
 from torchvision.models.detection import FCOS, MaskRCNN, RetinaNet
@@ -12,14 +13,11 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import models  # noqa: F401  (registers the focal models with timm)
-import segmentation_models_pytorch as smp
+from helpers import TIMM_NAME, TIMM_TINY_ARCH
 from models.dense import load_backbone_checkpoint, no_weight_decay_names
 from models.detection import focal_fpn_backbone
 from optimizer import parameter_groups
 
-MODEL_NAME = 'focal_tiny_patch4_window7_224'
-# Small stages for the CPU; the window and focal levels are the released ones.
-TINY_ARCH = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
 # (class id, colour) of the shapes: 1 disc, 2 square.
 SHAPE_COLOURS = {1: (220, 60, 40), 2: (40, 200, 60)}
 
@@ -54,7 +52,7 @@ def shapes_scene(height, width, rng, max_objects=3):
 def released_format_checkpoint(path, **arch):
     """Save a classifier's weights as the released files hold them: under 'model', with head.*,
     norm.* and the reference's integer index buffers (which no model of ours has)."""
-    classifier = timm.create_model(MODEL_NAME, **arch)
+    classifier = timm.create_model(TIMM_NAME, **arch)
     state = classifier.state_dict()
     block = 'layers.0.blocks.0.attn.'
     state[block + 'relative_position_index'] = torch.zeros(49, 49, dtype=torch.long)
@@ -87,8 +85,8 @@ def assert_falls(losses, factor):
 # ---------------------------------------------------------------- segmentation (smp UPerNet)
 
 def upernet(**arch):
-    return smp.UPerNet(f'tu-{MODEL_NAME}', encoder_weights=None, classes=3, decoder_channels=32,
-                       **{**TINY_ARCH, **arch})
+    return smp.UPerNet(f'tu-{TIMM_NAME}', encoder_weights=None, classes=3, decoder_channels=32,
+                       **{**TIMM_TINY_ARCH, **arch})
 
 
 def segmentation_loss(model, batch):
@@ -105,6 +103,9 @@ def test_upernet_trains(size):
     batch = (torch.stack([image for image, _, _ in scenes]), torch.stack([labels for _, labels, _ in scenes]))
     losses = train_steps(model, [batch], segmentation_loss, steps=8)
     assert_falls(losses, 0.6)
+    # below the best prediction that ignores the image (each pixel the class frequencies)
+    frequencies = torch.bincount(batch[1].flatten(), minlength=3).double() / batch[1].numel()
+    assert losses[-1] < 0.7 * -(frequencies * frequencies.clamp(min=1e-12).log()).sum().item(), losses
     model.eval()
     with torch.no_grad():
         assert model(batch[0]).shape == (2, 3, *size)
@@ -112,7 +113,7 @@ def test_upernet_trains(size):
 
 def test_released_checkpoint_loads_into_upernet_encoder(tmp_path):
     path = tmp_path / 'focal-tiny.pth'
-    classifier = released_format_checkpoint(path, **TINY_ARCH)
+    classifier = released_format_checkpoint(path, **TIMM_TINY_ARCH)
     model = upernet()
     left_out = load_backbone_checkpoint(model, path)
     assert set(left_out) <= {'head.weight', 'head.bias', 'norm.weight', 'norm.bias'}
@@ -124,13 +125,13 @@ def test_released_checkpoint_loads_into_upernet_encoder(tmp_path):
 
 def test_checkpoint_of_another_architecture_names_keys(tmp_path):
     path = tmp_path / 'wider.pth'
-    released_format_checkpoint(path, **{**TINY_ARCH, 'embed_dim': 24})
+    released_format_checkpoint(path, **{**TIMM_TINY_ARCH, 'embed_dim': 24})
     with pytest.raises(ValueError, match=r'patch_embed\.proj\.weight \(24, 3, 4, 4\) in the checkpoint, '
                                          r'\(16, 3, 4, 4\) in the model'):
         load_backbone_checkpoint(upernet(), path)
 
     deeper = tmp_path / 'deeper.pth'
-    released_format_checkpoint(deeper, **{**TINY_ARCH, 'depths': (1, 1, 2, 1)})
+    released_format_checkpoint(deeper, **{**TIMM_TINY_ARCH, 'depths': (1, 1, 2, 1)})
     with pytest.raises(ValueError, match=r'unexpected layers\.2\.blocks\.1\.'):
         load_backbone_checkpoint(upernet(), deeper)
 
@@ -179,7 +180,7 @@ def detection_loss(model, batch):
 
 
 def tiny_backbone(**kwargs):
-    return focal_fpn_backbone(MODEL_NAME, out_channels=FPN_WIDTH, **{**TINY_ARCH, **kwargs})
+    return focal_fpn_backbone(TIMM_NAME, out_channels=FPN_WIDTH, **{**TIMM_TINY_ARCH, **kwargs})
 
 
 def test_mask_rcnn_trains_on_images_of_different_sizes():
@@ -215,7 +216,7 @@ def test_backbone_options(tmp_path):
     """frozen stages stay fixed and in eval mode, the drop path rate reaches the blocks, a
     released-format checkpoint loads, and no_weight_decay names the bias tables in the detector."""
     path = tmp_path / 'focal-tiny.pth'
-    classifier = released_format_checkpoint(path, **TINY_ARCH)
+    classifier = released_format_checkpoint(path, **TIMM_TINY_ARCH)
     backbone = tiny_backbone(pretrained=str(path), frozen_stages=1, drop_path_rate=0.3)
     model = small_mask_rcnn(backbone)
     body = backbone.body
