@@ -66,14 +66,13 @@ class FocalFPN(nn.Module):
         self.out_channels = out_channels
         for module in self._frozen_modules():
             module.requires_grad_(False)
+        if frozen_stages >= 0 and body.ape:
+            body.absolute_pos_embed.requires_grad_(False)
 
     def _frozen_modules(self) -> list:
         if self.frozen_stages < 0:
             return []
-        frozen = [self.body.patch_embed, self.body.pos_drop]
-        if self.body.ape:
-            self.body.absolute_pos_embed.requires_grad_(False)
-        return frozen + list(self.body.layers[:self.frozen_stages])
+        return [self.body.patch_embed, self.body.pos_drop, *self.body.layers[:self.frozen_stages]]
 
     def train(self, mode: bool = True):
         super().train(mode)
