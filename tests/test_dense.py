@@ -61,15 +61,14 @@ def released_format_checkpoint(path, **arch):
     return classifier
 
 
-def train_steps(model, batches, loss_of, steps, lr=2e-3):
-    """Losses of `steps` AdamW steps cycling over `batches` (weight decay as the training recipe)."""
-    groups = parameter_groups(model, 0.05, skip_names=no_weight_decay_names(model),
-                              skip_keywords=())
+def train_steps(model, batch, loss_of, steps, lr=2e-3):
+    """Losses of `steps` AdamW steps on one batch (no weight decay where the training recipe has none)."""
+    groups = parameter_groups(model, 0.05, skip_names=no_weight_decay_names(model))
     optimizer = torch.optim.AdamW(groups, lr=lr)
     model.train()
     losses = []
-    for step in range(steps):
-        loss = loss_of(model, batches[step % len(batches)])
+    for _ in range(steps):
+        loss = loss_of(model, batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -101,7 +100,7 @@ def test_upernet_trains(size):
     model = upernet()
     scenes = [shapes_scene(*size, rng) for _ in range(2)]
     batch = (torch.stack([image for image, _, _ in scenes]), torch.stack([labels for _, labels, _ in scenes]))
-    losses = train_steps(model, [batch], segmentation_loss, steps=8)
+    losses = train_steps(model, batch, segmentation_loss, steps=8)
     assert_falls(losses, 0.6)
     # below the best prediction that ignores the image (each pixel the class frequencies)
     frequencies = torch.bincount(batch[1].flatten(), minlength=3).double() / batch[1].numel()
@@ -187,7 +186,7 @@ def test_mask_rcnn_trains_on_images_of_different_sizes():
     torch.manual_seed(0)
     model = small_mask_rcnn(tiny_backbone(), box_score_thresh=0.0)
     batch = detection_batch()
-    losses = train_steps(model, [batch], detection_loss, steps=8, lr=1e-3)
+    losses = train_steps(model, batch, detection_loss, steps=8, lr=1e-3)
     assert_falls(losses, 0.6)
     model.eval()
     with torch.no_grad():
@@ -204,7 +203,7 @@ def test_single_stage_detectors_train(detector):
     backbone = tiny_backbone(returned_stages=(1, 2, 3), extra_blocks=LastLevelP6P7(FPN_WIDTH, FPN_WIDTH))
     model = detector(backbone, num_classes=3, score_thresh=0.0, **SMALL_DETECTOR)
     batch = detection_batch()
-    losses = train_steps(model, [batch], detection_loss, steps=3, lr=1e-3)
+    losses = train_steps(model, batch, detection_loss, steps=3, lr=1e-3)
     assert all(np.isfinite(losses)), losses
     model.eval()
     with torch.no_grad():
@@ -228,7 +227,7 @@ def test_backbone_options(tmp_path):
               if name.startswith(('backbone.body.patch_embed.', 'backbone.body.layers.0.'))}
     assert frozen and not any(param.requires_grad for name, param in model.named_parameters() if name in frozen)
     assert all(param.requires_grad for name, param in model.named_parameters() if name not in frozen)
-    train_steps(model, [detection_batch()], detection_loss, steps=1)
+    train_steps(model, detection_batch(), detection_loss, steps=1)
     assert not body.layers[0].training and body.layers[1].training
     for name, param in model.named_parameters():
         if name in frozen:
