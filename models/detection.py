@@ -31,7 +31,8 @@ __all__ = ['FocalFPN', 'focal_fpn_backbone']
 class FocalFPN(nn.Module):
     """Focal Transformer stages, a LayerNorm per returned stage, and a FeaturePyramidNetwork.
 
-    `body`: a FocalTransformer; its classifier and final norm are removed (the maps skip them).
+    `body`: a FocalTransformer, pruned to what the returned maps need (no classifier, no final
+    norm, no stage after the last returned one).
     `returned_stages`: the stages whose maps feed the pyramid, in increasing order.
     `extra_blocks`: torchvision's extra pyramid levels (LastLevelMaxPool for the R-CNN family,
     LastLevelP6P7 for RetinaNet and FCOS); None adds none.
@@ -53,10 +54,9 @@ class FocalFPN(nn.Module):
                              f'in [0, {num_stages - 1}]')
         if not -1 <= frozen_stages <= num_stages:
             raise ValueError(f'frozen_stages {frozen_stages} must lie in [-1, {num_stages}]')
-        # The maps are taken before the final norm and the classifier: drop them, since DDP rejects
+        # Drop what the maps do not use (final norm, classifier, later stages): DDP rejects
         # parameters that get no gradient.
-        body.reset_classifier(0)
-        body.norm = nn.Identity()
+        body.prune_intermediate_layers(returned_stages, prune_norm=True)
         self.body = body
         self.returned_stages = returned_stages
         self.frozen_stages = frozen_stages
@@ -81,11 +81,10 @@ class FocalFPN(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> 'OrderedDict[str, torch.Tensor]':
-        maps = self.body.forward_intermediates(images, indices=self.returned_stages, stop_early=True,
+        maps = self.body.forward_intermediates(images, indices=self.returned_stages, output_fmt='NHWC',
                                                intermediates_only=True)
-        normed = OrderedDict()
-        for index, (norm, stage_map) in enumerate(zip(self.stage_norms, maps)):
-            normed[str(index)] = norm(stage_map.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        normed = OrderedDict((str(index), norm(stage_map).permute(0, 3, 1, 2))
+                             for index, (norm, stage_map) in enumerate(zip(self.stage_norms, maps)))
         return self.fpn(normed)
 
     @torch.jit.ignore

@@ -228,6 +228,8 @@ def test_backbone_options(tmp_path):
     assert frozen and not any(param.requires_grad for name, param in model.named_parameters() if name in frozen)
     assert all(param.requires_grad for name, param in model.named_parameters() if name not in frozen)
     train_steps(model, detection_batch(), detection_loss, steps=1)
+    # every trainable parameter is used (DistributedDataParallel requires it)
+    assert [name for name, param in model.named_parameters() if param.requires_grad and param.grad is None] == []
     assert not body.layers[0].training and body.layers[1].training
     for name, param in model.named_parameters():
         if name in frozen:
