@@ -684,6 +684,10 @@ class FocalTransformer(nn.Module):
     excluded: `python -m pytest <timm>/tests/test_models.py -k "focal_ and not pretrained" -p models`
     from the repository root): forward_features gives (B, H, W, C) maps (`output_fmt` 'NHWC'),
     forward_intermediates/features_only the stage maps, torch.fx, TorchScript and torch.export work.
+
+    torch.export with dynamic height and width: the example input and the dimensions' minimum must
+    give every stage at least two windows per axis (export fixes a dimension it sees as 1), and the
+    example batch at least 2; e.g. the released models: example 448x448, Dim(min=225).
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4, in_chans: int = 3,
