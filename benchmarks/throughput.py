@@ -8,6 +8,12 @@ under bf16 autocast and peak memory is `torch.cuda.max_memory_allocated`. Times 
 
     python benchmarks/throughput.py                      # CPU, batch 8, 224 px
     python benchmarks/throughput.py --device cuda --batch-size 64
+    python benchmarks/throughput.py --detector           # one 800x1216 image, inference only
+
+`--detector` measures what a detection backbone sees: batch 1 at `--detector-size` (800x1216 by
+default), inference only, Swin-T created with `dynamic_img_size=True` so that it takes that size;
+for the focal model it also times a forward at a size whose index tables are not cached yet (the
+cache is cleared before each), and the difference to a cached forward is the time to build them.
 """
 import argparse
 import json
@@ -49,10 +55,41 @@ def timed(fn, steps: int, repeats: int, device: torch.device) -> float:
     return best
 
 
+def measure_detector(name: str, args) -> dict:
+    import timm
+    from models.focal_transformer import FocalTransformer, clear_attention_table_cache
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    kwargs = {} if name.startswith('focal') else dict(dynamic_img_size=True)
+    model = timm.create_model(name, **kwargs).to(device).eval()
+    images = torch.randn(1, 3, *args.detector_size, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+
+    def infer_step():
+        with torch.inference_mode(), autocast:
+            model(images)
+
+    def new_size_step():
+        clear_attention_table_cache()
+        infer_step()
+
+    for _ in range(args.warmup):
+        infer_step()
+    infer_time = timed(infer_step, args.steps, args.repeats, device)
+    row = {'model': name, 'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
+           'infer_img_s': 1 / infer_time, 'forward_ms': infer_time * 1e3}
+    if isinstance(model, FocalTransformer):
+        row['table_build_ms'] = (timed(new_size_step, args.steps, args.repeats, device) - infer_time) * 1e3
+    return row
+
+
 def measure(name: str, args) -> dict:
     import timm
     import models  # noqa: F401  (registers the focal models with timm)
 
+    if args.detector:
+        return measure_detector(name, args)
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = timm.create_model(name, img_size=args.img_size).to(device)
@@ -105,6 +142,9 @@ def main():
     parser.add_argument('--repeats', type=int, default=3, help='timed rounds; the best is kept')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--threads', type=int, default=os.cpu_count(), help='CPU threads (default: all cores)')
+    parser.add_argument('--detector', action='store_true',
+                        help='batch 1 at --detector-size, inference only (Swin-T with dynamic_img_size=True)')
+    parser.add_argument('--detector-size', type=int, nargs=2, default=(800, 1216), metavar=('H', 'W'))
     parser.add_argument('--models', nargs='+', default=[BASELINE, CANDIDATE],
                         help=f'timm model names; ratios are against the first ({BASELINE} by default)')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
@@ -121,13 +161,18 @@ def main():
     for name in args.models:
         command = [sys.executable, os.path.abspath(__file__), '--worker', name] + [
             f'--{key.replace("_", "-")}={value}' for key, value in vars(args).items()
-            if key not in ('worker', 'models')]
+            if key not in ('worker', 'models', 'detector', 'detector_size')]
+        if args.detector:
+            command += ['--detector', '--detector-size', *map(str, args.detector_size)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             sys.exit(f'error: measuring {name} failed:\n{result.stderr.strip()}')
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
 
     precision = 'bf16 autocast' if args.device == 'cuda' else 'float32'
+    if args.detector:
+        print_detector_rows(rows, args, precision)
+        return
     print(f'device {args.device} ({precision}), batch {args.batch_size}, {args.img_size} px, '
           f'{args.threads} threads, best of {args.repeats}x{args.steps} steps')
     header = f'{"model":34s} {"params(M)":>9s} {"infer img/s":>12s} {"train img/s":>12s} {"train peak MiB":>15s}'
@@ -141,6 +186,20 @@ def main():
         print(f'{row["model"]} / {base["model"]}: inference {row["infer_img_s"] / base["infer_img_s"]:.2f}x, '
               f'training {row["train_img_s"] / base["train_img_s"]:.2f}x, '
               f'training peak memory {row["train_peak_mib"] / base["train_peak_mib"]:.2f}x')
+
+
+def print_detector_rows(rows: list, args, precision: str):
+    height, width = args.detector_size
+    print(f'device {args.device} ({precision}), batch 1, {height}x{width} px, inference, '
+          f'{args.threads} threads, best of {args.repeats}x{args.steps} steps')
+    header = f'{"model":34s} {"params(M)":>9s} {"forward ms":>11s} {"img/s":>8s} {"table build ms":>15s}'
+    print(header)
+    print('-' * len(header))
+    for row in rows:
+        build = f'{row["table_build_ms"]:15.1f}' if 'table_build_ms' in row else f'{"-":>15s}'
+        print(f'{row["model"]:34s} {row["params_m"]:9.2f} {row["forward_ms"]:11.1f} {row["infer_img_s"]:8.2f} {build}')
+    for row in rows[1:]:
+        print(f'{row["model"]} / {rows[0]["model"]}: inference {row["infer_img_s"] / rows[0]["infer_img_s"]:.2f}x')
 
 
 if __name__ == '__main__':

@@ -243,6 +243,16 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, channels_last: bool) -> torc
 
 @torch.fx.wrap
 @register_notrace_function
+def crop_to(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The top-left (H, W) of a (B, Hp, Wp, C) map with Hp >= H, Wp >= W."""
+    if torch.compiler.is_compiling():
+        # gathers: a slice would ask the tracer to prove H <= Hp, which it cannot for symbolic sizes
+        return x.index_select(1, torch.arange(H, device=x.device)).index_select(2, torch.arange(W, device=x.device))
+    return x[:, :H, :W]
+
+
+@torch.fx.wrap
+@register_notrace_function
 def check_image_size(x: torch.Tensor, img_size: Tuple[int, int], min_size: int, strict_img_size: bool) -> torch.Tensor:
     """x, or a ValueError for an input the model cannot take (with strict_img_size: of another size than
     img_size). Returning x keeps the check in torch.fx graphs."""
@@ -439,8 +449,15 @@ class FocalAttention(nn.Module):
         bias = self.attention_bias(mask).to(q.dtype)
         out = gathered_attention(q, kv_source, key_index, bias, self.scale,
                                  self.attn_drop if self.training else 0., self.training)
-        out = out.view(B, nH, Hp // ws, Wp // ws, ws, ws, head_dim).permute(0, 2, 4, 3, 5, 1, 6)
-        out = self.proj(out.reshape(B, Hp, Wp, C))
+        if torch.compiler.is_compiling():
+            # Windows put back by their query index: merging (window rows, ws) into one symbolic
+            # dimension would ask the tracer to prove divisibilities it cannot.
+            out = out.view(B, nH, -1, head_dim).permute(0, 2, 1, 3).reshape(B, -1, C)
+            out = out.new_zeros(B, Hp * Wp, C).index_copy(1, query_index, out).view(B, Hp, Wp, C)
+        else:
+            out = out.view(B, nH, Hp // ws, Wp // ws, ws, ws, head_dim).permute(0, 2, 4, 3, 5, 1, 6)
+            out = out.reshape(B, Hp, Wp, C)
+        out = self.proj(out)
         return self.proj_drop(out)
 
 
@@ -538,7 +555,7 @@ class FocalTransformerBlock(nn.Module):
         out = self.attn(z, self.pool(z))
         if self.shift_size > 0:
             out = torch.roll(out, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
-        return out[:, :H, :W]
+        return crop_to(out, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.focal_attention(x)
@@ -667,6 +684,10 @@ class FocalTransformer(nn.Module):
     excluded: `python -m pytest <timm>/tests/test_models.py -k "focal_ and not pretrained" -p models`
     from the repository root): forward_features gives (B, H, W, C) maps (`output_fmt` 'NHWC'),
     forward_intermediates/features_only the stage maps, torch.fx, TorchScript and torch.export work.
+
+    torch.export with dynamic height and width: the example input and the dimensions' minimum must
+    give every stage at least two windows per axis (export fixes a dimension it sees as 1), and the
+    example batch at least 2; e.g. the released models: example 448x448, Dim(min=225).
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4, in_chans: int = 3,

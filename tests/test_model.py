@@ -382,3 +382,18 @@ def test_torchscript_matches_eager_at_another_size():
     images = torch.randn(2, 3, 37, 50)
     with torch.no_grad():
         assert torch.allclose(scripted(images), model(images), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_export_with_dynamic_batch_height_and_width_matches_eager_at_other_sizes():
+    """From an eval model whose parameters still require grad, as after training: the export takes the
+    SDPA path, and the tables are built in the graph from the symbolic sizes."""
+    model = micro(depths=[1, 2], use_shift=True).eval()
+    assert all(p.requires_grad for p in model.parameters())
+    dims = {'x': {0: torch.export.Dim('batch', max=64), 2: torch.export.Dim('height', min=32, max=1024),
+                  3: torch.export.Dim('width', min=32, max=1024)}}
+    exported = torch.export.export(model, (torch.randn(2, 3, 40, 40),), dynamic_shapes=dims).module()
+    for size in [(1, 37, 50), (3, 64, 33)]:
+        images = torch.randn(size[0], 3, *size[1:])
+        with torch.no_grad():
+            expected = model(images)
+        assert (exported(images) - expected).abs().max() < 1e-4
