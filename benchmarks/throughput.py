@@ -15,6 +15,12 @@ reported, since the compiler's own memory would be counted.
     python benchmarks/throughput.py                      # CPU, float32 eager, batch 8, 224 px
     python benchmarks/throughput.py --variants all       # + torch.compile and bf16 autocast rows
     python benchmarks/throughput.py --device cuda --batch-size 64
+    python benchmarks/throughput.py --detector           # one 800x1216 image, inference only
+
+`--detector` measures what a detection backbone sees: batch 1 at `--detector-size` (800x1216 by
+default), inference only, Swin-T created with `dynamic_img_size=True` so that it takes that size;
+for the focal model it also times a forward at a size whose index tables are not cached yet (the
+cache is cleared before each), and the difference to a cached forward is the time to build them.
 """
 import argparse
 import json
@@ -88,10 +94,41 @@ def timed(fn, steps: int, repeats: int, device: torch.device) -> float:
     return best
 
 
+def measure_detector(name: str, args) -> dict:
+    import timm
+    from models.focal_transformer import FocalTransformer, clear_attention_table_cache
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    kwargs = {} if name.startswith('focal') else dict(dynamic_img_size=True)
+    model = timm.create_model(name, **kwargs).to(device).eval()
+    images = torch.randn(1, 3, *args.detector_size, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+
+    def infer_step():
+        with torch.inference_mode(), autocast:
+            model(images)
+
+    def new_size_step():
+        clear_attention_table_cache()
+        infer_step()
+
+    for _ in range(args.warmup):
+        infer_step()
+    infer_time = timed(infer_step, args.steps, args.repeats, device)
+    row = {'model': name, 'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
+           'infer_img_s': 1 / infer_time, 'forward_ms': infer_time * 1e3}
+    if isinstance(model, FocalTransformer):
+        row['table_build_ms'] = (timed(new_size_step, args.steps, args.repeats, device) - infer_time) * 1e3
+    return row
+
+
 def measure(name: str, args) -> dict:
     import timm
     import models  # noqa: F401  (registers the focal models with timm)
 
+    if args.detector:
+        return measure_detector(name, args)
     device = torch.device(args.device)
     variant = VARIANTS[args.variant]
     torch.manual_seed(0)
@@ -185,6 +222,9 @@ def main():
     parser.add_argument('--repeats', type=int, default=3, help='timed rounds; the best is kept')
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--threads', type=int, default=os.cpu_count(), help='CPU threads (default: all cores)')
+    parser.add_argument('--detector', action='store_true',
+                        help='batch 1 at --detector-size, inference only (Swin-T with dynamic_img_size=True)')
+    parser.add_argument('--detector-size', type=int, nargs=2, default=(800, 1216), metavar=('H', 'W'))
     parser.add_argument('--models', nargs='+', default=[BASELINE, CANDIDATE],
                         help=f'timm model names; ratios are against the first ({BASELINE} by default)')
     parser.add_argument('--variants', nargs='+', choices=(*VARIANTS, 'all'),
@@ -194,6 +234,8 @@ def main():
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     parser.add_argument('--variant', default='eager', choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.detector and args.variants:
+        parser.error('--detector measures plain inference; it takes no --variants')
     torch.set_num_threads(args.threads)
 
     if args.worker:
@@ -219,15 +261,35 @@ def main():
         for name in args.models:
             command = [sys.executable, os.path.abspath(__file__), '--worker', name, '--variant', key] + [
                 f'--{option.replace("_", "-")}={value}' for option, value in vars(args).items()
-                if option not in ('worker', 'models', 'variants', 'variant')]
+                if option not in ('worker', 'models', 'variants', 'variant', 'detector', 'detector_size')]
+            if args.detector:
+                command += ['--detector', '--detector-size', *map(str, args.detector_size)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 sys.exit(f'error: measuring {name} ({VARIANTS[key].label}) failed:\n{result.stderr.strip()}')
             results[key].append(json.loads(result.stdout.strip().splitlines()[-1]))
 
+    if args.detector:
+        for key in variants:
+            print_detector_rows(results[key], args, VARIANTS[key].label)
+        return
     print(f'device {args.device}, batch {args.batch_size}, {args.img_size} px, '
           f'best of {args.repeats}x{args.steps} steps')
     print_table(results)
+
+
+def print_detector_rows(rows: list, args, precision: str):
+    height, width = args.detector_size
+    print(f'device {args.device} ({precision}), batch 1, {height}x{width} px, inference, '
+          f'{args.threads} threads, best of {args.repeats}x{args.steps} steps')
+    header = f'{"model":34s} {"params(M)":>9s} {"forward ms":>11s} {"img/s":>8s} {"table build ms":>15s}'
+    print(header)
+    print('-' * len(header))
+    for row in rows:
+        build = f'{row["table_build_ms"]:15.1f}' if 'table_build_ms' in row else f'{"-":>15s}'
+        print(f'{row["model"]:34s} {row["params_m"]:9.2f} {row["forward_ms"]:11.1f} {row["infer_img_s"]:8.2f} {build}')
+    for row in rows[1:]:
+        print(f'{row["model"]} / {rows[0]["model"]}: inference {row["infer_img_s"] / rows[0]["infer_img_s"]:.2f}x')
 
 
 if __name__ == '__main__':

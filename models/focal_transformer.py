@@ -2,11 +2,20 @@
 Transformers", NeurIPS 2021).
 
 Computes the function of the released ImageNet-1K checkpoints (see
-`shared/reference/FOCAL_ATTENTION.md`), parameter names and shapes included. Everything that depends
-only on the configuration (which token each key slot reads, which bias entry each logit takes, the
-shift and out-of-grid masks) is built once as index tables; a forward pass is then one gather for
-the keys/values, a lookup of each bias table and one fused attention call per block.
+`shared/reference/FOCAL_ATTENTION.md`), parameter names and shapes included, at the size the model is
+built for and at any other input size. The block structure (window, neighbours, shift, pooled levels,
+parameter shapes) is fixed at construction; the maps between blocks are (B, H, W, C) of whatever size
+the input gives, with stage sizes in ceil division as Swin's detection backbone (the image padded to a
+multiple of the patch, odd maps padded before each 2x downsampling, every map padded to the window).
+
+Which token each key slot reads and which slots are masked depend on the padded map size: those
+index tables are built once per (block configuration, map size, device) and kept in a bounded LRU
+cache shared by all blocks and models (`attention_table_cache_info()`); under torch.compile/export and
+TorchScript the same tables are built in the graph from tensor ops on the (symbolic) sizes. Which bias
+entry each logit takes depends only on the configuration and stays a buffer. A forward pass is then
+one gather for the keys/values, a lookup of each bias table and one fused attention call per block.
 """
+import functools
 import math
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -14,12 +23,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, Mlp, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import DropPath, Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
+from timm.models._features import feature_take_indices
 
 from .unwrap import unwrap_state_dict
 
-__all__ = ['FocalTransformer', 'checkpoint_filter_fn', 'neighbour_key_positions']
+__all__ = ['FocalTransformer', 'checkpoint_filter_fn', 'neighbour_key_positions', 'attention_table_cache_info',
+           'clear_attention_table_cache']
 
 POOL_METHODS = ('none', 'fc', 'conv', 'mean', 'max')
 EXPAND_LAYERS = ('all', 'even', 'odd')
@@ -28,6 +39,10 @@ EXPAND_LAYERS = ('all', 'even', 'odd')
 MASK_VALUE = -100.0
 # Names of the integer tables the reference stores in its checkpoints; ours are derived instead.
 REFERENCE_BUFFER_PREFIXES = ('relative_position_index', 'valid_ind_rolled', 'valid_ind_unfold')
+# Cached table sets (one per block configuration, padded map size and device). A model has a few block
+# configurations (Focal-T: 4, one per stage), so this holds the tables of about 30 input sizes; a
+# stage-0 set for an 800x1216 image is about 4 MB.
+TABLE_CACHE_SIZE = 128
 
 
 def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
@@ -60,46 +75,37 @@ def neighbour_key_positions(window_size: int, expand_size: int) -> torch.Tensor:
     return torch.cat(groups)
 
 
-def shift_region_mask(padded_size: Tuple[int, int], window_size: int, shift_size: int) -> torch.Tensor:
-    """(nW, ws², ws²) with MASK_VALUE between tokens of different regions of the rolled map.
+# The functions below take sizes that may be symbolic (torch.export) and are compiled by TorchScript:
+# tensor ops with broadcasting only, no data-dependent shapes, no Python branches on sizes.
 
-    Built on the padded map, as Swin's detection backbone does, so that any map size works.
-    """
-    Hp, Wp = padded_size
-    regions = torch.zeros(Hp, Wp, dtype=torch.long)
-    bounds = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
-    region_id = 0
-    for rows in bounds:
-        for cols in bounds:
-            regions[rows, cols] = region_id
-            region_id += 1
-    ws = window_size
-    windows = regions.view(Hp // ws, ws, Wp // ws, ws).permute(0, 2, 1, 3).reshape(-1, ws * ws)
-    different = windows[:, :, None] != windows[:, None, :]
-    return different.float() * MASK_VALUE
-
-
-def window_token_index(padded_size: Tuple[int, int], window_size: int) -> torch.Tensor:
+def window_token_index(padded_size: Tuple[int, int], window_size: int,
+                       device: Optional[torch.device] = None) -> torch.Tensor:
     """(nW, ws²) flat index of each window's tokens in the padded map, windows row-major."""
     Hp, Wp = padded_size
     ws = window_size
-    flat = torch.arange(Hp * Wp).view(Hp // ws, ws, Wp // ws, ws)
-    return flat.permute(0, 2, 1, 3).reshape(-1, ws * ws)
+    top_left = (torch.arange(0, Hp, ws, device=device)[:, None] * Wp
+                + torch.arange(0, Wp, ws, device=device)[None, :]).flatten()
+    local = torch.arange(ws, device=device)
+    in_window = (local[:, None] * Wp + local[None, :]).flatten()
+    return top_left[:, None] + in_window[None, :]
 
 
-def neighbour_token_index(padded_size: Tuple[int, int], window_size: int, expand_size: int) -> torch.Tensor:
-    """(nW, n_neighbours) flat index of each window's neighbour keys, wrapping around the map."""
+def neighbour_token_index(padded_size: Tuple[int, int], window_size: int, positions: torch.Tensor) -> torch.Tensor:
+    """(nW, n_neighbours) flat index of each window's neighbour keys (`positions` from
+    neighbour_key_positions), wrapping around the map."""
     Hp, Wp = padded_size
     ws = window_size
-    top = torch.arange(0, Hp, ws).repeat_interleave(Wp // ws)
-    left = torch.arange(0, Wp, ws).repeat(Hp // ws)
-    offsets = neighbour_key_positions(window_size, expand_size)
-    rows = (top[:, None] + offsets[None, :, 0]) % Hp
-    cols = (left[:, None] + offsets[None, :, 1]) % Wp
-    return rows * Wp + cols
+    rows = torch.arange(0, Hp, ws, device=positions.device)[:, None, None] + positions[:, 0]
+    cols = torch.arange(0, Wp, ws, device=positions.device)[None, :, None] + positions[:, 1]
+    # Offsets reach at most one map beyond either edge, so one conditional wrap is `% size`; the
+    # ONNX exporter cannot translate a remainder by a symbolic size.
+    rows = torch.where(rows < 0, rows + Hp, torch.where(rows >= Hp, rows - Hp, rows))
+    cols = torch.where(cols < 0, cols + Wp, torch.where(cols >= Wp, cols - Wp, cols))
+    return (rows * Wp + cols).flatten(0, 1)
 
 
-def pooled_block_index(window_grid: Tuple[int, int], level: int, focal_window: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def pooled_block_index(window_grid: Tuple[int, int], level: int, focal_window: int,
+                       device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Cells of pooled level `level` that each window attends.
 
     Returns (index, valid): both (nW, K²) with K = focal_window + 2**level - 1; index is the flat
@@ -107,30 +113,175 @@ def pooled_block_index(window_grid: Tuple[int, int], level: int, focal_window: i
     inside the grid.
     """
     nWh, nWw = window_grid
-    scale = 2 ** level
+    scale = 1 << level
     K = focal_window + scale - 1
     Gh, Gw = nWh * scale, nWw * scale
-    top = torch.arange(nWh).repeat_interleave(nWw) * scale - (focal_window - 1) // 2
-    left = torch.arange(nWw).repeat(nWh) * scale - (focal_window - 1) // 2
-    a, b = torch.meshgrid(torch.arange(K), torch.arange(K), indexing='ij')
-    rows = top[:, None] + a.flatten()[None, :]
-    cols = left[:, None] + b.flatten()[None, :]
+    cell = torch.arange(K, device=device)
+    rows = (torch.arange(nWh, device=device) * scale - (focal_window - 1) // 2)[:, None, None, None] \
+        + cell[None, None, :, None]
+    cols = (torch.arange(nWw, device=device) * scale - (focal_window - 1) // 2)[None, :, None, None] \
+        + cell[None, None, None, :]
     valid = (rows >= 0) & (rows < Gh) & (cols >= 0) & (cols < Gw)
-    return rows * Gw + cols, valid
+    return (rows * Gw + cols).flatten(0, 1).flatten(1), valid.flatten(0, 1).flatten(1)
 
 
-def crop_or_pad(z: torch.Tensor, target: Tuple[int, int]) -> torch.Tensor:
-    """Fit (B, H, W, C) to (Ht, Wt) rows/cols: drop or zero-pad, the smaller half at the top/left."""
-    H, W = z.shape[1:3]
-    Ht, Wt = target
-    if H > Ht:
-        z = z[:, (H - Ht) // 2:(H - Ht) // 2 + Ht]
-    if W > Wt:
-        z = z[:, :, (W - Wt) // 2:(W - Wt) // 2 + Wt]
-    pad_rows, pad_cols = max(Ht - H, 0), max(Wt - W, 0)
-    if pad_rows or pad_cols:
-        z = F.pad(z, (0, 0, pad_cols // 2, pad_cols - pad_cols // 2, pad_rows // 2, pad_rows - pad_rows // 2))
-    return z
+def shift_region_mask(padded_size: Tuple[int, int], window_size: int, shift_size: int,
+                      device: Optional[torch.device] = None) -> torch.Tensor:
+    """(nW, ws², ws²), True between tokens of different regions of the rolled map.
+
+    Regions are Swin's slices (0, -ws), (-ws, -s), (-s, None) of each axis, taken on the padded map
+    as Swin's detection backbone does, so that any map size works.
+    """
+    Hp, Wp = padded_size
+    rows, cols = torch.arange(Hp, device=device), torch.arange(Wp, device=device)
+    row_region = (rows >= Hp - window_size).long() + (rows >= Hp - shift_size).long()
+    col_region = (cols >= Wp - window_size).long() + (cols >= Wp - shift_size).long()
+    regions = (row_region[:, None] * 3 + col_region[None, :]).flatten()
+    windows = regions[window_token_index(padded_size, window_size, device)]
+    return windows[:, :, None] != windows[:, None, :]
+
+
+def attention_tables(padded_size: Tuple[int, int], window_size: int, shift_size: int, focal_window: int,
+                     pooled_levels: int, neighbour_positions: Optional[torch.Tensor], device: torch.device,
+                     mask_value: float = MASK_VALUE) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The size-dependent tables of one block on a (Hp, Wp) padded map.
+
+    Returns (query_index, key_index, mask): query_index (nW·ws²,) the map token of each query;
+    key_index (nW, n_keys) the token each key slot reads from the source laid out as the padded map's
+    tokens, then each pooled level's cells, then one zero token that out-of-grid cells read; mask
+    (nW, ws² or 1, n_keys) of 0 / mask_value (only the shift mask depends on the query).
+    """
+    Hp, Wp = padded_size
+    ws = window_size
+    nWh, nWw = Hp // ws, Wp // ws
+    num_windows = nWh * nWw
+    window_index = window_token_index(padded_size, ws, device)
+    key_index = [window_index]
+    if shift_size > 0:
+        slot_mask = [shift_region_mask(padded_size, ws, shift_size, device)]
+    else:
+        slot_mask = [torch.zeros(num_windows, 1, ws * ws, dtype=torch.bool, device=device)]
+    if neighbour_positions is not None:
+        key_index.append(neighbour_token_index(padded_size, ws, neighbour_positions))
+        slot_mask.append(torch.zeros(num_windows, 1, neighbour_positions.shape[0], dtype=torch.bool,
+                                     device=device))
+    source_offset = Hp * Wp
+    zero_token = Hp * Wp
+    for k in range(pooled_levels):
+        zero_token += num_windows << (2 * k)
+    for k in range(pooled_levels):
+        index, valid = pooled_block_index((nWh, nWw), k, focal_window, device)
+        key_index.append(torch.where(valid, index + source_offset, zero_token))
+        slot_mask.append(~valid[:, None])
+        source_offset += num_windows << (2 * k)
+    query_rows = ws * ws if shift_size > 0 else 1
+    masked = torch.cat([m.expand(num_windows, query_rows, m.shape[-1]) for m in slot_mask], dim=2)
+    return window_index.flatten(), torch.cat(key_index, dim=1), masked.float() * mask_value
+
+
+@functools.lru_cache(maxsize=TABLE_CACHE_SIZE)
+def _cached_attention_tables(padded_size: Tuple[int, int], window_size: int, expand_size: int, shift_size: int,
+                             focal_window: int, pooled_levels: int, device: torch.device):
+    # Built outside inference mode: tables first built under torch.inference_mode() are reused by
+    # training steps, which save them for the backward pass.
+    with torch.inference_mode(False):
+        positions = neighbour_key_positions(window_size, expand_size) if expand_size > 0 else None
+        tables = attention_tables(padded_size, window_size, shift_size, focal_window, pooled_levels, positions,
+                                  torch.device('cpu'))
+        return tuple(t.to(device) for t in tables)
+
+
+def attention_table_cache_info():
+    """functools' cache statistics of the size-dependent tables: `misses` counts the table sets built."""
+    return _cached_attention_tables.cache_info()
+
+
+def clear_attention_table_cache():
+    _cached_attention_tables.cache_clear()
+
+
+@torch.jit.unused
+def _cached_block_tables(padded_size: Tuple[int, int], window_size: int, expand_size: int, shift_size: int,
+                         focal_window: int, pooled_levels: int,
+                         device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _cached_attention_tables(padded_size, window_size, expand_size, shift_size, focal_window, pooled_levels,
+                                    device)
+
+
+def _building_graph() -> bool:
+    """True under TorchScript and torch.compile/export, where the Python table cache cannot be used."""
+    return torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
+@torch.fx.wrap
+@register_notrace_function
+def block_attention_tables(z: torch.Tensor, window_size: int, expand_size: int, shift_size: int, focal_window: int,
+                           pooled_levels: int, neighbour_positions: Optional[torch.Tensor]
+                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """attention_tables for the padded, (B, Hp, Wp, C) map z: from the cache in eager mode, built in
+    the graph while compiling, exporting or scripting. A leaf for torch.fx: looked up when run."""
+    padded_size = (z.shape[1], z.shape[2])
+    if _building_graph():
+        return attention_tables(padded_size, window_size, shift_size, focal_window, pooled_levels,
+                                neighbour_positions, z.device)
+    return _cached_block_tables(padded_size, window_size, expand_size, shift_size, focal_window, pooled_levels,
+                                z.device)
+
+
+@torch.fx.wrap
+@register_notrace_function
+def pad_to_multiple(x: torch.Tensor, multiple: int, channels_last: bool) -> torch.Tensor:
+    """Zero-pad the bottom and right of a (B, H, W, C) (channels_last) or (B, C, H, W) map so that
+    H and W are multiples of `multiple` (a map smaller than `multiple` is padded up to it)."""
+    h_dim = 1 if channels_last else 2
+    H, W = x.shape[h_dim], x.shape[h_dim + 1]
+    # written as ceil division so that a symbolic padded size is visibly a multiple
+    pad_h = (H + multiple - 1) // multiple * multiple - H
+    pad_w = (W + multiple - 1) // multiple * multiple - W
+    # While compiling, pad whatever the (possibly symbolic) amounts: a branch would fix the size.
+    if torch.compiler.is_compiling() or pad_h > 0 or pad_w > 0:
+        if channels_last:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        else:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+    return x
+
+
+@torch.fx.wrap
+@register_notrace_function
+def crop_to(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """The top-left (H, W) of a (B, Hp, Wp, C) map with Hp >= H, Wp >= W."""
+    if torch.compiler.is_compiling():
+        # gathers: a slice would ask the tracer to prove H <= Hp, which it cannot for symbolic sizes
+        return x.index_select(1, torch.arange(H, device=x.device)).index_select(2, torch.arange(W, device=x.device))
+    return x[:, :H, :W]
+
+
+@torch.fx.wrap
+@register_notrace_function
+def check_image_size(x: torch.Tensor, img_size: Tuple[int, int], min_size: int, strict_img_size: bool) -> torch.Tensor:
+    """x, or a ValueError for an input the model cannot take (with strict_img_size: of another size than
+    img_size). Returning x keeps the check in torch.fx graphs."""
+    H, W = x.shape[-2], x.shape[-1]
+    if strict_img_size and (H != img_size[0] or W != img_size[1]):
+        raise ValueError(f'input of size ({H}, {W}) given to a model built for ({img_size[0]}, {img_size[1]}) '
+                         f'with strict_img_size=True')
+    if torch.compiler.is_compiling():
+        torch._check(H >= min_size)
+        torch._check(W >= min_size)
+    elif H < min_size or W < min_size:
+        raise ValueError(f'input of size ({H}, {W}) is too small: the model needs at least {min_size} pixels '
+                         f'per side (patch size x 2**(stages - 1))')
+    return x
+
+
+@torch.fx.wrap
+@register_notrace_function
+def add_position_embedding(x: torch.Tensor, pos_embed: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """x (B, H, W, C) plus the (1, grid_h·grid_w, C) absolute position embedding, resampled if H, W differ."""
+    H, W = x.shape[1], x.shape[2]
+    pos_embed = resample_abs_pos_embed(pos_embed, new_size=[H, W], old_size=[grid[0], grid[1]], num_prefix_tokens=0)
+    return x + pos_embed.view(1, H, W, pos_embed.shape[-1])
 
 
 class _GatheredBiasedAttention(torch.autograd.Function):
@@ -189,23 +340,32 @@ class _GatheredBiasedAttention(torch.autograd.Function):
 
 def _gather_keys(kv_source: torch.Tensor, key_index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(2, B, nH, tokens, hd) source and (nW, n_keys) index -> k, v of shape (B, nH·nW, n_keys, hd)."""
-    _, B, nH, _, head_dim = kv_source.shape
-    num_windows, num_keys = key_index.shape
+    B, nH, head_dim = kv_source.shape[1], kv_source.shape[2], kv_source.shape[4]
+    num_windows, num_keys = key_index.shape[0], key_index.shape[1]
     kv = kv_source.index_select(3, key_index.flatten())
-    return kv.view(2, B, nH * num_windows, num_keys, head_dim).unbind(0)
+    k, v = kv.view(2, B, nH * num_windows, num_keys, head_dim).unbind(0)
+    return k, v
 
 
+@torch.fx.wrap
+@register_notrace_function
 def gathered_attention(q: torch.Tensor, kv_source: torch.Tensor, key_index: torch.Tensor, bias: torch.Tensor,
-                       scale: float, dropout_p: float = 0.) -> torch.Tensor:
-    """Attention of q (B, nH·nW, ws², hd) to keys/values gathered from kv_source at key_index."""
-    if q.device.type == 'cpu' and dropout_p == 0. and torch.is_grad_enabled() and bias.requires_grad:
-        return _GatheredBiasedAttention.apply(q, kv_source, key_index, bias, scale)
-    if torch.is_grad_enabled() and bias.requires_grad and not (q.requires_grad or kv_source.requires_grad):
-        # Only the bias tables train here (frozen projections, first block). SDPA then skips the
-        # log-sum-exp that CUDA's memory-efficient backward reads to get the bias gradient, and that
-        # backward reads memory it does not own (pytorch/pytorch#148476). A q that asks for a
-        # gradient (thrown away) makes the forward keep it.
-        q = q.detach().requires_grad_()
+                       scale: float, dropout_p: float = 0., training: bool = False) -> torch.Tensor:
+    """Attention of q (B, nH·nW, ws², hd) to keys/values gathered from kv_source at key_index.
+
+    Training on the CPU takes the memory-saving fused function; everything else (evaluation, with or
+    without gradients, export, TorchScript, other devices, attention dropout) takes PyTorch's SDPA.
+    """
+    if not torch.jit.is_scripting():
+        if (training and q.device.type == 'cpu' and dropout_p == 0. and torch.is_grad_enabled()
+                and bias.requires_grad):
+            return _GatheredBiasedAttention.apply(q, kv_source, key_index, bias, scale)
+        if torch.is_grad_enabled() and bias.requires_grad and not (q.requires_grad or kv_source.requires_grad):
+            # Only the bias tables train here (frozen projections, first block). SDPA then skips the
+            # log-sum-exp that CUDA's memory-efficient backward reads to get the bias gradient, and
+            # that backward reads memory it does not own (pytorch/pytorch#148476). A q that asks for
+            # a gradient (thrown away) makes the forward keep it.
+            q = q.detach().requires_grad_()
     k, v = _gather_keys(kv_source, key_index)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
 
@@ -217,32 +377,31 @@ class FocalAttention(nn.Module):
     tokens (if expand_size > 0), then K_k² pooled cells for each pooled level k.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, padded_size: Tuple[int, int],
-                 expand_size: int, shift_size: int, focal_window: int, pooled_levels: int,
-                 qkv_bias: bool = True, qk_scale: Optional[float] = None, attn_drop: float = 0.,
-                 proj_drop: float = 0.):
+    def __init__(self, dim: int, num_heads: int, window_size: int, expand_size: int, shift_size: int,
+                 focal_window: int, pooled_levels: int, qkv_bias: bool = True, qk_scale: Optional[float] = None,
+                 attn_drop: float = 0., proj_drop: float = 0.):
         super().__init__()
         self.dim = dim
         self.num_heads = num_heads
         self.window_size = window_size
         self.expand_size = expand_size
+        self.shift_size = shift_size
+        self.focal_window = focal_window
+        self.pooled_levels = pooled_levels
         head_dim = dim // num_heads
         self.scale = qk_scale or head_dim ** -0.5
         ws = window_size
-        Hp, Wp = padded_size
-        window_grid = (Hp // ws, Wp // ws)
-        num_windows = window_grid[0] * window_grid[1]
-        pooled_grids = [(window_grid[0] * 2 ** k, window_grid[1] * 2 ** k) for k in range(pooled_levels)]
-        self.pooled_grids = pooled_grids
         pooled_sizes = [focal_window + 2 ** k - 1 for k in range(pooled_levels)]
 
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * ws - 1) ** 2, num_heads))
-        num_neighbours = 0
         if expand_size > 0:
-            num_neighbours = 4 * ws * ws - 4 * (ws - expand_size) ** 2
+            positions = neighbour_key_positions(ws, expand_size)
             self.relative_position_bias_table_to_neighbors = nn.Parameter(
-                torch.zeros(1, num_heads, ws * ws, num_neighbours))
+                torch.zeros(1, num_heads, ws * ws, positions.shape[0]))
             trunc_normal_(self.relative_position_bias_table_to_neighbors, std=.02)
+        else:
+            positions = None
+            self.relative_position_bias_table_to_neighbors = None
         self.relative_position_bias_table_to_windows = nn.ParameterList()
         for K in pooled_sizes:
             table = nn.Parameter(torch.zeros(num_heads, (ws + K - 1) ** 2))
@@ -253,54 +412,31 @@ class FocalAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-        # Key slots index one token source: the padded map's tokens, then each pooled level's cells,
-        # then a zero token that out-of-grid cells read.
-        key_index = [window_token_index(padded_size, ws)]
-        # Masks per key slot, (nW, ws² or 1, slots): only the shift mask depends on the query.
-        if shift_size > 0:
-            slot_mask = [shift_region_mask(padded_size, ws, shift_size)]
-        else:
-            slot_mask = [torch.zeros(num_windows, 1, ws * ws)]
-        if expand_size > 0:
-            key_index.append(neighbour_token_index(padded_size, ws, expand_size))
-            slot_mask.append(torch.zeros(num_windows, 1, num_neighbours))
-        source_offset = Hp * Wp
-        zero_token = Hp * Wp + sum(gh * gw for gh, gw in pooled_grids)
-        for k, K in enumerate(pooled_sizes):
-            index, valid = pooled_block_index(window_grid, k, focal_window)
-            key_index.append(torch.where(valid, index + source_offset, zero_token))
-            slot_mask.append((~valid).float()[:, None] * MASK_VALUE)
-            source_offset += pooled_grids[k][0] * pooled_grids[k][1]
-        self.register_buffer('window_index', key_index[0].flatten(), persistent=False)
-        self.register_buffer('key_index', torch.cat(key_index, dim=1), persistent=False)
-        query_rows = ws * ws if shift_size > 0 else 1
-        mask = torch.cat([m.expand(num_windows, query_rows, -1) for m in slot_mask], dim=2)
-        self.register_buffer('mask', mask if mask.any() else None, persistent=False)  # (nW, ws² or 1, n_keys)
-
-        # Bias entry of every (query, key slot) of the window and pooled tables; the neighbour table
-        # already holds one value per (query, slot).
+        # Configuration-only tables: the neighbour offsets (for tables built in a graph) and the bias
+        # entry of every (query, key slot) of the window and pooled tables; the neighbour table already
+        # holds one value per (query, slot). The pooled levels' indices are concatenated along the slots.
+        self.register_buffer('neighbour_positions', positions, persistent=False)
         self.register_buffer('window_bias_index', relative_position_index(ws, ws), persistent=False)
-        for k, K in enumerate(pooled_sizes):
-            self.register_buffer(f'pooled_bias_index_{k}', relative_position_index(ws, K), persistent=False)
+        self.pooled_key_counts = [K * K for K in pooled_sizes]
+        pooled_index = [relative_position_index(ws, K) for K in pooled_sizes]
+        self.register_buffer('pooled_bias_index', torch.cat(pooled_index, dim=1) if pooled_index else None,
+                             persistent=False)
 
-    def attention_bias(self) -> torch.Tensor:
-        """(1, nH·nW, ws², n_keys) additive logit bias, head-major: learned tables plus fixed masks.
+    def attention_bias(self, mask: torch.Tensor) -> torch.Tensor:
+        """(1, nH·nW, ws², n_keys) additive logit bias, head-major: learned tables plus the fixed mask.
 
         Each table is indexed on its own, so that its gradient arrives as a fresh tensor of the
         parameter's own layout (DDP's gradient buckets expect exactly that).
         """
         parts = [self.relative_position_bias_table[self.window_bias_index].permute(2, 0, 1)]
-        if self.expand_size > 0:
+        if self.relative_position_bias_table_to_neighbors is not None:
             parts.append(self.relative_position_bias_table_to_neighbors[0])
-        for k, table in enumerate(self.relative_position_bias_table_to_windows):
-            parts.append(table[:, getattr(self, f'pooled_bias_index_{k}')])
-        bias = torch.cat(parts, dim=-1).unsqueeze(1)  # (nH, 1, ws², n_keys)
-        num_windows, num_keys = self.key_index.shape
-        if self.mask is not None:
-            bias = bias + self.mask
-        else:
-            bias = bias.expand(-1, num_windows, -1, -1)
-        return bias.reshape(1, -1, bias.shape[-2], num_keys)
+        if self.pooled_bias_index is not None:
+            pooled_index = self.pooled_bias_index.split(self.pooled_key_counts, dim=1)
+            for k, table in enumerate(self.relative_position_bias_table_to_windows):
+                parts.append(table[:, pooled_index[k]])
+        bias = torch.cat(parts, dim=-1).unsqueeze(1) + mask  # (nH, nW, ws², n_keys)
+        return bias.reshape(1, -1, bias.shape[-2], bias.shape[-1])
 
     def forward(self, z: torch.Tensor, pooled: List[torch.Tensor]) -> torch.Tensor:
         """z: (B, Hp, Wp, C) normalized, padded, shifted map; pooled: (B, Gh_k, Gw_k, C) per level.
@@ -308,28 +444,42 @@ class FocalAttention(nn.Module):
         Returns (B, Hp, Wp, C). Attention runs on (B, nH·nW, ·, hd): heads outermost, so that
         gathering keys from a (2, B, nH, tokens, hd) source needs no further transpose.
         """
-        B, Hp, Wp, C = z.shape
+        B, Hp, Wp, C = z.shape[0], z.shape[1], z.shape[2], z.shape[3]
         ws, nH = self.window_size, self.num_heads
         head_dim = C // nH
+        query_index, key_index, mask = block_attention_tables(
+            z, ws, self.expand_size, self.shift_size, self.focal_window, self.pooled_levels,
+            self.neighbour_positions)
         qkv = self.qkv(z).view(B, Hp * Wp, 3, nH, head_dim).permute(2, 0, 3, 1, 4)
-        q = qkv[0].index_select(2, self.window_index).view(B, -1, ws * ws, head_dim)
+        q = qkv[0].index_select(2, query_index).view(B, -1, ws * ws, head_dim)
         sources = [qkv[1:]]
-        kv_weight, kv_bias = self.qkv.weight[C:], None if self.qkv.bias is None else self.qkv.bias[C:]
+        kv_weight = self.qkv.weight[C:]
+        kv_bias = None if self.qkv.bias is None else self.qkv.bias[C:]
         for cells in pooled:
             kv = F.linear(cells.flatten(1, 2), kv_weight, kv_bias)
             sources.append(kv.view(B, -1, 2, nH, head_dim).permute(2, 0, 3, 1, 4))
         sources.append(z.new_zeros(2, B, nH, 1, head_dim))
         kv_source = torch.cat(sources, dim=3)
-        bias = self.attention_bias().to(q.dtype)
-        out = gathered_attention(q, kv_source, self.key_index, bias, self.scale,
-                                 self.attn_drop if self.training else 0.)
-        out = out.view(B, nH, Hp // ws, Wp // ws, ws, ws, head_dim).permute(0, 2, 4, 3, 5, 1, 6)
-        out = self.proj(out.reshape(B, Hp, Wp, C))
+        bias = self.attention_bias(mask).to(q.dtype)
+        out = gathered_attention(q, kv_source, key_index, bias, self.scale,
+                                 self.attn_drop if self.training else 0., self.training)
+        if torch.compiler.is_compiling():
+            # Windows put back by their query index: merging (window rows, ws) into one symbolic
+            # dimension would ask the tracer to prove divisibilities it cannot.
+            out = out.view(B, nH, -1, head_dim).permute(0, 2, 1, 3).reshape(B, -1, C)
+            out = out.new_zeros(B, Hp * Wp, C).index_copy(1, query_index, out).view(B, Hp, Wp, C)
+        else:
+            out = out.view(B, nH, Hp // ws, Wp // ws, ws, ws, head_dim).permute(0, 2, 4, 3, 5, 1, 6)
+            out = out.reshape(B, Hp, Wp, C)
+        out = self.proj(out)
         return self.proj_drop(out)
 
 
 class FocalTransformerBlock(nn.Module):
-    """Pre-norm block: focal attention then MLP, each with a residual (and optional layer scale)."""
+    """Pre-norm block on (B, H, W, C) maps: focal attention then MLP, each with a residual (and
+    optional layer scale). `input_resolution` is the map size the block is built for: it fixes the
+    window (shrunk to the map, as the reference does, when the map is no larger than the window);
+    any other map size is padded to the window at run time."""
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, window_size: int = 7,
                  expand_size: int = 0, shift_size: int = 0, mlp_ratio: float = 4., qkv_bias: bool = True,
@@ -351,7 +501,6 @@ class FocalTransformerBlock(nn.Module):
         self.pool_method = pool_method
         self.focal_level = focal_level
         self.focal_window = focal_window
-        self.padded_size = (math.ceil(H / window_size) * window_size, math.ceil(W / window_size) * window_size)
         pooled_levels = focal_level - 1 if pool_method != 'none' else 0
         self.pooled_levels = pooled_levels
 
@@ -369,43 +518,58 @@ class FocalTransformerBlock(nn.Module):
             self.gamma_1 = self.gamma_2 = None
         self.norm1 = nn.LayerNorm(dim)
         self.attn = FocalAttention(
-            dim, num_heads, window_size, self.padded_size, expand_size, shift_size, focal_window,
-            pooled_levels, qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop)
+            dim, num_heads, window_size, expand_size, shift_size, focal_window, pooled_levels,
+            qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), drop=drop)
 
-    def pool(self, z: torch.Tensor, level: int) -> torch.Tensor:
-        """Pool (B, Hp, Wp, C) into one token per cell of level `level`'s grid: (B, Gh, Gw, C)."""
-        cell = self.window_size // 2 ** level
-        Gh, Gw = self.attn.pooled_grids[level]
-        z = crop_or_pad(z, (Gh * cell, Gw * cell))
-        B, C = z.shape[0], z.shape[-1]
-        if self.pool_method == 'conv':
-            return self.pool_layers[level](z.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        cells = z.view(B, Gh, cell, Gw, cell, C)
-        if self.pool_method == 'mean':
-            return cells.mean(dim=(2, 4))
-        if self.pool_method == 'max':
-            return cells.amax(dim=(2, 4))
-        fc = self.pool_layers[level]
-        cells = cells.permute(0, 1, 3, 5, 2, 4).reshape(B, Gh, Gw, C, cell * cell)
-        return F.linear(cells, fc.weight, fc.bias).squeeze(-1)
+    def pooling_cells(self, z: torch.Tensor, level: int) -> torch.Tensor:
+        """The part of the padded map (B, Hp, Wp, C) that level `level`'s cells cover: (B, Gh·g, Gw·g, C).
+
+        The grid has 2**level cells per window along each axis, of g = ws // 2**level tokens; where
+        that leaves rows or columns over (ws not a multiple of 2**level), half of them (rounded down)
+        are dropped at the top/left and the rest at the bottom/right.
+        """
+        ws = self.window_size
+        cell = ws >> level
+        if cell << level == ws:
+            return z
+        Hp, Wp = z.shape[1], z.shape[2]
+        Hg, Wg = Hp // ws * (1 << level) * cell, Wp // ws * (1 << level) * cell
+        top, left = (Hp - Hg) // 2, (Wp - Wg) // 2
+        return z[:, top:top + Hg, left:left + Wg]
+
+    def pool(self, z: torch.Tensor) -> List[torch.Tensor]:
+        """One token per cell of each pooled level's grid: [(B, Gh_k, Gw_k, C)] from (B, Hp, Wp, C)."""
+        B, C, ws = z.shape[0], z.shape[3], self.window_size
+        pooled: List[torch.Tensor] = []
+        for k, layer in enumerate(self.pool_layers):  # fc and conv pooling
+            cells = self.pooling_cells(z, k)
+            if self.pool_method == 'conv':
+                pooled.append(layer(cells.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+            else:
+                cell = ws >> k
+                Gh, Gw = cells.shape[1] // cell, cells.shape[2] // cell
+                cells = cells.reshape(B, Gh, cell, Gw, cell, C).permute(0, 1, 3, 5, 2, 4)
+                pooled.append(layer(cells.reshape(B, Gh, Gw, C, cell * cell)).squeeze(-1))
+        if self.pool_method == 'mean' or self.pool_method == 'max':
+            for k in range(self.pooled_levels):
+                cell = ws >> k
+                cells = self.pooling_cells(z, k)
+                cells = cells.reshape(B, cells.shape[1] // cell, cell, cells.shape[2] // cell, cell, C)
+                pooled.append(cells.mean(dim=(2, 4)) if self.pool_method == 'mean' else cells.amax(dim=(2, 4)))
+        return pooled
 
     def focal_attention(self, x: torch.Tensor) -> torch.Tensor:
-        B, L, C = x.shape
-        H, W = self.input_resolution
-        Hp, Wp = self.padded_size
-        z = self.norm1(x).view(B, H, W, C)
-        if (Hp, Wp) != (H, W):
-            z = F.pad(z, (0, 0, 0, Wp - W, 0, Hp - H))
+        H, W = x.shape[1], x.shape[2]
+        z = pad_to_multiple(self.norm1(x), self.window_size, True)
         if self.shift_size > 0:
             z = torch.roll(z, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
-        pooled = [self.pool(z, k) for k in range(self.pooled_levels)]
-        out = self.attn(z, pooled)
+        out = self.attn(z, self.pool(z))
         if self.shift_size > 0:
             out = torch.roll(out, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
-        return out[:, :H, :W].reshape(B, L, C)
+        return crop_to(out, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attn = self.focal_attention(x)
@@ -435,7 +599,7 @@ class FocalTransformerBlock(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Strided convolution from (B, C, H, W) to LayerNorm'ed tokens (B, H'·W', C')."""
+    """Strided convolution from (B, C, H, W) to LayerNorm'ed (B, H', W', C') maps."""
 
     def __init__(self, in_chans: int, embed_dim: int, patch_size: int, use_conv_embed: bool = False,
                  is_stem: bool = False, norm: bool = True, use_pre_norm: bool = False):
@@ -450,9 +614,10 @@ class PatchEmbed(nn.Module):
         self.norm = nn.LayerNorm(embed_dim) if norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) with H, W multiples of the stride -> (B, H / stride, W / stride, C')."""
         if self.pre_norm is not None:
             x = self.pre_norm(x)
-        x = self.proj(x).flatten(2).transpose(1, 2)
+        x = self.proj(x).permute(0, 2, 3, 1)
         return self.norm(x) if self.norm is not None else x
 
     def flops(self, output_resolution: Tuple[int, int]) -> float:
@@ -464,7 +629,8 @@ class PatchEmbed(nn.Module):
 
 
 class FocalStage(nn.Module):
-    """Blocks at one resolution, then (except for the last stage) a patch embedding that halves it."""
+    """Blocks at one resolution, then (except for the last stage) a patch embedding that halves it,
+    rounding up: an odd map is zero-padded at the bottom/right first."""
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], blocks: List[FocalTransformerBlock],
                  downsample: Optional[PatchEmbed], use_checkpoint: bool = False):
@@ -475,9 +641,15 @@ class FocalStage(nn.Module):
         self.downsample = downsample
         self.use_checkpoint = use_checkpoint
 
+    def set_input_resolution(self, resolution: Tuple[int, int]):
+        """The map size reported (FLOPs); the blocks' structure stays as built."""
+        self.input_resolution = resolution
+        for block in self.blocks:
+            block.input_resolution = resolution
+
     def forward_blocks(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            if self.use_checkpoint and torch.is_grad_enabled():
+            if self.use_checkpoint and torch.is_grad_enabled() and not torch.jit.is_scripting():
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
@@ -486,8 +658,8 @@ class FocalStage(nn.Module):
     def forward_downsample(self, x: torch.Tensor) -> torch.Tensor:
         if self.downsample is None:
             return x
-        H, W = self.input_resolution
-        return self.downsample(x.transpose(1, 2).reshape(x.shape[0], -1, H, W))
+        # (B, C, H, W) in channels-last memory: the layout the convolution runs fastest in on the CPU
+        return self.downsample(pad_to_multiple(x, 2, True).permute(0, 3, 1, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_downsample(self.forward_blocks(x))
@@ -507,8 +679,30 @@ def _per_stage(name: str, values: Sequence, num_stages: int) -> list:
     return values[:num_stages]
 
 
+def _stage_resolutions(img_size: Tuple[int, int], patch_size: int, num_stages: int) -> List[Tuple[int, int]]:
+    """Map size of each stage for an image: ceil division by the patch, then halving rounded up."""
+    return [(math.ceil(img_size[0] / (patch_size * 2 ** i)), math.ceil(img_size[1] / (patch_size * 2 ** i)))
+            for i in range(num_stages)]
+
+
 class FocalTransformer(nn.Module):
-    """Focal Transformer image classifier (keyword arguments as the reference implementation's)."""
+    """Focal Transformer image classifier (keyword arguments as the reference implementation's).
+
+    Takes (B, in_chans, H, W) of any size of at least `patch_size * 2**(stages - 1)` pixels a side;
+    `strict_img_size=True` accepts `img_size` only. `img_size` fixes the block structure (window
+    shrunk where a stage map is no larger than the window, as the reference does) and the size of
+    `absolute_pos_embed`, which is resampled for other sizes. `global_pool` is timm's: 'avg' or ''.
+    `expand_stages` is accepted for the reference's configs and unused, as in the reference.
+
+    timm conventions (timm's tests/test_models.py passes for the six registered models, downloads
+    excluded: `python -m pytest <timm>/tests/test_models.py -k "focal_ and not pretrained" -p models`
+    from the repository root): forward_features gives (B, H, W, C) maps (`output_fmt` 'NHWC'),
+    forward_intermediates/features_only the stage maps, torch.fx, TorchScript and torch.export work.
+
+    torch.export with dynamic height and width: the example input and the dimensions' minimum must
+    give every stage at least two windows per axis (export fixes a dimension it sees as 1), and the
+    example batch at least 2; e.g. the released models: example 448x448, Dim(min=225).
+    """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4, in_chans: int = 3,
                  num_classes: int = 1000, embed_dim: int = 96, depths: Sequence[int] = (2, 2, 6, 2),
@@ -520,7 +714,8 @@ class FocalTransformer(nn.Module):
                  focal_windows: Sequence[int] = (7, 5, 3, 1), focal_pool: str = 'fc',
                  expand_stages: Sequence[int] = (0, 1, 2, 3), expand_sizes: Sequence[int] = (3, 3, 3, 3),
                  expand_layer: str = 'all', use_conv_embed: bool = False, use_layerscale: bool = False,
-                 layerscale_value: float = 1e-4, use_pre_norm: bool = False, **kwargs):
+                 layerscale_value: float = 1e-4, use_pre_norm: bool = False, strict_img_size: bool = False,
+                 global_pool: str = 'avg', **kwargs):
         super().__init__()
         if kwargs:
             raise ValueError(f'unknown FocalTransformer argument(s): {sorted(kwargs)}')
@@ -535,6 +730,8 @@ class FocalTransformer(nn.Module):
             raise ValueError(f'focal_pool {focal_pool!r} is not one of {POOL_METHODS}')
         if expand_layer not in EXPAND_LAYERS:
             raise ValueError(f'expand_layer {expand_layer!r} is not one of {EXPAND_LAYERS}')
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool {global_pool!r} is not one of ('avg', '')")
         if use_conv_embed and patch_size != 4:
             raise ValueError(f'use_conv_embed embeds with a stride-4 convolution; patch_size {patch_size} must be 4')
         if window_size < 1:
@@ -551,22 +748,31 @@ class FocalTransformer(nn.Module):
                                  f'of at least one token for window_size {window_size}')
             if not 0 <= expand_sizes[i] <= window_size:
                 raise ValueError(f'expand_sizes[{i}] = {expand_sizes[i]} must lie in [0, window_size]')
-        img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        grid = (img_size[0] // patch_size, img_size[1] // patch_size)
-        if min(grid) < 2 ** (num_stages - 1):
-            raise ValueError(f'img_size {img_size} with patch_size {patch_size} is too small for {num_stages} stages')
+        img_size = to_2tuple(img_size)
+        self.patch_size = patch_size
+        self.min_img_size = patch_size * 2 ** (num_stages - 1)
+        if min(img_size) < self.min_img_size:
+            raise ValueError(f'img_size {img_size} is too small for {num_stages} stages with patch_size {patch_size}: '
+                             f'at least {self.min_img_size} pixels a side')
+        resolutions = _stage_resolutions(img_size, patch_size, num_stages)
 
         self.num_classes = num_classes
-        self.num_features = embed_dim * 2 ** (num_stages - 1)
+        self.num_features = self.head_hidden_size = embed_dim * 2 ** (num_stages - 1)
         self.embed_dim = embed_dim
         self.img_size = img_size
-        self.patches_resolution = grid
+        self.patches_resolution = resolutions[0]
+        self.strict_img_size = strict_img_size
+        self.global_pool = global_pool
+        self.output_fmt = 'NHWC'
         self.ape = ape
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size, use_conv_embed, is_stem=True,
                                       norm=patch_norm)
         if ape:
+            grid = resolutions[0]
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=.02)
+        else:
+            self.absolute_pos_embed = None
         self.pos_drop = nn.Dropout(p=drop_rate)
 
         drop_path = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
@@ -574,14 +780,13 @@ class FocalTransformer(nn.Module):
         self.feature_info = []
         for i in range(num_stages):
             dim = embed_dim * 2 ** i
-            resolution = (grid[0] // 2 ** i, grid[1] // 2 ** i)
             blocks = []
             for j in range(depths[i]):
                 expand = expand_sizes[i]
                 if (expand_layer == 'even' and j % 2 == 0) or (expand_layer == 'odd' and j % 2 == 1):
                     expand = 0
                 blocks.append(FocalTransformerBlock(
-                    dim, resolution, num_heads[i], window_size=window_size, expand_size=expand,
+                    dim, resolutions[i], num_heads[i], window_size=window_size, expand_size=expand,
                     shift_size=window_size // 2 if use_shift and j % 2 == 1 else 0, mlp_ratio=mlp_ratio,
                     qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
                     drop_path=drop_path[sum(depths[:i]) + j],
@@ -591,7 +796,7 @@ class FocalTransformer(nn.Module):
             downsample = None
             if i < num_stages - 1:
                 downsample = PatchEmbed(dim, 2 * dim, 2, use_conv_embed, use_pre_norm=use_pre_norm)
-            self.layers.append(FocalStage(dim, resolution, blocks, downsample, use_checkpoint))
+            self.layers.append(FocalStage(dim, resolutions[i], blocks, downsample, use_checkpoint))
             self.feature_info.append(dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f'layers.{i}'))
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -615,74 +820,122 @@ class FocalTransformer(nn.Module):
     def no_weight_decay_keywords(self) -> set:
         return {'relative_position_bias_table'}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """timm's parameter groups (layer-wise learning-rate decay): the stem, then the blocks in order."""
+        return dict(
+            stem=r'^absolute_pos_embed|^patch_embed',
+            blocks=r'^layers\.(\d+)' if coarse else [
+                (r'^layers\.(\d+)\.downsample', (0,)),
+                (r'^layers\.(\d+)\.\w+\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ])
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
         for stage in self.layers:
             stage.use_checkpoint = enable
 
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int):
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        if global_pool is not None:
+            if global_pool not in ('avg', ''):
+                raise ValueError(f"global_pool {global_pool!r} is not one of ('avg', '')")
+            self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             self._init_weights(self.head)
 
-    def _check_input(self, x: torch.Tensor):
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f'input of size {tuple(x.shape[-2:])} given to a model built for {self.img_size}')
+    @torch.no_grad()
+    def set_input_size(self, img_size: Union[int, Tuple[int, int]]):
+        """Make the model report `img_size` (img_size, patches_resolution, the stages' resolutions and
+        FLOPs) and resample `absolute_pos_embed` to it; the block structure stays as built."""
+        img_size = to_2tuple(img_size)
+        if min(img_size) < self.min_img_size:
+            raise ValueError(f'img_size {img_size} is too small: at least {self.min_img_size} pixels a side')
+        resolutions = _stage_resolutions(img_size, self.patch_size, len(self.layers))
+        if self.absolute_pos_embed is not None:
+            resampled = resample_abs_pos_embed(self.absolute_pos_embed, new_size=list(resolutions[0]),
+                                               old_size=list(self.patches_resolution), num_prefix_tokens=0)
+            self.absolute_pos_embed = nn.Parameter(resampled)
+        self.img_size = img_size
+        self.patches_resolution = resolutions[0]
+        for stage, resolution in zip(self.layers, resolutions):
+            stage.set_input_resolution(resolution)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
-        x = self.patch_embed(x)
-        if self.ape:
-            x = x + self.absolute_pos_embed
+        """(B, C, H, W) -> (B, ceil(H / patch), ceil(W / patch), embed_dim)."""
+        x = check_image_size(x, self.img_size, self.min_img_size, self.strict_img_size)
+        x = self.patch_embed(pad_to_multiple(x, self.patch_size, False))
+        if self.absolute_pos_embed is not None:
+            x = add_position_embedding(x, self.absolute_pos_embed, self.patches_resolution)
         return self.pos_drop(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> normalized last-stage tokens (B, H_last·W_last, C_last)."""
+        """(B, C, H, W) -> normalized last-stage map (B, H_last, W_last, C_last)."""
         x = self._embed(x)
         for stage in self.layers:
             x = stage(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=1)
+        if self.global_pool == 'avg':
+            x = x.mean(dim=(1, 2))
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def forward_intermediates(self, x: torch.Tensor, indices: Union[int, Sequence[int], None] = None,
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
                               norm: bool = False, stop_early: bool = False, output_fmt: str = 'NCHW',
-                              intermediates_only: bool = False):
-        """Stage feature maps (B, C_i, H_i, W_i) before each downsampling, for dense prediction.
+                              intermediates_only: bool = False
+                              ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage maps before each downsampling, for dense prediction (timm's features_only uses this).
 
-        `indices`: stage indices to return (an int n means the last n stages; None means all).
-        `norm` applies the final norm to the last stage's map. Timm's `features_only=True` uses this.
+        indices: stages to return (an int n: the last n; None: all). norm: the final norm on the last
+        stage's map. stop_early: run no stage past the last one wanted. output_fmt: 'NCHW' (B, C, H, W)
+        or 'NHWC'. Returns the maps, or (final normalized map as forward_features, maps).
         """
-        if output_fmt != 'NCHW':
-            raise ValueError(f'output_fmt {output_fmt!r} is not supported; use NCHW')
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt {output_fmt!r} is not one of ('NCHW', 'NHWC')")
         num_stages = len(self.layers)
-        if indices is None:
-            wanted = list(range(num_stages))
-        elif isinstance(indices, int):
-            wanted = list(range(num_stages - indices, num_stages))
-        else:
-            wanted = [i % num_stages for i in indices]
+        take_indices, max_index = feature_take_indices(num_stages, indices)
+        last = max_index if stop_early else num_stages - 1
         x = self._embed(x)
-        intermediates = []
-        last = max(wanted) if stop_early else num_stages - 1
-        for i, stage in enumerate(self.layers[:last + 1]):
-            x = stage.forward_blocks(x)
-            if i in wanted:
-                H, W = stage.input_resolution
-                feature = self.norm(x) if norm and i == num_stages - 1 else x
-                intermediates.append(feature.transpose(1, 2).reshape(x.shape[0], -1, H, W))
-            x = stage.forward_downsample(x)
+        intermediates: List[torch.Tensor] = []
+        for i, stage in enumerate(self.layers):
+            if i <= last:
+                x = stage.forward_blocks(x)
+                if i in take_indices:
+                    feature = self.norm(x) if norm and i == num_stages - 1 else x
+                    intermediates.append(feature.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW'
+                                         else feature)
+                if i < last:
+                    x = stage.forward_downsample(x)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        if last == num_stages - 1:
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop what the wanted stage maps do not need (later stages, the last kept stage's
+        downsampling, the final norm if asked, the head); returns the absolute indices kept."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[:max_index + 1]
+        self.layers[-1].downsample = None
+        if prune_norm or max_index < len(self.feature_info) - 1:
+            self.norm = nn.Identity()
+        self.feature_info = self.feature_info[:max_index + 1]
+        self.num_features = self.head_hidden_size = self.feature_info[-1]['num_chs']
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
 
     def flops(self) -> float:
         flops = self.patch_embed.flops(self.patches_resolution)
@@ -721,7 +974,7 @@ def _create_focal(variant: str, pretrained: bool = False, **kwargs) -> FocalTran
 def _cfg(file_name: str, **kwargs) -> dict:
     return {
         'url': f'https://projects4jw.blob.core.windows.net/model/focal-transformer/imagenet1k/{file_name}',
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'crop_pct': 0.875,
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.875,
         'interpolation': 'bicubic', 'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
         'first_conv': 'patch_embed.proj', 'classifier': 'head', **kwargs,
     }
@@ -739,39 +992,43 @@ default_cfgs = generate_default_cfgs({
 # The recipe every released model shares: two focal levels with fc pooling, expand size 3.
 _RELEASED = dict(window_size=7, focal_pool='fc', focal_stages=(0, 1, 2, 3), focal_levels=(2, 2, 2, 2),
                  focal_windows=(7, 5, 3, 1), expand_sizes=(3, 3, 3, 3), drop_path_rate=0.2)
-_TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
-_SMALL = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
-_BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+_TINY = dict(_RELEASED, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
+_SMALL = dict(_RELEASED, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
+_BASE = dict(_RELEASED, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
 
 
+# Each constructor's keyword arguments override its architecture (timm.create_model(name, embed_dim=64)).
 @register_model
 def focal_tiny_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
-    return _create_focal('focal_tiny_patch4_window7_224', pretrained, **dict(_RELEASED, **_TINY, **kwargs))
+    model_args = _TINY
+    return _create_focal('focal_tiny_patch4_window7_224', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def focal_tiny_useconv_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
-    return _create_focal('focal_tiny_useconv_patch4_window7_224', pretrained,
-                         **dict(_RELEASED, **_TINY, use_conv_embed=True, **kwargs))
+    model_args = dict(_TINY, use_conv_embed=True)
+    return _create_focal('focal_tiny_useconv_patch4_window7_224', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def focal_small_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
-    return _create_focal('focal_small_patch4_window7_224', pretrained, **dict(_RELEASED, **_SMALL, **kwargs))
+    model_args = _SMALL
+    return _create_focal('focal_small_patch4_window7_224', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def focal_small_useconv_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
-    return _create_focal('focal_small_useconv_patch4_window7_224', pretrained,
-                         **dict(_RELEASED, **_SMALL, use_conv_embed=True, **kwargs))
+    model_args = dict(_SMALL, use_conv_embed=True)
+    return _create_focal('focal_small_useconv_patch4_window7_224', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def focal_base_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
-    return _create_focal('focal_base_patch4_window7_224', pretrained, **dict(_RELEASED, **_BASE, **kwargs))
+    model_args = _BASE
+    return _create_focal('focal_base_patch4_window7_224', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def focal_base_useconv_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
-    return _create_focal('focal_base_useconv_patch4_window7_224', pretrained,
-                         **dict(_RELEASED, **_BASE, use_conv_embed=True, **kwargs))
+    model_args = dict(_BASE, use_conv_embed=True)
+    return _create_focal('focal_base_useconv_patch4_window7_224', pretrained, **dict(model_args, **kwargs))

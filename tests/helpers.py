@@ -45,6 +45,10 @@ PRINT_FREQ: 4
 TINY_KWARGS = dict(img_size=32, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4,
                    focal_pool='fc', focal_levels=[2, 2], focal_windows=[3, 1], expand_sizes=[2, 2],
                    num_classes=3)
+# A released variant's recipe (four stages, window 7, two fc-pooled levels) with narrow, one-block
+# stages: for tests that build it through timm at the released image size.
+TIMM_NAME = 'focal_tiny_patch4_window7_224'
+TIMM_TINY_ARCH = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
 
 
 def write_image_folder(root, n_train=14, n_val=7, size=32, seed=0):

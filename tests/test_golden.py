@@ -88,7 +88,7 @@ def test_gathered_attention_passes_gradcheck_in_float64():
     bias = torch.randn(1, heads * windows, queries, keys, dtype=torch.float64, requires_grad=True)
 
     def attention(q, source, bias):
-        out = gathered_attention(q, source, key_index, bias, 0.3)
+        out = gathered_attention(q, source, key_index, bias, 0.3, training=True)
         assert type(out.grad_fn).__name__ == '_GatheredBiasedAttentionBackward'
         return out
 

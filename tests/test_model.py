@@ -1,15 +1,23 @@
-"""The network beyond the golden cases: registry, released layouts, validation, features, compile."""
+"""The network beyond the golden cases: registry, released layouts, validation, any input size,
+features, torch.fx, TorchScript, compile and export.
+
+timm's own model tests are not copied here; they pass for the six registered models (downloads
+excluded) when run from the repository root against a checkout of pytorch-image-models:
+    python -m pytest <pytorch-image-models>/tests/test_models.py -k "focal_ and not pretrained" -p models
+"""
 import json
 
 import pytest
 import timm
 import torch
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from config import get_config
 from golden import LAYOUTS
 from models import build_model  # importing models registers the focal models with timm
-from models.focal_transformer import (FocalTransformer, checkpoint_filter_fn, gathered_attention,
-                                      neighbour_key_positions, shift_region_mask)
+from models.focal_transformer import (FocalTransformer, attention_table_cache_info, checkpoint_filter_fn,
+                                      clear_attention_table_cache, gathered_attention, neighbour_key_positions,
+                                      shift_region_mask)
 
 PAPER_GFLOPS = {
     'focal_tiny_patch4_window7_224': 4.9, 'focal_tiny_useconv_patch4_window7_224': 5.2,
@@ -82,9 +90,17 @@ def test_invalid_configuration_is_a_value_error_naming_it(overrides, message):
         micro(**overrides)
 
 
-def test_wrong_input_size_is_named():
-    with pytest.raises(ValueError, match=r'\(32, 32\).*\(40, 40\)'):
-        micro()(torch.randn(1, 3, 32, 32))
+def test_strict_img_size_names_the_wrong_input_size():
+    with pytest.raises(ValueError, match=r'\(32, 32\).*\(40, 40\).*strict_img_size'):
+        micro(strict_img_size=True)(torch.randn(1, 3, 32, 32))
+    assert micro()(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+@pytest.mark.parametrize('size', [(3, 40), (40, 2)])
+def test_too_small_input_names_its_size_and_the_minimum(size):
+    # two stages of patch 2: at least 2 * 2 pixels a side
+    with pytest.raises(ValueError, match=rf'\({size[0]}, {size[1]}\).*at least 4 pixels'):
+        micro()(torch.randn(1, 3, *size))
 
 
 def test_build_model_from_config():
@@ -128,9 +144,9 @@ def test_shift_mask_regions_on_a_padded_map():
     # 4x4 padded map, window 2, shift 1: row/col regions are {0, 1}, {2}, {3}.
     mask = shift_region_mask((4, 4), 2, 1)
     assert mask.shape == (4, 4, 4)
-    assert mask[0].eq(0).all()                        # top-left window: one region
-    assert mask[3][0].tolist() == [0, -100, -100, -100]  # bottom-right window: four regions
-    assert mask[1][0].tolist() == [0, -100, 0, -100]     # top-right window: two column regions
+    assert not mask[0].any()                                 # top-left window: one region
+    assert mask[3][0].tolist() == [False, True, True, True]  # bottom-right window: four regions
+    assert mask[1][0].tolist() == [False, True, False, True]  # top-right window: two column regions
 
 
 def shift_regions(size, padded, window, shift):
@@ -153,15 +169,15 @@ def test_shifted_window_attention_mixes_only_its_region_on_padded_and_unpadded_m
                   focal_levels=[1, 1]).eval()
     block = model.layers[0].blocks[1]
     side = img_size // 2
-    assert block.shift_size == 2 and block.padded_size == (20, 20)
+    assert block.shift_size == 2 and block.input_resolution == (side, side)
     regions = shift_regions(side, 20, 4, 2)
     expected = (regions[:, None] == regions[None]).all(-1)  # (query, key)
-    x = torch.randn(1, side * side, 16, requires_grad=True)
-    out = block(x)
+    x = torch.randn(1, side, side, 16, requires_grad=True)
+    out = block(x).view(side * side, 16)
     seen = torch.zeros(side * side, side * side, dtype=torch.bool)
     for query in range(side * side):
-        grad, = torch.autograd.grad(out[0, query].sum(), x, retain_graph=True)
-        seen[query] = grad[0].abs().amax(-1) > 1e-12
+        grad, = torch.autograd.grad(out[query].sum(), x, retain_graph=True)
+        seen[query] = grad[0].view(side * side, 16).abs().amax(-1) > 1e-12
     assert torch.equal(seen, expected)
 
 
@@ -178,13 +194,17 @@ def test_forward_is_forward_features_then_head_and_intermediates_agree():
     model = micro().eval()
     images = torch.randn(2, 3, 40, 40)
     with torch.no_grad():
-        tokens = model.forward_features(images)
-        assert tokens.shape == (2, 100, 32)
-        assert torch.equal(model(images), model.forward_head(tokens))
-        assert model.forward_head(tokens, pre_logits=True).shape == (2, 32)
+        features = model.forward_features(images)
+        assert features.shape == (2, 10, 10, 32)  # NHWC, as model.output_fmt says
+        assert torch.equal(model(images), model.forward_head(features))
+        assert model.forward_head(features, pre_logits=True).shape == (2, 32)
         final, maps = model.forward_intermediates(images)
-        assert torch.equal(final, tokens)
+        assert torch.equal(final, features)
         assert [tuple(m.shape) for m in maps] == [(2, 16, 20, 20), (2, 32, 10, 10)]
+        assert torch.equal(model.forward_intermediates(images, indices=[0], intermediates_only=True,
+                                                       stop_early=True)[0], maps[0])
+        model.reset_classifier(0, '')
+        assert torch.equal(model(images), features)
 
 
 def test_no_weight_decay_names_and_classifier_reset():
@@ -234,7 +254,7 @@ def test_fused_training_attention_has_the_gradients_of_plain_attention():
         return torch.softmax(q @ k.transpose(-2, -1) * 0.3 + bias, dim=-1) @ v
 
     weight = torch.randn(B, nH * nW, N, hd, dtype=torch.float64)
-    fused = (gathered_attention(q, source, key_index, bias, 0.3) * weight).sum()
+    fused = (gathered_attention(q, source, key_index, bias, 0.3, training=True) * weight).sum()
     grads = torch.autograd.grad(fused, (q, source, bias))
     reference = torch.autograd.grad((plain(q, source, bias) * weight).sum(), (q, source, bias))
     for got, expected in zip(grads, reference):
@@ -282,3 +302,125 @@ def test_torch_compile_matches_eager():
     compiled(images).square().sum().backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, eager[name], rtol=1e-3, atol=1e-5, msg=lambda m: f'{name}: {m}')
+
+
+def tiny_registered(**kwargs):
+    """A registered model with the architecture overridden down to a few thousand parameters."""
+    torch.manual_seed(0)
+    return timm.create_model('focal_tiny_patch4_window7_224', embed_dim=8, depths=(1, 1, 1, 1),
+                             num_heads=(1, 1, 1, 1), **kwargs)
+
+
+def test_create_model_keyword_arguments_override_the_architecture():
+    model = tiny_registered(use_conv_embed=True, drop_path_rate=0.)
+    assert model.embed_dim == 8 and [len(stage.blocks) for stage in model.layers] == [1, 1, 1, 1]
+    assert model.patch_embed.proj.kernel_size == (7, 7)
+    assert model.head_hidden_size == model.num_features == 64
+    assert timm.create_model('focal_tiny_useconv_patch4_window7_224', embed_dim=8, depths=(1, 1, 1, 1),
+                             num_heads=(1, 1, 1, 1), use_conv_embed=False).patch_embed.proj.kernel_size == (4, 4)
+
+
+# (height, width): non-square, not multiples of the patch or the window, and (the last one) a last
+# stage map smaller than the window, padded up to it.
+OTHER_SIZES = [(37, 50), (64, 29), (9, 6)]
+
+
+@pytest.mark.parametrize('size', OTHER_SIZES)
+def test_other_input_sizes_give_ceil_division_stage_maps(size):
+    model = micro(use_shift=True).eval()
+    images = torch.randn(2, 3, *size)
+    expected = [(-(-size[0] // r), -(-size[1] // r)) for r in (2, 4)]
+    with torch.no_grad():
+        maps = model.forward_intermediates(images, intermediates_only=True)
+        logits = model(images)
+    assert [tuple(m.shape[-2:]) for m in maps] == expected
+    assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+
+
+def test_features_only_takes_other_sizes():
+    model = tiny_registered(features_only=True).eval()
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, 100, 150))
+    assert [tuple(m.shape) for m in maps] == [(1, 8, 25, 38), (1, 16, 13, 19), (1, 32, 7, 10), (1, 64, 4, 5)]
+
+
+def test_output_at_the_built_size_is_the_same_whatever_sizes_ran_before():
+    model = micro(use_shift=True).eval()
+    images = torch.randn(2, 3, 40, 40)
+    clear_attention_table_cache()
+    with torch.no_grad():
+        first = model(images)
+        for size in OTHER_SIZES:
+            model(torch.randn(1, 3, *size))
+        again = model(images)
+        clear_attention_table_cache()
+        for size in OTHER_SIZES:
+            model(torch.randn(1, 3, *size))
+        after_others = model(images)
+    assert torch.equal(first, again) and torch.equal(first, after_others)
+
+
+def test_tables_are_built_once_per_size_and_the_cache_is_bounded():
+    model = micro(use_shift=True).eval()
+    images = torch.randn(1, 3, 37, 50)
+    clear_attention_table_cache()
+    with torch.no_grad():
+        model(images)
+        built = attention_table_cache_info().misses
+        assert built == 4  # two stages, shifted and plain blocks
+        model(images)
+        info = attention_table_cache_info()
+        assert info.misses == built and info.hits == 4
+        # every height (a multiple of patch x window) needs new stage-0 tables: more than the cache holds
+        for blocks in range(1, 1 + info.maxsize // 2):
+            model(torch.randn(1, 3, 8 * blocks, 9))
+    info = attention_table_cache_info()
+    assert info.misses > info.maxsize and info.currsize == info.maxsize
+
+
+def test_set_input_size_reports_the_size_and_resamples_the_position_embedding():
+    model = micro(ape=True).eval()
+    resized = micro(ape=True).eval()
+    resized.set_input_size(48)
+    assert resized.img_size == (48, 48) and resized.patches_resolution == (24, 24)
+    assert resized.absolute_pos_embed.shape == (1, 24 * 24, 16)
+    assert resized.layers[1].input_resolution == (12, 12) and resized.flops() > model.flops()
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        # the model built for 40 resamples its embedding at run time the same way
+        assert torch.equal(model(images), resized(images))
+        assert not torch.equal(model(images), micro()(images))
+
+
+def test_torch_fx_feature_extractor_at_another_size():
+    model = micro(use_shift=True).eval()
+    extractor = create_feature_extractor(model, {'layers.0.blocks.1': 'block', 'norm': 'features', 'head': 'logits'})
+    images = torch.randn(2, 3, 37, 50)
+    with torch.no_grad():
+        out = extractor(images)
+        assert torch.equal(out['features'], model.forward_features(images))
+        assert torch.equal(out['logits'], model(images))
+    assert out['block'].shape == (2, 19, 25, 16)
+
+
+def test_torchscript_matches_eager_at_another_size():
+    model = micro(use_shift=True).eval()
+    scripted = torch.jit.script(model)
+    images = torch.randn(2, 3, 37, 50)
+    with torch.no_grad():
+        assert torch.allclose(scripted(images), model(images), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_export_with_dynamic_batch_height_and_width_matches_eager_at_other_sizes():
+    """From an eval model whose parameters still require grad, as after training: the export takes the
+    SDPA path, and the tables are built in the graph from the symbolic sizes."""
+    model = micro(depths=[1, 2], use_shift=True).eval()
+    assert all(p.requires_grad for p in model.parameters())
+    dims = {'x': {0: torch.export.Dim('batch', max=64), 2: torch.export.Dim('height', min=32, max=1024),
+                  3: torch.export.Dim('width', min=32, max=1024)}}
+    exported = torch.export.export(model, (torch.randn(2, 3, 40, 40),), dynamic_shapes=dims).module()
+    for size in [(1, 37, 50), (3, 64, 33)]:
+        images = torch.randn(size[0], 3, *size[1:])
+        with torch.no_grad():
+            expected = model(images)
+        assert (exported(images) - expected).abs().max() < 1e-4

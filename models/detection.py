@@ -1,0 +1,113 @@
+"""A Focal Transformer with torchvision's feature pyramid: the backbone of torchvision's detectors.
+
+    from torchvision.models.detection import MaskRCNN, RetinaNet
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+    from models.detection import focal_fpn_backbone
+
+    backbone = focal_fpn_backbone('focal_tiny_patch4_window7_224', pretrained='focal-tiny-is224-ws7.pth',
+                                  drop_path_rate=0.2, frozen_stages=0)
+    detector = MaskRCNN(backbone, num_classes=91)
+    # RetinaNet and FCOS read P3-P7: stages 1-3 and two extra levels
+    backbone = focal_fpn_backbone('focal_tiny_patch4_window7_224', returned_stages=(1, 2, 3),
+                                  extra_blocks=LastLevelP6P7(256, 256))
+
+The backbone returns the OrderedDict of maps ('0', '1', ... and the extra levels) that torchvision's
+detectors expect and says its width in `out_channels`. As Swin's detection backbone, each returned
+stage map gets its own LayerNorm before the pyramid.
+"""
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import timm
+import torch
+from torch import nn
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
+
+from .dense import find_focal, load_backbone_checkpoint, no_weight_decay_names
+
+__all__ = ['FocalFPN', 'focal_fpn_backbone']
+
+
+class FocalFPN(nn.Module):
+    """Focal Transformer stages, a LayerNorm per returned stage, and a FeaturePyramidNetwork.
+
+    `body`: a FocalTransformer, pruned to what the returned maps need (no classifier, no final
+    norm, no stage after the last returned one).
+    `returned_stages`: the stages whose maps feed the pyramid, in increasing order.
+    `extra_blocks`: torchvision's extra pyramid levels (LastLevelMaxPool for the R-CNN family,
+    LastLevelP6P7 for RetinaNet and FCOS); None adds none.
+    `frozen_stages`: -1 trains everything; 0 freezes the patch embedding (and absolute position
+    embedding); k >= 1 also freezes stages 0..k-1 (each with its downsampling). Frozen parts keep
+    `requires_grad=False` and stay in eval mode (no drop path) even when the detector trains.
+    """
+
+    def __init__(self, body: nn.Module, returned_stages: Sequence[int] = (0, 1, 2, 3), out_channels: int = 256,
+                 extra_blocks: Optional[ExtraFPNBlock] = None, frozen_stages: int = -1):
+        super().__init__()
+        if not isinstance(body, nn.Module) or find_focal(body)[1] is not body:
+            raise ValueError(f'body must be a FocalTransformer, got {type(body).__name__}')
+        num_stages = len(body.layers)
+        returned_stages = list(returned_stages)
+        if not returned_stages or returned_stages != sorted(set(returned_stages)) or \
+                not all(0 <= stage < num_stages for stage in returned_stages):
+            raise ValueError(f'returned_stages {returned_stages} must be increasing stage indices '
+                             f'in [0, {num_stages - 1}]')
+        if not -1 <= frozen_stages <= num_stages:
+            raise ValueError(f'frozen_stages {frozen_stages} must lie in [-1, {num_stages}]')
+        # Drop what the maps do not use (final norm, classifier, later stages): DDP rejects
+        # parameters that get no gradient.
+        body.prune_intermediate_layers(returned_stages, prune_norm=True)
+        self.body = body
+        self.returned_stages = returned_stages
+        self.frozen_stages = frozen_stages
+        widths = [body.feature_info[stage]['num_chs'] for stage in returned_stages]
+        self.stage_norms = nn.ModuleList(nn.LayerNorm(width) for width in widths)
+        self.fpn = FeaturePyramidNetwork(widths, out_channels, extra_blocks=extra_blocks)
+        self.out_channels = out_channels
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+        if frozen_stages >= 0 and body.ape:
+            body.absolute_pos_embed.requires_grad_(False)
+
+    def _frozen_modules(self) -> list:
+        if self.frozen_stages < 0:
+            return []
+        return [self.body.patch_embed, self.body.pos_drop, *self.body.layers[:self.frozen_stages]]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self._frozen_modules():
+            module.eval()
+        return self
+
+    def forward(self, images: torch.Tensor) -> 'OrderedDict[str, torch.Tensor]':
+        maps = self.body.forward_intermediates(images, indices=self.returned_stages, output_fmt='NHWC',
+                                               intermediates_only=True)
+        normed = OrderedDict((str(index), norm(stage_map).permute(0, 3, 1, 2))
+                             for index, (norm, stage_map) in enumerate(zip(self.stage_norms, maps)))
+        return self.fpn(normed)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """Names (in this module) of the Focal parameters that train without weight decay."""
+        return no_weight_decay_names(self)
+
+
+def focal_fpn_backbone(model_name: str = 'focal_tiny_patch4_window7_224', pretrained: Optional[str] = None,
+                       returned_stages: Sequence[int] = (0, 1, 2, 3), out_channels: int = 256,
+                       extra_blocks: Optional[ExtraFPNBlock] = None, frozen_stages: int = -1,
+                       drop_path_rate: float = 0.2, **model_kwargs) -> FocalFPN:
+    """A `FocalFPN` on timm's `model_name`, ready for torchvision's MaskRCNN / FasterRCNN (the
+    default: four stages and a max-pooled fifth level) or RetinaNet / FCOS (`returned_stages=(1, 2, 3)`,
+    `extra_blocks=LastLevelP6P7(out_channels, out_channels)`).
+
+    `pretrained`: path of a released-format classification checkpoint, loaded strictly into the
+    stages (`models.dense.load_backbone_checkpoint`). `drop_path_rate` and `model_kwargs` (any
+    architecture argument of FocalTransformer) go to `timm.create_model`.
+    """
+    body = timm.create_model(model_name, num_classes=0, drop_path_rate=drop_path_rate, **model_kwargs)
+    if pretrained is not None:
+        load_backbone_checkpoint(body, pretrained)
+    if extra_blocks is None:
+        extra_blocks = LastLevelMaxPool()
+    return FocalFPN(body, returned_stages, out_channels, extra_blocks, frozen_stages)
