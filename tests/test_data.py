@@ -143,7 +143,7 @@ def test_augmentations_depend_on_seed_epoch_and_index_not_on_workers(folder):
     assert_same_batches(batches_serial, epoch_batches(parallel, epoch=3))
     # another epoch or another SEED: other augmentations of the same image
     samples = serial.dataset
-    image, label = samples[(3, 5)]
+    image, label, _ = samples[(3, 5)]  # the training set also reports replaced images
     assert torch.equal(samples[(3, 5)][0], image)
     assert samples[(4, 5)][1] == label and not torch.equal(samples[(4, 5)][0], image)
     reseeded = build_loader(make_config(folder, 'DATA.IMG_SIZE', '40', 'SEED', '1'))[2].dataset
