@@ -57,12 +57,16 @@ def send_until_exit(process, signals, target, interval=0.005, timeout=60):
     return time.time() - start
 
 
+def training_run(workspace, name):
+    """The training command of run `name`, its run folder and the log file to start it with."""
+    root, data, cfg, _ = workspace
+    out = str(root / name)
+    return ['--cfg', cfg, '--data-path', data, '--output', out, *ARGS], run_dir(out), root / f'{name}.log'
+
+
 def test_signals_to_the_whole_job_save_the_step_and_the_restart_ends_bit_identical(workspace):
-    root, data, cfg, straight = workspace
-    out = str(root / 'stopped')
-    run = run_dir(out)
-    command = ['--cfg', cfg, '--data-path', data, '--output', out, *ARGS]
-    log = root / 'stopped.log'
+    root, _, _, straight = workspace
+    command, run, log = training_run(workspace, 'stopped')
     process = start_main(root, command, log_path=log, new_session=True)
     try:
         wait_for(logged(log, 'Train: [1/4][3/10]'), process)
@@ -97,11 +101,8 @@ def test_signals_to_the_whole_job_save_the_step_and_the_restart_ends_bit_identic
 
 
 def test_a_signal_during_evaluation_completes_and_saves_the_epoch(workspace):
-    root, data, cfg, straight = workspace
-    out = str(root / 'in_eval')
-    run = run_dir(out)
-    command = ['--cfg', cfg, '--data-path', data, '--output', out, *ARGS]
-    log = root / 'in_eval.log'
+    root, _, _, straight = workspace
+    command, run, log = training_run(workspace, 'in_eval')
     process = start_main(root, command, log_path=log, new_session=True)
     try:
         wait_for(logged(log, 'Test: [0/'), process, poll=0.002)
@@ -153,11 +154,8 @@ def test_a_signal_before_the_first_step_saves_nothing(workspace):
 def test_torchrun_ranks_stop_at_the_same_step_when_one_is_signalled(workspace):
     """SIGUSR1 to rank 1 alone: rank 0 learns it in the step's all-reduce, stops at the same
     step and writes the checkpoint."""
-    root, data, cfg, _ = workspace
-    out = str(root / 'torchrun')
-    run = run_dir(out)
-    command = ['--cfg', cfg, '--data-path', data, '--output', out, *ARGS]
-    log = root / 'torchrun.log'
+    root = workspace[0]
+    command, run, log = training_run(workspace, 'torchrun')
     process = start_main(root, command, nproc=2, log_path=log)
     try:
         wait_for(logged(os.path.join(run, 'log_rank1.txt'), 'Train: [0/4][1/5]'), process)
