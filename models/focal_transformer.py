@@ -366,8 +366,23 @@ def gathered_attention(q: torch.Tensor, kv_source: torch.Tensor, key_index: torc
             # that backward reads memory it does not own (pytorch/pytorch#148476). A q that asks for
             # a gradient (thrown away) makes the forward keep it.
             q = q.detach().requires_grad_()
+        if (q.device.type == 'cpu' and not torch.is_grad_enabled() and q.shape[0] > 1
+                and not torch.compiler.is_compiling()):
+            return _cpu_inference_attention(q, kv_source, key_index, bias, scale)
     k, v = _gather_keys(kv_source, key_index)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+
+
+def _cpu_inference_attention(q: torch.Tensor, kv_source: torch.Tensor, key_index: torch.Tensor, bias: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """gathered_attention one image at a time: an image's gathered keys and values (4.7 times its
+    stage-0 map at 224 px) stay in cache between the gather and the fused kernel, where the whole
+    batch's would go out to memory and back (measured 5-6% faster inference on an AMD EPYC)."""
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        k, v = _gather_keys(kv_source[:, b:b + 1], key_index)
+        out[b:b + 1] = F.scaled_dot_product_attention(q[b:b + 1], k, v, attn_mask=bias, scale=scale)
+    return out
 
 
 class FocalAttention(nn.Module):
