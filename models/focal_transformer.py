@@ -1,8 +1,8 @@
 """Focal Transformer (Yang et al., "Focal Self-attention for Local-Global Interactions in Vision
 Transformers", NeurIPS 2021).
 
-Computes the function of the released ImageNet-1K checkpoints (see
-`shared/reference/FOCAL_ATTENTION.md`), parameter names and shapes included, at the size the model is
+Computes the function of the released ImageNet-1K checkpoints (checked against the reference
+implementation's outputs and gradients: tests/reference), parameter names and shapes included, at the size the model is
 built for and at any other input size. The block structure (window, neighbours, shift, pooled levels,
 parameter shapes) is fixed at construction; the maps between blocks are (B, H, W, C) of whatever size
 the input gives, with stage sizes in ceil division as Swin's detection backbone (the image padded to a
