@@ -57,6 +57,24 @@ def send_until_exit(process, signals, target, interval=0.005, timeout=60):
     return time.time() - start
 
 
+def stop_when(process, condition, send, poll=0.02):
+    """Wait for `condition`, call `send()` to stop the run and wait for it to exit; returns the
+    seconds from `send()` to the exit. A run still alive when the test ends is killed, with its
+    process group when it leads one."""
+    try:
+        wait_for(condition, process, poll=poll)
+        start = time.time()
+        send()
+        process.wait(timeout=60)
+        return time.time() - start
+    finally:
+        if process.poll() is None:
+            if os.getpgid(process.pid) == process.pid:
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.kill()
+
+
 def training_run(workspace, name):
     """The training command of run `name`, its run folder and the log file to start it with."""
     root, data, cfg, _ = workspace
@@ -104,13 +122,7 @@ def test_a_signal_during_evaluation_completes_and_saves_the_epoch(workspace):
     root, _, _, straight = workspace
     command, run, log = training_run(workspace, 'in_eval')
     process = start_main(root, command, log_path=log, new_session=True)
-    try:
-        wait_for(logged(log, 'Test: [0/'), process, poll=0.002)
-        os.killpg(process.pid, signal.SIGUSR1)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    stop_when(process, logged(log, 'Test: [0/'), lambda: os.killpg(process.pid, signal.SIGUSR1), poll=0.002)
     output = log.read_text()
     assert process.returncode == main.EXIT_PREEMPTED, output[-3000:]
     # the evaluation ran to its end: its summary, then the epoch checkpoint, then the stop
@@ -136,14 +148,9 @@ def test_a_signal_before_the_first_step_saves_nothing(workspace):
     log = root / 'early.log'
     process = start_main(root, ['--cfg', cfg, '--data-path', data, '--output', out, *ARGS],
                          log_path=log)
-    try:
-        # the moment main.py installs its handler, before it reads data or builds the model
-        wait_for(lambda: sigterm_caught(process.pid), process, poll=0.001)
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    # the moment main.py installs its handler, before it reads data or builds the model
+    stop_when(process, lambda: sigterm_caught(process.pid), lambda: process.send_signal(signal.SIGTERM),
+              poll=0.001)
     output = log.read_text()
     assert process.returncode == main.EXIT_PREEMPTED, output[-3000:]
     assert STOPPED.findall(output) == [('SIGTERM', '0', '0', 'nothing new to save', '')]
@@ -157,14 +164,10 @@ def test_torchrun_ranks_stop_at_the_same_step_when_one_is_signalled(workspace):
     root = workspace[0]
     command, run, log = training_run(workspace, 'torchrun')
     process = start_main(root, command, nproc=2, log_path=log)
-    try:
-        wait_for(logged(os.path.join(run, 'log_rank1.txt'), 'Train: [0/4][1/5]'), process)
+    def signal_rank1():
         rank1 = next(pid for pid in children(process.pid) if environ(pid).get(b'RANK') == b'1')
         os.kill(rank1, signal.SIGUSR1)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    stop_when(process, logged(os.path.join(run, 'log_rank1.txt'), 'Train: [0/4][1/5]'), signal_rank1)
     output = log.read_text()
     ranks = [STOPPED.findall(open(os.path.join(run, f'log_rank{rank}.txt')).read())
              for rank in (0, 1)]
@@ -189,15 +192,8 @@ def test_sigterm_to_torchrun_reaches_the_workers(workspace):
     log = root / 'torchrun_term.log'
     process = start_main(root, ['--cfg', cfg, '--data-path', data, '--output', out, *ARGS],
                          nproc=2, log_path=log)
-    try:
-        wait_for(logged(os.path.join(run, 'log_rank1.txt'), 'Train: [0/4][1/5]'), process)
-        start = time.time()
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-        seconds = time.time() - start
-    finally:
-        if process.poll() is None:
-            process.kill()
+    seconds = stop_when(process, logged(os.path.join(run, 'log_rank1.txt'), 'Train: [0/4][1/5]'),
+                        lambda: process.send_signal(signal.SIGTERM))
     output = log.read_text()
     print(f"SIGTERM to torchrun's exit: {seconds:.2f} s")
     stops = [STOPPED.findall(open(os.path.join(run, f'log_rank{rank}.txt')).read())
@@ -233,13 +229,7 @@ def test_a_signal_at_the_last_batch_saves_it_and_the_restart_evaluates_it(worksp
     run = run_dir(out)
     log = root / 'accumulated.log'
     process = start_main(root, args + ['--output', out], log_path=log)
-    try:
-        wait_for(logged(log, 'Train: [0/2][2/10]'), process)
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    stop_when(process, logged(log, 'Train: [0/2][2/10]'), lambda: process.send_signal(signal.SIGTERM))
     output = log.read_text()
     assert process.returncode == main.EXIT_PREEMPTED, output[-3000:]
     assert [stop[:3] for stop in STOPPED.findall(output)] == [('SIGTERM', '0', '10')]
