@@ -284,105 +284,168 @@ def add_position_embedding(x: torch.Tensor, pos_embed: torch.Tensor, grid: Tuple
     return x + pos_embed.view(1, H, W, pos_embed.shape[-1])
 
 
+def _gather_buffers(qkv: torch.Tensor, query_index: torch.Tensor,
+                    key_index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Memory for one image's gathered query rows and key/value rows, reused for every image of a
+    batch: fresh buffers of this size (11 MB per image at Focal-T's stage 0) come back from the
+    allocator as new pages, and filling those costs more than the gather itself."""
+    C = qkv.shape[-1] // 3
+    return qkv.new_empty(query_index.shape[0], C), qkv.new_empty(key_index.numel(), 2 * C)
+
+
+def _window_qkv(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor, num_heads: int,
+                buffers: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image's q, k, v for attention with windows as the batch: (nW, nH, ws², hd) and twice
+    (nW, nH, n_keys, hd), views of the gathered (token, channel) rows.
+
+    Gathering whole rows (all heads, keys and values of a token together) is a plain copy per row,
+    several times faster on the CPU than gathering each head's (token, hd) rows; the fused CPU
+    kernel reads the head and key strides as they come.
+    """
+    C = qkv.shape[1] // 3
+    num_windows, num_keys = key_index.shape[0], key_index.shape[1]
+    head_dim = C // num_heads
+    q = torch.index_select(qkv[:, :C], 0, query_index, out=buffers[0])
+    kv = torch.index_select(qkv[:, C:], 0, key_index.flatten(), out=buffers[1])
+    q = q.view(num_windows, -1, num_heads, head_dim).transpose(1, 2)
+    kv = kv.view(num_windows, num_keys, 2, num_heads, head_dim)
+    return q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+
+
+def _window_rows(out: torch.Tensor) -> torch.Tensor:
+    """(nW, nH, ws², hd) attention output -> (nW·ws², C) rows in window order."""
+    return out.transpose(1, 2).reshape(-1, out.shape[1] * out.shape[3])
+
+
 class _GatheredBiasedAttention(torch.autograd.Function):
-    """softmax(q kᵀ · scale + bias) v with k, v gathered from a token source, for CPU training.
+    """gathered_attention for CPU training: fused forward, hand-written backward, one image at a time.
 
     PyTorch's CPU fused attention has no gradient for the bias, so SDPA falls back to the unfused
     path, which keeps every attention matrix and the gathered keys/values for the backward pass.
-    This runs the fused forward and keeps only q, the un-gathered source, the output and the
-    log-sum-exp; the backward pass re-gathers each image's keys and recomputes its probabilities.
+    This runs the fused forward and keeps only the projected rows, the output and the log-sum-exp;
+    the backward pass gathers each image's keys again and recomputes its probabilities. One image at
+    a time, in buffers reused for every image, so that the gathered rows and the (windows, heads,
+    ws², n_keys) intermediates stay in cache.
     """
 
     @staticmethod
-    def forward(ctx, q, kv_source, key_index, bias, scale):
-        k, v = _gather_keys(kv_source, key_index)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, attn_mask=bias, scale=scale)
-        ctx.save_for_backward(q, kv_source, key_index, bias, out, lse)
-        ctx.scale = scale
+    def forward(ctx, qkv, query_index, key_index, bias, num_heads, scale):
+        B, C = qkv.shape[0], qkv.shape[2] // 3
+        out = qkv.new_empty(B, query_index.shape[0], C)
+        lse = []
+        buffers = _gather_buffers(qkv, query_index, key_index)
+        for b in range(B):
+            q, k, v = _window_qkv(qkv[b], query_index, key_index, num_heads, buffers)
+            out_b, lse_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k, v, attn_mask=bias, scale=scale)
+            out[b].index_copy_(0, query_index, _window_rows(out_b))
+            lse.append(lse_b)
+        ctx.save_for_backward(qkv, query_index, key_index, bias, out, torch.stack(lse))
+        ctx.num_heads, ctx.scale = num_heads, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, kv_source, key_index, bias, out, lse = ctx.saved_tensors
-        scale = ctx.scale
+        qkv, query_index, key_index, bias, out, lse = ctx.saved_tensors
+        nH, scale = ctx.num_heads, ctx.scale
+        B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        num_windows, num_keys, head_dim = key_index.shape[0], key_index.shape[1], C // nH
+        queries = query_index.shape[0] // num_windows
         slots = key_index.flatten()
-        M, num_keys, head_dim = q.shape[1], key_index.shape[1], q.shape[-1]
-        grad_q = torch.empty_like(q)
-        grad_source = torch.zeros_like(kv_source) if ctx.needs_input_grad[1] else None
+        grad_qkv = torch.zeros_like(qkv) if ctx.needs_input_grad[0] else None
         # Probabilities and the bias gradient (summed over images) in at least float32, so that a
         # low-precision input does not round them per image; float64 stays float64.
-        exact_dtype = torch.promote_types(q.dtype, torch.float32)
+        exact_dtype = torch.promote_types(qkv.dtype, torch.float32)
         grad_bias = torch.zeros_like(bias, dtype=exact_dtype) if ctx.needs_input_grad[3] else None
-        grad_kv = q.new_empty(2, M, num_keys, head_dim)
-        # One image at a time, gathering its keys again: the gathered keys and the
-        # (heads·windows, ws², n_keys) intermediates then stay in cache.
-        for b in range(q.shape[0]):
-            k, v = kv_source[:, b].index_select(2, slots).view(2, M, num_keys, head_dim)
-            logits = torch.matmul(q[b], k.transpose(-2, -1)).mul_(scale).add_(bias[0])
-            probs = logits.to(exact_dtype).sub_(lse[b].unsqueeze(-1)).exp_().to(q.dtype)
-            torch.matmul(probs.transpose(-2, -1), grad_out[b], out=grad_kv[1])
-            grad_probs = torch.matmul(grad_out[b], v.transpose(-2, -1))
-            row_dot = (grad_out[b] * out[b]).sum(dim=-1, keepdim=True)
-            grad_logits = probs.mul_(grad_probs.sub_(row_dot))
-            torch.matmul(grad_logits, k, out=grad_q[b])
-            torch.matmul(grad_logits.transpose(-2, -1), q[b], out=grad_kv[0])
-            grad_kv[0].mul_(scale)
+        # Σ_d dO·O per query and head, the softmax backward's row term, for all images at once.
+        row_dot = (grad_out * out).view(B, -1, nH, head_dim).sum(-1)
+        # Per-image memory, reused: head-major q, k/v, dO (the batched products then run without
+        # hidden copies), logits, their gradient, and the gradients on their way back to rows.
+        buffers = _gather_buffers(qkv, query_index, key_index)
+        grad_out_rows = qkv.new_empty(query_index.shape[0], C)
+        q_heads = qkv.new_empty(num_windows, nH, queries, head_dim)
+        grad_out_heads, grad_q = torch.empty_like(q_heads), torch.empty_like(q_heads)
+        kv_heads = qkv.new_empty(2, num_windows, nH, num_keys, head_dim)
+        grad_kv_heads = torch.empty_like(kv_heads)
+        logits = qkv.new_empty(num_windows, nH, queries, num_keys)
+        grad_probs = torch.empty_like(logits)
+        grad_kv_rows = qkv.new_empty(num_windows, num_keys, 2, nH, head_dim)
+        grad_kv = qkv.new_empty(T, 2 * C)
+        for b in range(B):
+            q, k, v = _window_qkv(qkv[b], query_index, key_index, nH, buffers)
+            q_heads.copy_(q)
+            kv_heads[0].copy_(k)
+            kv_heads[1].copy_(v)
+            torch.index_select(grad_out[b], 0, query_index, out=grad_out_rows)
+            grad_out_heads.copy_(grad_out_rows.view(num_windows, queries, nH, head_dim).transpose(1, 2))
+            row_dot_b = row_dot[b].index_select(0, query_index).view(num_windows, queries, nH).transpose(1, 2)
+            torch.matmul(q_heads, kv_heads[0].transpose(-2, -1), out=logits)
+            logits.mul_(scale).add_(bias)
+            probs = logits.to(exact_dtype).sub_(lse[b].unsqueeze(-1)).exp_().to(qkv.dtype)
+            torch.matmul(probs.transpose(-2, -1), grad_out_heads, out=grad_kv_heads[1])
+            torch.matmul(grad_out_heads, kv_heads[1].transpose(-2, -1), out=grad_probs)
+            grad_logits = probs.mul_(grad_probs.sub_(row_dot_b.unsqueeze(-1)))
             if grad_bias is not None:
-                grad_bias[0].add_(grad_logits)
-            if grad_source is not None:
-                grad_source[:, b].index_add_(2, slots, grad_kv.view(2, kv_source.shape[2], -1, head_dim))
-        grad_q.mul_(scale)
+                grad_bias.add_(grad_logits)
+            if grad_qkv is not None:
+                torch.matmul(grad_logits, kv_heads[0], out=grad_q).mul_(scale)
+                torch.matmul(grad_logits.transpose(-2, -1), q_heads, out=grad_kv_heads[0]).mul_(scale)
+                grad_kv_rows.copy_(grad_kv_heads.permute(1, 3, 0, 2, 4))
+                grad_kv.zero_().index_add_(0, slots, grad_kv_rows.view(-1, 2 * C))
+                grad_qkv[b, :, C:] = grad_kv
+                grad_qkv[b, :, :C].index_copy_(0, query_index, _window_rows(grad_q))
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_q, grad_source, None, grad_bias, None
-
-
-def _gather_keys(kv_source: torch.Tensor, key_index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(2, B, nH, tokens, hd) source and (nW, n_keys) index -> k, v of shape (B, nH·nW, n_keys, hd)."""
-    B, nH, head_dim = kv_source.shape[1], kv_source.shape[2], kv_source.shape[4]
-    num_windows, num_keys = key_index.shape[0], key_index.shape[1]
-    kv = kv_source.index_select(3, key_index.flatten())
-    k, v = kv.view(2, B, nH * num_windows, num_keys, head_dim).unbind(0)
-    return k, v
+        return grad_qkv, None, None, grad_bias, None, None
 
 
 @torch.fx.wrap
 @register_notrace_function
-def gathered_attention(q: torch.Tensor, kv_source: torch.Tensor, key_index: torch.Tensor, bias: torch.Tensor,
+def gathered_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor, bias: torch.Tensor,
                        scale: float, dropout_p: float = 0., training: bool = False) -> torch.Tensor:
-    """Attention of q (B, nH·nW, ws², hd) to keys/values gathered from kv_source at key_index.
+    """Windowed attention on projected token rows.
 
-    Training on the CPU takes the memory-saving fused function; everything else (evaluation, with or
-    without gradients, export, TorchScript, other devices, attention dropout) takes PyTorch's SDPA.
+    qkv (B, T, 3C): q, k and v of each token, heads interleaved within each; query_index (nW·ws²,)
+    the rows whose queries attend, window by window (a permutation of the map's rows 0..nW·ws²-1);
+    key_index (nW, n_keys) the rows each window's key slots read; bias (nW, nH, ws², n_keys) the
+    additive logit bias, the same for every image. Returns (B, nW·ws², C): row i is the output of
+    the query in row i.
+
+    On the CPU, training takes the memory-saving fused function and evaluation runs one image at a
+    time (its gathered rows stay in cache); compiling, exporting, TorchScript, other devices and
+    attention dropout take PyTorch's SDPA on the whole batch.
     """
+    num_windows, num_heads, queries, num_keys = bias.shape[0], bias.shape[1], bias.shape[2], bias.shape[3]
     if not torch.jit.is_scripting():
-        if (training and q.device.type == 'cpu' and dropout_p == 0. and torch.is_grad_enabled()
+        if (training and qkv.device.type == 'cpu' and dropout_p == 0. and torch.is_grad_enabled()
                 and bias.requires_grad):
-            return _GatheredBiasedAttention.apply(q, kv_source, key_index, bias, scale)
-        if torch.is_grad_enabled() and bias.requires_grad and not (q.requires_grad or kv_source.requires_grad):
+            return _GatheredBiasedAttention.apply(qkv, query_index, key_index, bias, num_heads, scale)
+        if torch.is_grad_enabled() and bias.requires_grad and not qkv.requires_grad:
             # Only the bias tables train here (frozen projections, first block). SDPA then skips the
             # log-sum-exp that CUDA's memory-efficient backward reads to get the bias gradient, and
-            # that backward reads memory it does not own (pytorch/pytorch#148476). A q that asks for
-            # a gradient (thrown away) makes the forward keep it.
-            q = q.detach().requires_grad_()
-        if (q.device.type == 'cpu' and not torch.is_grad_enabled() and q.shape[0] > 1
-                and not torch.compiler.is_compiling()):
-            return _cpu_inference_attention(q, kv_source, key_index, bias, scale)
-    k, v = _gather_keys(kv_source, key_index)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-
-
-def _cpu_inference_attention(q: torch.Tensor, kv_source: torch.Tensor, key_index: torch.Tensor, bias: torch.Tensor,
-                             scale: float) -> torch.Tensor:
-    """gathered_attention one image at a time: an image's gathered keys and values (4.7 times its
-    stage-0 map at 224 px) stay in cache between the gather and the fused kernel, where the whole
-    batch's would go out to memory and back (measured 5-6% faster inference on an AMD EPYC)."""
-    out = torch.empty_like(q)
-    for b in range(q.shape[0]):
-        k, v = _gather_keys(kv_source[:, b:b + 1], key_index)
-        out[b:b + 1] = F.scaled_dot_product_attention(q[b:b + 1], k, v, attn_mask=bias, scale=scale)
-    return out
+            # that backward reads memory it does not own (pytorch/pytorch#148476). Rows that ask for
+            # a gradient (thrown away) make the forward keep it.
+            qkv = qkv.detach().requires_grad_()
+        if qkv.device.type == 'cpu' and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            out = qkv.new_empty(qkv.shape[0], query_index.shape[0], qkv.shape[2] // 3)
+            buffers = _gather_buffers(qkv, query_index, key_index)
+            for b in range(qkv.shape[0]):
+                q, k, v = _window_qkv(qkv[b], query_index, key_index, num_heads, buffers)
+                attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+                out[b].index_copy_(0, query_index, _window_rows(attended))
+            return out
+    B, C = qkv.shape[0], qkv.shape[2] // 3
+    head_dim = C // num_heads
+    # Windows and heads merged into SDPA's head dimension, windows outermost as in the bias.
+    q = qkv[:, :, :C].index_select(1, query_index).view(B, num_windows, queries, num_heads, head_dim)
+    q = q.transpose(2, 3).reshape(B, num_windows * num_heads, queries, head_dim)
+    kv = qkv[:, :, C:].index_select(1, key_index.flatten())
+    kv = kv.view(B, num_windows, num_keys, 2, num_heads, head_dim).permute(3, 0, 1, 4, 2, 5)
+    kv = kv.reshape(2, B, num_windows * num_heads, num_keys, head_dim)
+    out = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=dropout_p, scale=scale,
+                                         attn_mask=bias.reshape(1, num_windows * num_heads, queries, num_keys))
+    out = out.view(B, num_windows, num_heads, queries, head_dim).transpose(2, 3).reshape(B, -1, C)
+    return torch.zeros_like(out).index_copy(1, query_index, out)
 
 
 class FocalAttention(nn.Module):
@@ -438,7 +501,7 @@ class FocalAttention(nn.Module):
                              persistent=False)
 
     def attention_bias(self, mask: torch.Tensor) -> torch.Tensor:
-        """(1, nH·nW, ws², n_keys) additive logit bias, head-major: learned tables plus the fixed mask.
+        """(nW, nH, ws², n_keys) additive logit bias: learned tables plus the fixed mask.
 
         Each table is indexed on its own, so that its gradient arrives as a fresh tensor of the
         parameter's own layout (DDP's gradient buckets expect exactly that).
@@ -450,43 +513,25 @@ class FocalAttention(nn.Module):
             pooled_index = self.pooled_bias_index.split(self.pooled_key_counts, dim=1)
             for k, table in enumerate(self.relative_position_bias_table_to_windows):
                 parts.append(table[:, pooled_index[k]])
-        bias = torch.cat(parts, dim=-1).unsqueeze(1) + mask  # (nH, nW, ws², n_keys)
-        return bias.reshape(1, -1, bias.shape[-2], bias.shape[-1])
+        return torch.cat(parts, dim=-1) + mask.unsqueeze(1)
 
     def forward(self, z: torch.Tensor, pooled: List[torch.Tensor]) -> torch.Tensor:
         """z: (B, Hp, Wp, C) normalized, padded, shifted map; pooled: (B, Gh_k, Gw_k, C) per level.
 
-        Returns (B, Hp, Wp, C). Attention runs on (B, nH·nW, ·, hd): heads outermost, so that
-        gathering keys from a (2, B, nH, tokens, hd) source needs no further transpose.
+        Returns (B, Hp, Wp, C). The map's tokens, each level's cells and the token that out-of-grid
+        cells read are projected together: one row of q, k, v per token.
         """
         B, Hp, Wp, C = z.shape[0], z.shape[1], z.shape[2], z.shape[3]
-        ws, nH = self.window_size, self.num_heads
-        head_dim = C // nH
         query_index, key_index, mask = block_attention_tables(
-            z, ws, self.expand_size, self.shift_size, self.focal_window, self.pooled_levels,
+            z, self.window_size, self.expand_size, self.shift_size, self.focal_window, self.pooled_levels,
             self.neighbour_positions)
-        qkv = self.qkv(z).view(B, Hp * Wp, 3, nH, head_dim).permute(2, 0, 3, 1, 4)
-        q = qkv[0].index_select(2, query_index).view(B, -1, ws * ws, head_dim)
-        sources = [qkv[1:]]
-        kv_weight = self.qkv.weight[C:]
-        kv_bias = None if self.qkv.bias is None else self.qkv.bias[C:]
-        for cells in pooled:
-            kv = F.linear(cells.flatten(1, 2), kv_weight, kv_bias)
-            sources.append(kv.view(B, -1, 2, nH, head_dim).permute(2, 0, 3, 1, 4))
-        sources.append(z.new_zeros(2, B, nH, 1, head_dim))
-        kv_source = torch.cat(sources, dim=3)
-        bias = self.attention_bias(mask).to(q.dtype)
-        out = gathered_attention(q, kv_source, key_index, bias, self.scale,
+        tokens = [z.flatten(1, 2)] + [cells.flatten(1, 2) for cells in pooled] + [z.new_zeros(B, 1, C)]
+        qkv = self.qkv(torch.cat(tokens, dim=1))
+        qkv[:, -1, C:].zero_()  # out-of-grid cells: zero key and value, as the reference pads them
+        bias = self.attention_bias(mask).to(qkv.dtype)
+        out = gathered_attention(qkv, query_index, key_index, bias, self.scale,
                                  self.attn_drop if self.training else 0., self.training)
-        if torch.compiler.is_compiling():
-            # Windows put back by their query index: merging (window rows, ws) into one symbolic
-            # dimension would ask the tracer to prove divisibilities it cannot.
-            out = out.view(B, nH, -1, head_dim).permute(0, 2, 1, 3).reshape(B, -1, C)
-            out = out.new_zeros(B, Hp * Wp, C).index_copy(1, query_index, out).view(B, Hp, Wp, C)
-        else:
-            out = out.view(B, nH, Hp // ws, Wp // ws, ws, ws, head_dim).permute(0, 2, 4, 3, 5, 1, 6)
-            out = out.reshape(B, Hp, Wp, C)
-        out = self.proj(out)
+        out = self.proj(out.view(B, Hp, Wp, C))
         return self.proj_drop(out)
 
 

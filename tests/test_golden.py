@@ -76,23 +76,24 @@ def test_attention_dropout_path_matches_fused_path_when_dropout_is_zero():
 
 def test_gathered_attention_passes_gradcheck_in_float64():
     """The hand-written backward of the CPU training attention against finite differences, with
-    several images, repeated key slots (as the zero token is) and gradients for q, the key/value
-    source and the bias. The tolerance is tight enough that rounding the probabilities through
+    several images, repeated key slots (as the out-of-grid token is) and gradients for the q/k/v
+    rows and the bias. The tolerance is tight enough that rounding the probabilities through
     float32 fails it."""
     torch.manual_seed(0)
-    batch, heads, windows, tokens, queries, keys, head_dim = 2, 2, 3, 11, 4, 7, 5
+    batch, heads, windows, queries, keys, head_dim = 2, 2, 3, 4, 7, 5
+    tokens = windows * queries + 2
+    query_index = torch.randperm(windows * queries)
     key_index = torch.randint(0, tokens, (windows, keys))
     key_index[:, -2:] = tokens - 1
-    q = torch.randn(batch, heads * windows, queries, head_dim, dtype=torch.float64, requires_grad=True)
-    source = torch.randn(2, batch, heads, tokens, head_dim, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(1, heads * windows, queries, keys, dtype=torch.float64, requires_grad=True)
+    qkv = torch.randn(batch, tokens, 3 * heads * head_dim, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(windows, heads, queries, keys, dtype=torch.float64, requires_grad=True)
 
-    def attention(q, source, bias):
-        out = gathered_attention(q, source, key_index, bias, 0.3, training=True)
+    def attention(qkv, bias):
+        out = gathered_attention(qkv, query_index, key_index, bias, 0.3, training=True)
         assert type(out.grad_fn).__name__ == '_GatheredBiasedAttentionBackward'
         return out
 
-    assert torch.autograd.gradcheck(attention, (q, source, bias), atol=1e-8, rtol=1e-7)
+    assert torch.autograd.gradcheck(attention, (qkv, bias), atol=1e-8, rtol=1e-7)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')

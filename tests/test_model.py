@@ -243,20 +243,25 @@ def test_fused_training_attention_has_the_gradients_of_plain_attention():
     PyTorch's fused CPU kernel returns its log-sum-exp in float32, hence 1e-6 and not 1e-12.
     """
     torch.manual_seed(0)
-    B, nH, nW, tokens, N, hd = 2, 2, 3, 11, 4, 5
-    key_index = torch.randint(0, tokens, (nW, 7))
-    q = torch.randn(B, nH * nW, N, hd, dtype=torch.float64, requires_grad=True)
-    source = torch.randn(2, B, nH, tokens, hd, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(1, nH * nW, N, 7, dtype=torch.float64, requires_grad=True)
+    B, nH, nW, N, S, hd = 2, 2, 3, 4, 7, 5
+    C, tokens = nH * hd, nW * N + 2
+    query_index = torch.randperm(nW * N)
+    key_index = torch.randint(0, tokens, (nW, S))
+    qkv = torch.randn(B, tokens, 3 * C, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(nW, nH, N, S, dtype=torch.float64, requires_grad=True)
 
-    def plain(q, source, bias):
-        k, v = source[:, :, :, key_index.flatten()].reshape(2, B, nH * nW, 7, hd).unbind(0)
-        return torch.softmax(q @ k.transpose(-2, -1) * 0.3 + bias, dim=-1) @ v
+    def plain(qkv, bias):
+        q = qkv[:, query_index, :C].view(B, nW, N, nH, hd).transpose(2, 3)
+        k, v = qkv[:, key_index, C:].view(B, nW, S, 2, nH, hd).permute(3, 0, 1, 4, 2, 5)
+        windows = torch.softmax(q @ k.transpose(-2, -1) * 0.3 + bias, dim=-1) @ v
+        out = torch.zeros(B, nW * N, C, dtype=qkv.dtype)
+        out[:, query_index] = windows.transpose(2, 3).reshape(B, nW * N, C)
+        return out
 
-    weight = torch.randn(B, nH * nW, N, hd, dtype=torch.float64)
-    fused = (gathered_attention(q, source, key_index, bias, 0.3, training=True) * weight).sum()
-    grads = torch.autograd.grad(fused, (q, source, bias))
-    reference = torch.autograd.grad((plain(q, source, bias) * weight).sum(), (q, source, bias))
+    weight = torch.randn(B, nW * N, C, dtype=torch.float64)
+    fused = (gathered_attention(qkv, query_index, key_index, bias, 0.3, training=True) * weight).sum()
+    grads = torch.autograd.grad(fused, (qkv, bias))
+    reference = torch.autograd.grad((plain(qkv, bias) * weight).sum(), (qkv, bias))
     for got, expected in zip(grads, reference):
         assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
 
