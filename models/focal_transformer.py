@@ -12,8 +12,9 @@ Which token each key slot reads and which slots are masked depend on the padded 
 index tables are built once per (block configuration, map size, device) and kept in a bounded LRU
 cache shared by all blocks and models (`attention_table_cache_info()`); under torch.compile/export and
 TorchScript the same tables are built in the graph from tensor ops on the (symbolic) sizes. Which bias
-entry each logit takes depends only on the configuration and stays a buffer. A forward pass is then
-one gather for the keys/values, a lookup of each bias table and one fused attention call per block.
+entry each logit takes depends only on the configuration and stays a buffer. A block then projects
+its map's tokens and pooled cells together into rows of q, k, v, gathers each window's query and
+key/value rows, looks up each bias table and runs one fused attention call (on the CPU, per image).
 """
 import functools
 import math
@@ -411,9 +412,9 @@ def gathered_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: 
     additive logit bias, the same for every image. Returns (B, nW·ws², C): row i is the output of
     the query in row i.
 
-    On the CPU, training takes the memory-saving fused function and evaluation runs one image at a
-    time (its gathered rows stay in cache); compiling, exporting, TorchScript, other devices and
-    attention dropout take PyTorch's SDPA on the whole batch.
+    On the CPU, training takes the memory-saving fused function (compiled too) and eager evaluation
+    runs one image at a time (its gathered rows stay in cache); compiled or exported evaluation,
+    TorchScript, other devices and attention dropout take PyTorch's SDPA on the whole batch.
     """
     num_windows, num_heads, queries, num_keys = bias.shape[0], bias.shape[1], bias.shape[2], bias.shape[3]
     if not torch.jit.is_scripting():
