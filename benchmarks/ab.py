@@ -1,0 +1,93 @@
+"""A/B of two versions of Focal-T (or one against Swin-T) in one process: alternating rounds.
+
+On a shared or noisy machine two runs of `throughput.py` can differ by more than the change being
+measured. This builds both models in one process (the second with the first's weights, so that
+both compute the same function), warms them up, then times them in alternation, A before B in
+even rounds and B before A in odd ones, and prints the median and best round of each and their
+ratio (above 1: B is faster).
+
+    python3 benchmarks/ab.py ../before .                    # two checkouts' Focal-T, inference
+    python3 benchmarks/ab.py ../before . --mode train       # training step (forward, backward, AdamW)
+    python3 benchmarks/ab.py swin .                         # timm's Swin-T against this checkout
+
+A checkout is a directory holding this repository's `models/` package; its Focal-T is imported
+under its own module name, so the two versions do not clash.
+"""
+import argparse
+import importlib
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+import timm
+import torch
+
+MODEL = 'focal_tiny_patch4_window7_224'
+
+
+def focal_from(checkout: str, alias: str) -> torch.nn.Module:
+    package = os.path.join(os.path.abspath(checkout), 'models')
+    spec = importlib.util.spec_from_file_location(alias, os.path.join(package, '__init__.py'),
+                                                  submodule_search_locations=[package])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[alias] = module
+    spec.loader.exec_module(module)
+    return getattr(importlib.import_module(f'{alias}.focal_transformer'), MODEL)()
+
+
+def build(side: str, alias: str) -> torch.nn.Module:
+    return timm.create_model('swin_tiny_patch4_window7_224') if side == 'swin' else focal_from(side, alias)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('a', help="a checkout, or 'swin'")
+    parser.add_argument('b', help='a checkout')
+    parser.add_argument('--mode', choices=('infer', 'train'), default='infer')
+    parser.add_argument('--rounds', type=int, default=10, help='timed rounds per model')
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--threads', type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    models = [build(args.a, 'models_a'), build(args.b, 'models_b')]
+    if args.a != 'swin':
+        models[1].load_state_dict(models[0].state_dict())
+    images = torch.randn(args.batch_size, 3, 224, 224)
+    optimizers = [torch.optim.AdamW(m.parameters()) for m in models]
+
+    def step(i: int):
+        model = models[i]
+        if args.mode == 'infer':
+            model.eval()
+            with torch.inference_mode():
+                model(images)
+        else:
+            model.train()
+            optimizers[i].zero_grad(set_to_none=True)
+            model(images).logsumexp(-1).sum().backward()
+            optimizers[i].step()
+
+    if args.a != 'swin':
+        with torch.inference_mode():
+            difference = (models[0].eval()(images[:2]) - models[1].eval()(images[:2])).abs().max()
+        print(f'largest logit difference between A and B: {difference:.2e}')
+    for i in (0, 1, 0, 1):
+        step(i)
+    times = ([], [])
+    for r in range(args.rounds):
+        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+            start = time.perf_counter()
+            step(i)
+            times[i].append(time.perf_counter() - start)
+    for name, t in zip(('A ' + args.a, 'B ' + args.b), times):
+        print(f'{name:40s} median {statistics.median(t) * 1e3:8.1f} ms   best {min(t) * 1e3:8.1f} ms')
+    print(f'B speed-up over A ({args.mode}, batch {args.batch_size}, {args.threads} threads): '
+          f'median {statistics.median(times[0]) / statistics.median(times[1]):.3f}x, '
+          f'best {min(times[0]) / min(times[1]):.3f}x')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,28 @@
+"""benchmarks/ab.py: two checkouts' models side by side in one process."""
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_ab_builds_each_checkouts_own_model_and_reports_a_ratio(tmp_path):
+    """A copy of models/ whose attention scale is doubled must give different logits: each side is
+    imported from its own checkout, not the first one imported under the name `models`."""
+    other = tmp_path / 'other'
+    shutil.copytree(REPO / 'models', other / 'models')
+    source = other / 'models' / 'focal_transformer.py'
+    text = source.read_text()
+    assert 'self.scale = qk_scale or head_dim ** -0.5' in text
+    source.write_text(text.replace('self.scale = qk_scale or head_dim ** -0.5',
+                                   'self.scale = 2 * (qk_scale or head_dim ** -0.5)'))
+    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'ab.py'), str(REPO), str(other),
+                             '--rounds', '1', '--batch-size', '1', '--threads', '1'],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    difference = float(re.search(r'largest logit difference between A and B: (\S+)', result.stdout).group(1))
+    assert difference > 1e-3
+    assert re.search(r'B speed-up over A \(infer, batch 1, 1 threads\): median \d+\.\d{3}x, best \d+\.\d{3}x',
+                     result.stdout), result.stdout
