@@ -65,28 +65,30 @@ def train_step(model, images, dtype=torch.float32, forward=None):
 
 def test_attention_kernel_matches_the_math_kernel_at_focal_t_stage_0_shapes():
     """Forced onto the memory-efficient kernel (any fallback raises), the attention's output and
-    the gradients of q, of the key/value source (k and v gradients scattered back) and of the
-    bias equal the float32 math kernel's. 49 queries, 230 keys (not a multiple of the kernel's
-    alignment, so SDPA pads the bias), head dim 32, bias broadcast over the batch: as stage 0."""
+    the gradients of the q/k/v rows (k and v gradients scattered back to the rows their slots read)
+    and of the bias equal the float32 math kernel's. 49 queries, 230 keys (not a multiple of the
+    kernel's alignment, so SDPA pads the bias), head dim 32, bias broadcast over the batch: as
+    stage 0."""
     torch.manual_seed(0)
     B, nH, nW, tokens, queries, num_keys, head_dim = 2, 2, 4, 300, 49, 230, 32
+    C = nH * head_dim
+    query_index = torch.randperm(nW * queries, device='cuda')
     key_index = torch.randint(0, tokens, (nW, num_keys), device='cuda')
-    inputs = [torch.randn(B, nH * nW, queries, head_dim, device='cuda'),
-              torch.randn(2, B, nH, tokens, head_dim, device='cuda'),
-              torch.randn(1, nH * nW, queries, num_keys, device='cuda')]
-    weight = torch.randn(B, nH * nW, queries, head_dim, device='cuda')
+    inputs = [torch.randn(B, tokens, 3 * C, device='cuda'),
+              torch.randn(nW, nH, queries, num_keys, device='cuda')]
+    weight = torch.randn(B, nW * queries, C, device='cuda')
 
     def run(backend):
-        q, source, bias = (t.clone().requires_grad_() for t in inputs)
+        qkv, bias = (t.clone().requires_grad_() for t in inputs)
         with sdpa_kernel(backend):
-            out = gathered_attention(q, source, key_index, bias, head_dim ** -0.5)
+            out = gathered_attention(qkv, query_index, key_index, bias, head_dim ** -0.5)
         (out * weight).sum().backward()
-        return [out.detach(), q.grad, source.grad, bias.grad]
+        return [out.detach(), qkv.grad, bias.grad]
 
     efficient_ops = attention_ops(lambda: run(SDPBackend.EFFICIENT_ATTENTION))
     assert efficient_ops == EFFICIENT_OPS
     efficient, reference = run(SDPBackend.EFFICIENT_ATTENTION), run(SDPBackend.MATH)
-    for name, got, expected in zip(('output', 'q', 'k/v source', 'bias'), efficient, reference):
+    for name, got, expected in zip(('output', 'q/k/v rows', 'bias'), efficient, reference):
         assert relative_error(got, expected) < (1e-5 if name == 'output' else 1e-4), name
 
 
