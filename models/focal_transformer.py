@@ -318,6 +318,22 @@ def _window_rows(out: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2).reshape(-1, out.shape[1] * out.shape[3])
 
 
+def _cpu_window_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor,
+                          bias: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """gathered_attention on the CPU, one image at a time in reused buffers: the output and the fused
+    kernel's log-sum-exp (B, nW, nH, ws²), which the training backward reads."""
+    out = qkv.new_empty(qkv.shape[0], query_index.shape[0], qkv.shape[2] // 3)
+    lse = []
+    buffers = _gather_buffers(qkv, query_index, key_index)
+    for b in range(qkv.shape[0]):
+        q, k, v = _window_qkv(qkv[b], query_index, key_index, bias.shape[1], buffers)
+        out_b, lse_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, attn_mask=bias, scale=scale)
+        out[b].index_copy_(0, query_index, _window_rows(out_b))
+        lse.append(lse_b)
+    return out, torch.stack(lse)
+
+
 class _GatheredBiasedAttention(torch.autograd.Function):
     """gathered_attention for CPU training: fused forward, hand-written backward, one image at a time.
 
@@ -331,17 +347,8 @@ class _GatheredBiasedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, query_index, key_index, bias, num_heads, scale):
-        B, C = qkv.shape[0], qkv.shape[2] // 3
-        out = qkv.new_empty(B, query_index.shape[0], C)
-        lse = []
-        buffers = _gather_buffers(qkv, query_index, key_index)
-        for b in range(B):
-            q, k, v = _window_qkv(qkv[b], query_index, key_index, num_heads, buffers)
-            out_b, lse_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, attn_mask=bias, scale=scale)
-            out[b].index_copy_(0, query_index, _window_rows(out_b))
-            lse.append(lse_b)
-        ctx.save_for_backward(qkv, query_index, key_index, bias, out, torch.stack(lse))
+        out, lse = _cpu_window_attention(qkv, query_index, key_index, bias, scale)
+        ctx.save_for_backward(qkv, query_index, key_index, bias, out, lse)
         ctx.num_heads, ctx.scale = num_heads, scale
         return out
 
@@ -428,13 +435,7 @@ def gathered_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: 
             # a gradient (thrown away) make the forward keep it.
             qkv = qkv.detach().requires_grad_()
         if qkv.device.type == 'cpu' and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            out = qkv.new_empty(qkv.shape[0], query_index.shape[0], qkv.shape[2] // 3)
-            buffers = _gather_buffers(qkv, query_index, key_index)
-            for b in range(qkv.shape[0]):
-                q, k, v = _window_qkv(qkv[b], query_index, key_index, num_heads, buffers)
-                attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-                out[b].index_copy_(0, query_index, _window_rows(attended))
-            return out
+            return _cpu_window_attention(qkv, query_index, key_index, bias, scale)[0]
     B, C = qkv.shape[0], qkv.shape[2] // 3
     head_dim = C // num_heads
     # Windows and heads merged into SDPA's head dimension, windows outermost as in the bias.
