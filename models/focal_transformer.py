@@ -436,18 +436,22 @@ def gathered_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: 
             qkv = qkv.detach().requires_grad_()
         if qkv.device.type == 'cpu' and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return _cpu_window_attention(qkv, query_index, key_index, bias, scale)[0]
-    B, C = qkv.shape[0], qkv.shape[2] // 3
+    B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     head_dim = C // num_heads
-    # Windows and heads merged into SDPA's head dimension, windows outermost as in the bias.
-    q = qkv[:, :, :C].index_select(1, query_index).view(B, num_windows, queries, num_heads, head_dim)
-    q = q.transpose(2, 3).reshape(B, num_windows * num_heads, queries, head_dim)
-    kv = qkv[:, :, C:].index_select(1, key_index.flatten())
-    kv = kv.view(B, num_windows, num_keys, 2, num_heads, head_dim).permute(3, 0, 1, 4, 2, 5)
-    kv = kv.reshape(2, B, num_windows * num_heads, num_keys, head_dim)
-    out = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=dropout_p, scale=scale,
-                                         attn_mask=bias.reshape(1, num_windows * num_heads, queries, num_keys))
-    out = out.view(B, num_windows, num_heads, queries, head_dim).transpose(2, 3).reshape(B, -1, C)
-    return torch.zeros_like(out).index_copy(1, query_index, out)
+    # Heads and windows merged into SDPA's head dimension, heads outermost: gathering tokens from a
+    # head-major view of the rows writes q, k and v in that order directly, with no copy after.
+    q_rows, k_rows, v_rows = qkv.view(B, T, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    keys = key_index.flatten()
+    q = q_rows.index_select(2, query_index).view(B, num_heads * num_windows, queries, head_dim)
+    k = k_rows.index_select(2, keys).view(B, num_heads * num_windows, num_keys, head_dim)
+    v = v_rows.index_select(2, keys).view(B, num_heads * num_windows, num_keys, head_dim)
+    # head-major too; concatenated rather than reshaped, which would ask the exporter whether the
+    # transposed bias happens to be contiguous (only for one window or one head) and fix the size
+    bias = torch.cat(bias.unbind(1)).unsqueeze(0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
+    # a view where SDPA returns heads outermost (CPU), a copy where windows·heads are innermost (CUDA)
+    out = out.reshape(B, num_heads, num_windows * queries, head_dim).transpose(1, 2)
+    return out.new_zeros(out.shape).index_copy(1, query_index, out).view(B, -1, C)
 
 
 class FocalAttention(nn.Module):

@@ -237,8 +237,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
 
 
-def test_fused_training_attention_has_the_gradients_of_plain_attention():
-    """The bias-gradient attention function against autograd through explicit softmax, in float64.
+@pytest.mark.parametrize('training', [True, False], ids=['fused-training-function', 'sdpa'])
+def test_attention_has_the_values_and_gradients_of_plain_attention(training):
+    """Both differentiable paths of gathered_attention against autograd through explicit softmax,
+    in float64: the CPU training function (fused forward, hand-written backward) and the SDPA path
+    that compiled, exported and GPU code take (heads outermost); and the per-image evaluation path's
+    values.
 
     PyTorch's fused CPU kernel returns its log-sum-exp in float32, hence 1e-6 and not 1e-12.
     """
@@ -259,11 +263,16 @@ def test_fused_training_attention_has_the_gradients_of_plain_attention():
         return out
 
     weight = torch.randn(B, nW * N, C, dtype=torch.float64)
-    fused = (gathered_attention(qkv, query_index, key_index, bias, 0.3, training=True) * weight).sum()
-    grads = torch.autograd.grad(fused, (qkv, bias))
-    reference = torch.autograd.grad((plain(qkv, bias) * weight).sum(), (qkv, bias))
+    expected_out = plain(qkv, bias)
+    out = gathered_attention(qkv, query_index, key_index, bias, 0.3, training=training)
+    assert torch.allclose(out, expected_out, rtol=1e-6, atol=1e-6)
+    grads = torch.autograd.grad((out * weight).sum(), (qkv, bias))
+    reference = torch.autograd.grad((expected_out * weight).sum(), (qkv, bias))
     for got, expected in zip(grads, reference):
         assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        evaluated = gathered_attention(qkv, query_index, key_index, bias, 0.3)
+    assert torch.allclose(evaluated, expected_out, rtol=1e-6, atol=1e-6)
 
 
 def test_bf16_autocast_on_cpu_agrees_with_float32():
