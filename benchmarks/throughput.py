@@ -21,6 +21,12 @@ reported, since the compiler's own memory would be counted.
 default), inference only, Swin-T created with `dynamic_img_size=True` so that it takes that size;
 for the focal model it also times a forward at a size whose index tables are not cached yet (the
 cache is cleared before each), and the difference to a cached forward is the time to build them.
+
+`--profile N` then says where the time goes: after timing, each model runs N more training steps
+and N inference passes under `torch.profiler`, and the operators with the most self time (CPU
+time, or CUDA kernel time with `--device cuda`) are printed under the table, model by model.
+
+    python benchmarks/throughput.py --threads 2 --profile 3
 """
 import argparse
 import json
@@ -94,6 +100,20 @@ def timed(fn, steps: int, repeats: int, device: torch.device) -> float:
     return best
 
 
+def top_operators(fn, steps: int, device: torch.device, rows: int = 15) -> str:
+    """torch.profiler's table of the operators with the most self time over `steps` calls of fn."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+    sort_by = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
+
+
 def measure_detector(name: str, args) -> dict:
     import timm
     from models.focal_transformer import FocalTransformer, clear_attention_table_cache
@@ -164,18 +184,24 @@ def measure(name: str, args) -> dict:
     elif not variant.compile:
         train_memory = peak_rss_bytes() - rss_before
     train_time = timed(train_step, args.steps, args.repeats, device)
+    profiles = {}
+    if args.profile:
+        profiles['training'] = top_operators(train_step, args.profile, device)
     model.eval()
     if variant.compile:
         infer_step()  # compiles the inference graph; untimed
     for _ in range(args.warmup):
         infer_step()
     infer_time = timed(infer_step, args.steps, args.repeats, device)
+    if args.profile:
+        profiles['inference'] = top_operators(infer_step, args.profile, device)
     return {
         'model': name,
         'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
         'infer_img_s': args.batch_size / infer_time,
         'train_img_s': args.batch_size / train_time,
         'train_peak_mib': None if train_memory is None else train_memory / 2 ** 20,
+        'profiles': profiles,
     }
 
 
@@ -231,11 +257,14 @@ def main():
                         help='eager: float32; compile: float32 under torch.compile; bf16: bf16 autocast; '
                              'compile-bf16: both; all: every one (bf16 on the CPU only where it has bf16 '
                              'instructions). Default: eager on the CPU, bf16 on cuda')
+    parser.add_argument('--profile', type=int, default=0, metavar='N',
+                        help='after timing, profile N training steps and N inference passes per model '
+                             'and print the operators with the most self time')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     parser.add_argument('--variant', default='eager', choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.detector and args.variants:
-        parser.error('--detector measures plain inference; it takes no --variants')
+    if args.detector and (args.variants or args.profile):
+        parser.error('--detector measures plain inference; it takes no --variants or --profile')
     torch.set_num_threads(args.threads)
 
     if args.worker:
@@ -276,6 +305,10 @@ def main():
     print(f'device {args.device}, batch {args.batch_size}, {args.img_size} px, '
           f'best of {args.repeats}x{args.steps} steps')
     print_table(results)
+    for key, rows in results.items():
+        for row in rows:
+            for mode, table in row['profiles'].items():
+                print(f'\n{row["model"]}, {VARIANTS[key].label}, {mode}: {args.profile} steps\n{table}')
 
 
 def print_detector_rows(rows: list, args, precision: str):

@@ -1,4 +1,4 @@
-"""benchmarks/ab.py: two checkouts' models side by side in one process."""
+"""benchmarks/: ab.py (two checkouts' models side by side in one process) and throughput.py."""
 import re
 import shutil
 import subprocess
@@ -26,3 +26,19 @@ def test_ab_builds_each_checkouts_own_model_and_reports_a_ratio(tmp_path):
     assert difference > 1e-3
     assert re.search(r'B speed-up over A \(infer, batch 1, 1 threads\): median \d+\.\d{3}x, best \d+\.\d{3}x',
                      result.stdout), result.stdout
+
+
+def test_throughput_profile_prints_each_models_busiest_operators():
+    """throughput.py end to end on a small input, with --profile: the table row, then the profiler's
+    operator tables for training and inference, which must show the model's matrix products."""
+    model = 'focal_tiny_patch4_window7_224'
+    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'throughput.py'), '--models', model,
+                             '--img-size', '64', '--batch-size', '2', '--steps', '1', '--repeats', '1',
+                             '--warmup', '1', '--threads', '1', '--profile', '1'],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf'float32 eager\s+{model}\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+\s+\d+', result.stdout), result.stdout
+    sections = re.split(rf'\n{model}, float32 eager, (training|inference): 1 steps\n', result.stdout)
+    assert sections[1::2] == ['training', 'inference'], result.stdout
+    for table in sections[2::2]:
+        assert 'Self CPU time total' in table and 'aten::addmm' in table, table
