@@ -2,9 +2,9 @@
 Transformers", NeurIPS 2021).
 
 Computes the function of the released ImageNet-1K checkpoints (checked against the reference
-implementation's outputs and gradients: tests/reference), parameter names and shapes included, at the size the model is
-built for and at any other input size. The block structure (window, neighbours, shift, pooled levels,
-parameter shapes) is fixed at construction; the maps between blocks are (B, H, W, C) of whatever size
+implementation's outputs and gradients: tests/reference), parameter names and shapes included, at
+the size the model is built for and at any other input size. The block structure (window,
+neighbours, shift, pooled levels, parameter shapes) is fixed at construction; the maps between blocks are (B, H, W, C) of whatever size
 the input gives, with stage sizes in ceil division as Swin's detection backbone (the image padded to a
 multiple of the patch, odd maps padded before each 2x downsampling, every map padded to the window).
 
@@ -399,6 +399,8 @@ class _GatheredBiasedAttention(torch.autograd.Function):
                 torch.matmul(grad_logits, kv_heads[0], out=grad_q).mul_(scale)
                 torch.matmul(grad_logits.transpose(-2, -1), q_heads, out=grad_kv_heads[0]).mul_(scale)
                 grad_kv_rows.copy_(grad_kv_heads.permute(1, 3, 0, 2, 4))
+                # summed in a contiguous buffer, then copied: index_add_ straight into the strided
+                # slice of grad_qkv measured 5% slower per training step
                 grad_kv.zero_().index_add_(0, slots, grad_kv_rows.view(-1, 2 * C))
                 grad_qkv[b, :, C:] = grad_kv
                 grad_qkv[b, :, :C].index_copy_(0, query_index, _window_rows(grad_q))
