@@ -146,8 +146,9 @@ def attention_tables(padded_size: Tuple[int, int], window_size: int, shift_size:
 
     Returns (query_index, key_index, mask): query_index (nW·ws²,) the map token of each query;
     key_index (nW, n_keys) the token each key slot reads from the source laid out as the padded map's
-    tokens, then each pooled level's cells, then one zero token that out-of-grid cells read; mask
-    (nW, ws² or 1, n_keys) of 0 / -inf (only the shift mask depends on the query).
+    tokens, then each pooled level's cells; mask (nW, ws² or 1, n_keys) of 0 / -inf (only the
+    shift mask depends on the query). Pooled cells outside the grid are masked: with a -inf mask what
+    they read does not matter, and they read their level's first cell.
     """
     Hp, Wp = padded_size
     ws = window_size
@@ -164,12 +165,9 @@ def attention_tables(padded_size: Tuple[int, int], window_size: int, shift_size:
         slot_mask.append(torch.zeros(num_windows, 1, neighbour_positions.shape[0], dtype=torch.bool,
                                      device=device))
     source_offset = Hp * Wp
-    zero_token = Hp * Wp
-    for k in range(pooled_levels):
-        zero_token += num_windows << (2 * k)
     for k in range(pooled_levels):
         index, valid = pooled_block_index((nWh, nWw), k, focal_window, device)
-        key_index.append(torch.where(valid, index + source_offset, zero_token))
+        key_index.append(torch.where(valid, index, 0) + source_offset)
         slot_mask.append(~valid[:, None])
         source_offset += num_windows << (2 * k)
     query_rows = ws * ws if shift_size > 0 else 1
@@ -528,16 +526,17 @@ class FocalAttention(nn.Module):
     def forward(self, z: torch.Tensor, pooled: List[torch.Tensor]) -> torch.Tensor:
         """z: (B, Hp, Wp, C) normalized, padded, shifted map; pooled: (B, Gh_k, Gw_k, C) per level.
 
-        Returns (B, Hp, Wp, C). The map's tokens, each level's cells and the token that out-of-grid
-        cells read are projected together: one row of q, k, v per token.
+        Returns (B, Hp, Wp, C). The map's tokens and each level's cells are projected together: one
+        row of q, k, v per token.
         """
         B, Hp, Wp, C = z.shape[0], z.shape[1], z.shape[2], z.shape[3]
         query_index, key_index, mask = block_attention_tables(
             z, self.window_size, self.expand_size, self.shift_size, self.focal_window, self.pooled_levels,
             self.neighbour_positions)
-        tokens = [z.flatten(1, 2)] + [cells.flatten(1, 2) for cells in pooled] + [z.new_zeros(B, 1, C)]
-        qkv = self.qkv(torch.cat(tokens, dim=1))
-        qkv[:, -1, C:].zero_()  # out-of-grid cells: zero key and value, as the reference pads them
+        # The reference gives out-of-grid cells a zero key and value; they are masked with -inf, so
+        # no zero row is needed (zeroing one in place made autograd copy the whole qkv gradient).
+        tokens = [z.flatten(1, 2)] + [cells.flatten(1, 2) for cells in pooled]
+        qkv = self.qkv(torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0])
         bias = self.attention_bias(mask).to(qkv.dtype)
         out = gathered_attention(qkv, query_index, key_index, bias, self.scale,
                                  self.attn_drop if self.training else 0., self.training)

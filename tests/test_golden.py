@@ -76,9 +76,8 @@ def test_attention_dropout_path_matches_fused_path_when_dropout_is_zero():
 
 def test_gathered_attention_passes_gradcheck_in_float64():
     """The hand-written backward of the CPU training attention against finite differences, with
-    several images, repeated key slots (as the out-of-grid token is) and gradients for the q/k/v
-    rows and the bias. The tolerance is tight enough that rounding the probabilities through
-    float32 fails it."""
+    several images, key slots that read the same row, and gradients for the q/k/v rows and the
+    bias. The tolerance is tight enough that rounding the probabilities through float32 fails it."""
     torch.manual_seed(0)
     batch, heads, windows, queries, keys, head_dim = 2, 2, 3, 4, 7, 5
     tokens = windows * queries + 2

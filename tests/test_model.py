@@ -15,9 +15,9 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from config import get_config
 from golden import LAYOUTS
 from models import build_model  # importing models registers the focal models with timm
-from models.focal_transformer import (FocalTransformer, attention_table_cache_info, checkpoint_filter_fn,
-                                      clear_attention_table_cache, gathered_attention, neighbour_key_positions,
-                                      shift_region_mask)
+from models.focal_transformer import (FocalTransformer, attention_table_cache_info, attention_tables,
+                                      checkpoint_filter_fn, clear_attention_table_cache, gathered_attention,
+                                      neighbour_key_positions, shift_region_mask)
 
 PAPER_GFLOPS = {
     'focal_tiny_patch4_window7_224': 4.9, 'focal_tiny_useconv_patch4_window7_224': 5.2,
@@ -273,6 +273,43 @@ def test_attention_has_the_values_and_gradients_of_plain_attention(training):
     with torch.no_grad():
         evaluated = gathered_attention(qkv, query_index, key_index, bias, 0.3)
     assert torch.allclose(evaluated, expected_out, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('path', ['fused-training-function', 'sdpa', 'evaluation'])
+def test_masked_key_slots_contribute_nothing_whatever_row_they_read(path):
+    """Out-of-grid pooled cells are masked and read an arbitrary row (their level's first cell), so
+    the mask must remove them exactly: outputs bit-identical whatever that row holds, and exactly
+    zero gradient (not NaN) for it and for the masked bias entries."""
+    torch.manual_seed(0)
+    B, nH, nW, N, S, hd = 2, 2, 3, 4, 7, 5
+    C, tokens = nH * hd, nW * N + 1
+    query_index = torch.randperm(nW * N)
+    key_index = torch.randint(0, nW * N, (nW, S))
+    key_index[:, -2:] = tokens - 1                  # the last row: read by masked slots only
+    # the value the model's tables give out-of-grid cells (a 2x2 window grid, focal window 3)
+    _, _, table_mask = attention_tables((4, 4), 2, 0, 3, 1, None, torch.device('cpu'))
+    mask = torch.zeros(nW, 1, N, S)
+    mask[..., -2:] = table_mask.min()
+    qkv = torch.randn(B, tokens, 3 * C)
+    loud = qkv.clone()
+    loud[:, -1, C:] = 1e3 * torch.randn(B, 2 * C)  # a large key would leak through a finite mask
+    weight = torch.randn(B, nW * N, C)
+    outputs, grads = [], []
+    for rows in (qkv, loud):
+        rows = rows.clone().requires_grad_(path != 'evaluation')
+        bias = torch.randn(nW, nH, N, S, generator=torch.Generator().manual_seed(1))
+        bias.requires_grad_(path != 'evaluation')
+        with torch.set_grad_enabled(path != 'evaluation'):
+            out = gathered_attention(rows, query_index, key_index, bias + mask, 0.3,
+                                     training=path == 'fused-training-function')
+        outputs.append(out.detach())
+        if path != 'evaluation':
+            grads.append(torch.autograd.grad((out * weight).sum(), (rows, bias)))
+    assert torch.equal(outputs[0], outputs[1])
+    for grad_rows, grad_bias in grads:
+        assert torch.equal(grad_rows[:, -1], torch.zeros(B, 3 * C))
+        assert torch.equal(grad_bias[..., -2:], torch.zeros(nW, nH, N, 2))
+        assert torch.isfinite(grad_rows).all() and torch.isfinite(grad_bias).all()
 
 
 def test_bf16_autocast_on_cpu_agrees_with_float32():
