@@ -4,9 +4,10 @@ Transformers", NeurIPS 2021).
 Computes the function of the released ImageNet-1K checkpoints (checked against the reference
 implementation's outputs and gradients: tests/reference), parameter names and shapes included, at
 the size the model is built for and at any other input size. The block structure (window,
-neighbours, shift, pooled levels, parameter shapes) is fixed at construction; the maps between blocks are (B, H, W, C) of whatever size
-the input gives, with stage sizes in ceil division as Swin's detection backbone (the image padded to a
-multiple of the patch, odd maps padded before each 2x downsampling, every map padded to the window).
+neighbours, shift, pooled levels, parameter shapes) is fixed at construction; the maps between
+blocks are (B, H, W, C) of whatever size the input gives, with stage sizes in ceil division as
+Swin's detection backbone (the image padded to a multiple of the patch, odd maps padded before
+each 2x downsampling, every map padded to the window).
 
 Which token each key slot reads and which slots are masked depend on the padded map size: those
 index tables are built once per (block configuration, map size, device) and kept in a bounded LRU
