@@ -454,7 +454,8 @@ def gathered_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: 
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
     # a view where SDPA returns heads outermost (CPU), a copy where windows·heads are innermost (CUDA)
     out = out.reshape(B, num_heads, num_windows * queries, head_dim).transpose(1, 2)
-    return out.new_zeros(out.shape).index_copy(1, query_index, out).view(B, -1, C)
+    # query_index is a permutation of the rows, so every row of the empty tensor is written
+    return out.new_empty(out.shape).index_copy(1, query_index, out).view(B, -1, C)
 
 
 class FocalAttention(nn.Module):
