@@ -42,3 +42,27 @@ def test_throughput_profile_prints_each_models_busiest_operators():
     assert sections[1::2] == ['training', 'inference'], result.stdout
     for table in sections[2::2]:
         assert 'Self CPU time total' in table and 'aten::addmm' in table, table
+
+
+def test_ceiling_bound_is_the_time_without_attention_plus_the_products():
+    """ceiling.py end to end at batch 1: it reads every block's attention shape from the model (2, 2, 6
+    and 2 blocks per stage at 224 px) and its bound adds the two measured parts it names."""
+    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'ceiling.py'),
+                             '--batch-size', '1', '--rounds', '1', '--threads', '1'],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    blocks = {(int(w), int(h), int(k)): (int(n), float(infer), float(train)) for w, h, k, n, infer, train in re.findall(
+        r'(\d+) windows x +(\d+) heads, 49 queries, +(\d+) keys \(head dim 32, (\d+) blocks\): '
+        r'inference +(\S+) ms +\d+ GFLOP/s, training +(\S+) ms', out)}
+    assert {shape: n for shape, (n, _, _) in blocks.items()} == {
+        (64, 3, 230): 2, (16, 6, 206): 2, (4, 12, 190): 6, (1, 24, 50): 2}, out
+    rows = {name: (float(infer), float(train)) for name, infer, train in
+            re.findall(r'^(\S.*?) {2,}(\d+\.\d) +(\d+\.\d)$', out, re.MULTILINE)}
+    products = rows['Focal-T attention products alone']
+    for mode in (0, 1):
+        assert abs(products[mode] - sum(n * t[mode] for n, *t in blocks.values())) < 0.2, out
+        assert abs(rows['bound: without attention + products'][mode]
+                   - rows['Focal-T without attention'][mode] - products[mode]) < 0.2, out
+        assert rows['Focal-T'][mode] > 0 and rows['Swin-T'][mode] > 0
+    assert re.search(r'^train: Focal-T / Swin-T now \d+\.\d\dx, at most \d+\.\d\dx on this CPU$', out, re.MULTILINE)
