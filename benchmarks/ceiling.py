@@ -67,7 +67,7 @@ def best_time(fn: Callable[[], None], rounds: int) -> float:
     return min(times)
 
 
-def product_times(shapes, batch_size: int, rounds: int) -> Dict[tuple, Dict[str, float]]:
+def product_times(shapes: List[tuple], batch_size: int, rounds: int) -> Dict[tuple, Dict[str, float]]:
     """Seconds per batch of one block's attention products, per distinct block shape: the forward's
     two ('infer') and those plus the backward's five ('train')."""
     per_shape = {}
