@@ -42,6 +42,11 @@ REFERENCE_BUFFER_PREFIXES = ('relative_position_index', 'valid_ind_rolled', 'val
 # configurations (Focal-T: 4, one per stage), so this holds the tables of about 30 input sizes; a
 # stage-0 set for an 800x1216 image is about 4 MB.
 TABLE_CACHE_SIZE = 128
+# CPU attention of a float32/float64 block whose logits for one image (windows·heads·ws²·keys) take at
+# most this many bytes materialises them between batched products; larger blocks take PyTorch's fused
+# kernel. On the AMD Zen 4 the products win at Focal-T's stages 1-3 (3.9 MB and less) and lose at
+# stage 0 (8.6 MB, which with its gathered keys and their head-major copies outgrows the cache).
+MATERIALISED_LOGITS_MAX_BYTES = 4 << 20
 
 
 def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
@@ -314,6 +319,34 @@ def _window_qkv(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.T
     return q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
 
 
+def _materialises_logits(qkv: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Whether CPU attention takes the materialised-logits path (see MATERIALISED_LOGITS_MAX_BYTES). Not
+    in bf16: the fused kernel keeps logits and probabilities in float32, materialised ones are rounded."""
+    return (qkv.dtype in (torch.float32, torch.float64)
+            and bias.numel() * bias.element_size() <= MATERIALISED_LOGITS_MAX_BYTES)
+
+
+def _head_major_buffers(qkv: torch.Tensor, bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reused per-image memory for q (nW, nH, ws², hd), k and v stacked (2, nW, nH, n_keys, hd), and
+    the logits (nW, nH, ws², n_keys)."""
+    num_windows, num_heads, queries, num_keys = bias.shape[0], bias.shape[1], bias.shape[2], bias.shape[3]
+    head_dim = qkv.shape[-1] // 3 // num_heads
+    return (qkv.new_empty(num_windows, num_heads, queries, head_dim),
+            qkv.new_empty(2, num_windows, num_heads, num_keys, head_dim),
+            qkv.new_empty(num_windows, num_heads, queries, num_keys))
+
+
+def _softmax_probabilities(q_heads: torch.Tensor, k_heads: torch.Tensor, bias: torch.Tensor, scale: float,
+                           logits: torch.Tensor) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + bias) computed in `logits`; all four (nW, nH, ·, ·) and contiguous, so that
+    windows and heads form the batch of one product."""
+    queries, num_keys, head_dim = logits.shape[-2], logits.shape[-1], q_heads.shape[-1]
+    torch.baddbmm(bias.reshape(-1, queries, num_keys), q_heads.view(-1, queries, head_dim),
+                  k_heads.view(-1, num_keys, head_dim).transpose(1, 2), alpha=scale,
+                  out=logits.view(-1, queries, num_keys))
+    return torch.softmax(logits, -1, out=logits)
+
+
 def _window_rows(out: torch.Tensor) -> torch.Tensor:
     """(nW, nH, ws², hd) attention output -> (nW·ws², C) rows in window order."""
     return out.transpose(1, 2).reshape(-1, out.shape[1] * out.shape[3])
@@ -335,20 +368,50 @@ def _cpu_window_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_inde
     return out, torch.stack(lse)
 
 
+def _cpu_materialised_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor,
+                                bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """gathered_attention on the CPU with the logits materialised, one image at a time: its q, k, v
+    gathered and copied head-major into reused buffers, then one batched product for the logits (scale
+    and bias included), a softmax in place and one for the output. Faster than the fused kernel where
+    an image's logits fit the cache, since the kernel splits a window's 49 queries into blocks of 32
+    and 17 rows and multiplies block by block."""
+    C = qkv.shape[2] // 3
+    out = qkv.new_empty(qkv.shape[0], query_index.shape[0], C)
+    buffers = _gather_buffers(qkv, query_index, key_index)
+    q_heads, kv_heads, logits = _head_major_buffers(qkv, bias)
+    out_heads = torch.empty_like(q_heads)
+    for b in range(qkv.shape[0]):
+        q, k, v = _window_qkv(qkv[b], query_index, key_index, bias.shape[1], buffers)
+        q_heads.copy_(q)
+        kv_heads[0].copy_(k)
+        kv_heads[1].copy_(v)
+        probs = _softmax_probabilities(q_heads, kv_heads[0], bias, scale, logits)
+        torch.matmul(probs, kv_heads[1], out=out_heads)
+        out[b].index_copy_(0, query_index, _window_rows(out_heads))
+    return out
+
+
 class _GatheredBiasedAttention(torch.autograd.Function):
-    """gathered_attention for CPU training: fused forward, hand-written backward, one image at a time.
+    """gathered_attention for CPU training: the evaluation forward, hand-written backward, one image at a time.
 
     PyTorch's CPU fused attention has no gradient for the bias, so SDPA falls back to the unfused
     path, which keeps every attention matrix and the gathered keys/values for the backward pass.
-    This runs the fused forward and keeps only the projected rows, the output and the log-sum-exp;
-    the backward pass gathers each image's keys again and recomputes its probabilities. One image at
+    This runs the forward of evaluation (fused kernel, or materialised logits for small blocks) and
+    keeps only the projected rows, the output and the fused kernel's log-sum-exp; the backward pass
+    gathers each image's keys again and recomputes its probabilities. One image at
     a time, in buffers reused for every image, so that the gathered rows and the (windows, heads,
     ws², n_keys) intermediates stay in cache.
     """
 
     @staticmethod
     def forward(ctx, qkv, query_index, key_index, bias, num_heads, scale):
-        out, lse = _cpu_window_attention(qkv, query_index, key_index, bias, scale)
+        # Materialised logits: the backward recomputes the softmax; fused kernel: it reads the kernel's
+        # log-sum-exp.
+        ctx.materialised = _materialises_logits(qkv, bias)
+        if ctx.materialised:
+            out, lse = _cpu_materialised_attention(qkv, query_index, key_index, bias, scale), qkv.new_empty(0)
+        else:
+            out, lse = _cpu_window_attention(qkv, query_index, key_index, bias, scale)
         ctx.save_for_backward(qkv, query_index, key_index, bias, out, lse)
         ctx.num_heads, ctx.scale = num_heads, scale
         return out
@@ -372,11 +435,9 @@ class _GatheredBiasedAttention(torch.autograd.Function):
         # hidden copies), logits, their gradient, and the gradients on their way back to rows.
         buffers = _gather_buffers(qkv, query_index, key_index)
         grad_out_rows = qkv.new_empty(query_index.shape[0], C)
-        q_heads = qkv.new_empty(num_windows, nH, queries, head_dim)
+        q_heads, kv_heads, logits = _head_major_buffers(qkv, bias)
         grad_out_heads, grad_q = torch.empty_like(q_heads), torch.empty_like(q_heads)
-        kv_heads = qkv.new_empty(2, num_windows, nH, num_keys, head_dim)
         grad_kv_heads = torch.empty_like(kv_heads)
-        logits = qkv.new_empty(num_windows, nH, queries, num_keys)
         grad_probs = torch.empty_like(logits)
         grad_kv_rows = qkv.new_empty(num_windows, num_keys, 2, nH, head_dim)
         grad_kv = qkv.new_empty(T, 2 * C)
@@ -388,9 +449,12 @@ class _GatheredBiasedAttention(torch.autograd.Function):
             torch.index_select(grad_out[b], 0, query_index, out=grad_out_rows)
             grad_out_heads.copy_(grad_out_rows.view(num_windows, queries, nH, head_dim).transpose(1, 2))
             row_dot_b = row_dot[b].index_select(0, query_index).view(num_windows, queries, nH).transpose(1, 2)
-            torch.matmul(q_heads, kv_heads[0].transpose(-2, -1), out=logits)
-            logits.mul_(scale).add_(bias)
-            probs = logits.to(exact_dtype).sub_(lse[b].unsqueeze(-1)).exp_().to(qkv.dtype)
+            if ctx.materialised:
+                probs = _softmax_probabilities(q_heads, kv_heads[0], bias, scale, logits)
+            else:
+                torch.matmul(q_heads, kv_heads[0].transpose(-2, -1), out=logits)
+                logits.mul_(scale).add_(bias)
+                probs = logits.to(exact_dtype).sub_(lse[b].unsqueeze(-1)).exp_().to(qkv.dtype)
             torch.matmul(probs.transpose(-2, -1), grad_out_heads, out=grad_kv_heads[1])
             torch.matmul(grad_out_heads, kv_heads[1].transpose(-2, -1), out=grad_probs)
             grad_logits = probs.mul_(grad_probs.sub_(row_dot_b.unsqueeze(-1)))
@@ -422,8 +486,9 @@ def gathered_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: 
     additive logit bias, the same for every image. Returns (B, nW·ws², C): row i is the output of
     the query in row i.
 
-    On the CPU, training takes the memory-saving fused function (compiled too) and eager evaluation
-    runs one image at a time (its gathered rows stay in cache); compiled or exported evaluation,
+    On the CPU, training takes the memory-saving function with its own backward (compiled too) and
+    eager evaluation runs one image at a time (its gathered rows stay in cache), by the fused kernel or,
+    for blocks with small logits, by batched products around them; compiled or exported evaluation,
     TorchScript, other devices and attention dropout take PyTorch's SDPA on the whole batch.
     """
     num_windows, num_heads, queries, num_keys = bias.shape[0], bias.shape[1], bias.shape[2], bias.shape[3]
@@ -438,6 +503,8 @@ def gathered_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: 
             # a gradient (thrown away) make the forward keep it.
             qkv = qkv.detach().requires_grad_()
         if qkv.device.type == 'cpu' and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if _materialises_logits(qkv, bias):
+                return _cpu_materialised_attention(qkv, query_index, key_index, bias, scale)
             return _cpu_window_attention(qkv, query_index, key_index, bias, scale)[0]
     B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
     head_dim = C // num_heads

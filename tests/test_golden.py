@@ -22,7 +22,7 @@ def test_every_case_is_in_the_repository():
 
 @pytest.mark.parametrize('dtype, output_bound, probe_bound', PRECISIONS)
 @pytest.mark.parametrize('name', CASES)
-def test_output_parameters_and_flops(name, dtype, output_bound, probe_bound):
+def test_output_parameters_and_flops(name, dtype, output_bound, probe_bound, cpu_attention):
     case = GoldenCase(name)
     model = case.model(dtype)
     assert sum(p.numel() for p in model.parameters()) == case.data['n_parameters']
@@ -48,7 +48,7 @@ def assert_probes_match(case: GoldenCase, model, bound: float):
 @pytest.mark.parametrize('use_checkpoint', [False, True], ids=['plain', 'grad_checkpointing'])
 @pytest.mark.parametrize('dtype, output_bound, probe_bound', PRECISIONS)
 @pytest.mark.parametrize('name', CASES_WITH_PROBES)
-def test_gradient_probes(name, dtype, output_bound, probe_bound, use_checkpoint):
+def test_gradient_probes(name, dtype, output_bound, probe_bound, use_checkpoint, cpu_attention):
     case = GoldenCase(name)
     model = case.model(dtype)
     model.set_grad_checkpointing(use_checkpoint)
@@ -74,7 +74,7 @@ def test_attention_dropout_path_matches_fused_path_when_dropout_is_zero():
         assert relative_error(p.grad, q.grad) < 1e-10, name
 
 
-def test_gathered_attention_passes_gradcheck_in_float64():
+def test_gathered_attention_passes_gradcheck_in_float64(cpu_attention):
     """The hand-written backward of the CPU training attention against finite differences, with
     several images, key slots that read the same row, and gradients for the q/k/v rows and the
     bias. The tolerance is tight enough that rounding the probabilities through float32 fails it."""

@@ -238,7 +238,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 @pytest.mark.parametrize('training', [True, False], ids=['fused-training-function', 'sdpa'])
-def test_attention_has_the_values_and_gradients_of_plain_attention(training):
+def test_attention_has_the_values_and_gradients_of_plain_attention(training, cpu_attention):
     """Both differentiable paths of gathered_attention against autograd through explicit softmax,
     in float64: the CPU training function (fused forward, hand-written backward) and the SDPA path
     that compiled, exported and GPU code take (heads outermost); and the per-image evaluation path's
@@ -276,7 +276,7 @@ def test_attention_has_the_values_and_gradients_of_plain_attention(training):
 
 
 @pytest.mark.parametrize('path', ['fused-training-function', 'sdpa', 'evaluation'])
-def test_masked_key_slots_contribute_nothing_whatever_row_they_read(path):
+def test_masked_key_slots_contribute_nothing_whatever_row_they_read(path, cpu_attention):
     """Out-of-grid pooled cells are masked and read an arbitrary row (their level's first cell), so
     the mask must remove them exactly: outputs bit-identical whatever that row holds, and exactly
     zero gradient (not NaN) for it and for the masked bias entries."""
