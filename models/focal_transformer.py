@@ -42,11 +42,13 @@ REFERENCE_BUFFER_PREFIXES = ('relative_position_index', 'valid_ind_rolled', 'val
 # configurations (Focal-T: 4, one per stage), so this holds the tables of about 30 input sizes; a
 # stage-0 set for an 800x1216 image is about 4 MB.
 TABLE_CACHE_SIZE = 128
-# CPU attention of a float32/float64 block whose logits for one image (windows·heads·ws²·keys) take at
-# most this many bytes materialises them between batched products; larger blocks take PyTorch's fused
-# kernel. On the AMD Zen 4 the products win at Focal-T's stages 1-3 (3.9 MB and less) and lose at
-# stage 0 (8.6 MB, which with its gathered keys and their head-major copies outgrows the cache).
-MATERIALISED_LOGITS_MAX_BYTES = 4 << 20
+# CPU attention in these dtypes materialises the logits between batched products, a chunk of windows at a
+# time; others (bf16) take PyTorch's fused kernel, which keeps logits and probabilities in float32.
+MATERIALISED_DTYPES = (torch.float32, torch.float64)
+# The windows of a chunk: as many as keep their logits within this many bytes, so that the chunk's
+# gathered keys, their head-major copies and the logits stay in cache together (on the AMD Zen 4, a
+# whole stage-0 image, 8.6 MB of logits, ran 20% slower than the fused kernel; chunks of 2 MiB 27% faster).
+MATERIALISED_CHUNK_BYTES = 2 << 20
 
 
 def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
@@ -319,17 +321,11 @@ def _window_qkv(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.T
     return q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
 
 
-def _materialises_logits(qkv: torch.Tensor, bias: torch.Tensor) -> bool:
-    """Whether CPU attention takes the materialised-logits path (see MATERIALISED_LOGITS_MAX_BYTES). Not
-    in bf16: the fused kernel keeps logits and probabilities in float32, materialised ones are rounded."""
-    return (qkv.dtype in (torch.float32, torch.float64)
-            and bias.numel() * bias.element_size() <= MATERIALISED_LOGITS_MAX_BYTES)
-
-
-def _head_major_buffers(qkv: torch.Tensor, bias: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reused per-image memory for q (nW, nH, ws², hd), k and v stacked (2, nW, nH, n_keys, hd), and
-    the logits (nW, nH, ws², n_keys)."""
-    num_windows, num_heads, queries, num_keys = bias.shape[0], bias.shape[1], bias.shape[2], bias.shape[3]
+def _head_major_buffers(qkv: torch.Tensor, bias: torch.Tensor,
+                        num_windows: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reused memory for the q (nW, nH, ws², hd), k and v (each nW, nH, n_keys, hd, stacked) and logits
+    (nW, nH, ws², n_keys) of num_windows windows."""
+    num_heads, queries, num_keys = bias.shape[1], bias.shape[2], bias.shape[3]
     head_dim = qkv.shape[-1] // 3 // num_heads
     return (qkv.new_empty(num_windows, num_heads, queries, head_dim),
             qkv.new_empty(2, num_windows, num_heads, num_keys, head_dim),
@@ -370,24 +366,30 @@ def _cpu_window_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_inde
 
 def _cpu_materialised_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor,
                                 bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """gathered_attention on the CPU with the logits materialised, one image at a time: its q, k, v
-    gathered and copied head-major into reused buffers, then one batched product for the logits (scale
-    and bias included), a softmax in place and one for the output. Faster than the fused kernel where
-    an image's logits fit the cache, since the kernel splits a window's 49 queries into blocks of 32
-    and 17 rows and multiplies block by block."""
+    """gathered_attention on the CPU with the logits materialised, one image and one chunk of windows
+    at a time (MATERIALISED_CHUNK_BYTES): the chunk's q, k, v gathered and copied head-major into reused
+    buffers, then one batched product for the logits (scale and bias included), a softmax in place and
+    one product for the output. Faster than the fused kernel, which splits a window's 49 queries into
+    blocks of 32 and 17 rows and multiplies block by block."""
     C = qkv.shape[2] // 3
+    num_windows, queries, num_keys = bias.shape[0], bias.shape[2], bias.shape[3]
+    chunk = max(1, min(num_windows, MATERIALISED_CHUNK_BYTES // (bias[0].numel() * bias.element_size())))
     out = qkv.new_empty(qkv.shape[0], query_index.shape[0], C)
-    buffers = _gather_buffers(qkv, query_index, key_index)
-    q_heads, kv_heads, logits = _head_major_buffers(qkv, bias)
+    q_rows, kv_rows = _gather_buffers(qkv, query_index[:chunk * queries], key_index[:chunk])
+    q_heads, kv_heads, logits = _head_major_buffers(qkv, bias, chunk)
     out_heads = torch.empty_like(q_heads)
     for b in range(qkv.shape[0]):
-        q, k, v = _window_qkv(qkv[b], query_index, key_index, bias.shape[1], buffers)
-        q_heads.copy_(q)
-        kv_heads[0].copy_(k)
-        kv_heads[1].copy_(v)
-        probs = _softmax_probabilities(q_heads, kv_heads[0], bias, scale, logits)
-        torch.matmul(probs, kv_heads[1], out=out_heads)
-        out[b].index_copy_(0, query_index, _window_rows(out_heads))
+        for start in range(0, num_windows, chunk):
+            n = min(chunk, num_windows - start)
+            rows = query_index[start * queries:(start + n) * queries]
+            q, k, v = _window_qkv(qkv[b], rows, key_index[start:start + n], bias.shape[1],
+                                  (q_rows[:n * queries], kv_rows[:n * num_keys]))
+            q_heads[:n].copy_(q)
+            kv_heads[0, :n].copy_(k)
+            kv_heads[1, :n].copy_(v)
+            probs = _softmax_probabilities(q_heads[:n], kv_heads[0, :n], bias[start:start + n], scale, logits[:n])
+            torch.matmul(probs, kv_heads[1, :n], out=out_heads[:n])
+            out[b].index_copy_(0, rows, _window_rows(out_heads[:n]))
     return out
 
 
@@ -407,7 +409,7 @@ class _GatheredBiasedAttention(torch.autograd.Function):
     def forward(ctx, qkv, query_index, key_index, bias, num_heads, scale):
         # Materialised logits: the backward recomputes the softmax; fused kernel: it reads the kernel's
         # log-sum-exp.
-        ctx.materialised = _materialises_logits(qkv, bias)
+        ctx.materialised = qkv.dtype in MATERIALISED_DTYPES
         if ctx.materialised:
             out, lse = _cpu_materialised_attention(qkv, query_index, key_index, bias, scale), qkv.new_empty(0)
         else:
@@ -435,7 +437,7 @@ class _GatheredBiasedAttention(torch.autograd.Function):
         # hidden copies), logits, their gradient, and the gradients on their way back to rows.
         buffers = _gather_buffers(qkv, query_index, key_index)
         grad_out_rows = qkv.new_empty(query_index.shape[0], C)
-        q_heads, kv_heads, logits = _head_major_buffers(qkv, bias)
+        q_heads, kv_heads, logits = _head_major_buffers(qkv, bias, num_windows)
         grad_out_heads, grad_q = torch.empty_like(q_heads), torch.empty_like(q_heads)
         grad_kv_heads = torch.empty_like(kv_heads)
         grad_probs = torch.empty_like(logits)
@@ -503,7 +505,7 @@ def gathered_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: 
             # a gradient (thrown away) make the forward keep it.
             qkv = qkv.detach().requires_grad_()
         if qkv.device.type == 'cpu' and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            if _materialises_logits(qkv, bias):
+            if qkv.dtype in MATERIALISED_DTYPES:
                 return _cpu_materialised_attention(qkv, query_index, key_index, bias, scale)
             return _cpu_window_attention(qkv, query_index, key_index, bias, scale)[0]
     B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3

@@ -4,11 +4,13 @@ import pytest
 import models.focal_transformer as focal_transformer
 
 
-@pytest.fixture(params=['fused-kernel', 'materialised-logits'])
+@pytest.fixture(params=['fused-kernel', 'materialised-logits', 'materialised-logits-small-chunks'])
 def cpu_attention(request, monkeypatch):
-    """Runs a test once on each CPU attention path, forced for every block: PyTorch's fused kernel, and
-    the logits materialised between batched products (which the model takes for float32/float64 blocks
-    whose logits are small, per MATERIALISED_LOGITS_MAX_BYTES)."""
-    monkeypatch.setattr(focal_transformer, 'MATERIALISED_LOGITS_MAX_BYTES',
-                        0 if request.param == 'fused-kernel' else float('inf'))
+    """Runs a test on each CPU attention path: PyTorch's fused kernel (which the model takes in bf16),
+    the logits materialised a chunk of windows at a time (float32 and float64), and the same with chunks
+    of a few windows (1000 bytes of logits), so that an image takes several and the last is short."""
+    if request.param == 'fused-kernel':
+        monkeypatch.setattr(focal_transformer, 'MATERIALISED_DTYPES', ())
+    elif request.param == 'materialised-logits-small-chunks':
+        monkeypatch.setattr(focal_transformer, 'MATERIALISED_CHUNK_BYTES', 1000)
     return request.param
