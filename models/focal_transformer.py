@@ -364,6 +364,11 @@ def _cpu_window_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_inde
     return out, torch.stack(lse)
 
 
+def _window_chunk(bias: torch.Tensor) -> int:
+    """Windows per chunk of CPU attention: as many as keep their logits within MATERIALISED_CHUNK_BYTES."""
+    return max(1, min(bias.shape[0], MATERIALISED_CHUNK_BYTES // (bias[0].numel() * bias.element_size())))
+
+
 def _cpu_materialised_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor,
                                 bias: torch.Tensor, scale: float) -> torch.Tensor:
     """gathered_attention on the CPU with the logits materialised, one image and one chunk of windows
@@ -373,7 +378,7 @@ def _cpu_materialised_attention(qkv: torch.Tensor, query_index: torch.Tensor, ke
     blocks of 32 and 17 rows and multiplies block by block."""
     C = qkv.shape[2] // 3
     num_windows, queries, num_keys = bias.shape[0], bias.shape[2], bias.shape[3]
-    chunk = max(1, min(num_windows, MATERIALISED_CHUNK_BYTES // (bias[0].numel() * bias.element_size())))
+    chunk = _window_chunk(bias)
     out = qkv.new_empty(qkv.shape[0], query_index.shape[0], C)
     q_rows, kv_rows = _gather_buffers(qkv, query_index[:chunk * queries], key_index[:chunk])
     q_heads, kv_heads, logits = _head_major_buffers(qkv, bias, chunk)
@@ -425,7 +430,6 @@ class _GatheredBiasedAttention(torch.autograd.Function):
         B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         num_windows, num_keys, head_dim = key_index.shape[0], key_index.shape[1], C // nH
         queries = query_index.shape[0] // num_windows
-        slots = key_index.flatten()
         grad_qkv = torch.zeros_like(qkv) if ctx.needs_input_grad[0] else None
         # Probabilities and the bias gradient (summed over images) in at least float32, so that a
         # low-precision input does not round them per image; float64 stays float64.
@@ -433,44 +437,52 @@ class _GatheredBiasedAttention(torch.autograd.Function):
         grad_bias = torch.zeros_like(bias, dtype=exact_dtype) if ctx.needs_input_grad[3] else None
         # Σ_d dO·O per query and head, the softmax backward's row term, for all images at once.
         row_dot = (grad_out * out).view(B, -1, nH, head_dim).sum(-1)
-        # Per-image memory, reused: head-major q, k/v, dO (the batched products then run without
-        # hidden copies), logits, their gradient, and the gradients on their way back to rows.
-        buffers = _gather_buffers(qkv, query_index, key_index)
-        grad_out_rows = qkv.new_empty(query_index.shape[0], C)
-        q_heads, kv_heads, logits = _head_major_buffers(qkv, bias, num_windows)
+        # Memory for one chunk of windows, reused: head-major q, k/v, dO (the batched products then run
+        # without hidden copies), logits, their gradient, and the gradients on their way back to rows.
+        chunk = _window_chunk(bias)
+        q_rows, kv_rows = _gather_buffers(qkv, query_index[:chunk * queries], key_index[:chunk])
+        grad_out_rows = torch.empty_like(q_rows)
+        q_heads, kv_heads, logits = _head_major_buffers(qkv, bias, chunk)
         grad_out_heads, grad_q = torch.empty_like(q_heads), torch.empty_like(q_heads)
         grad_kv_heads = torch.empty_like(kv_heads)
         grad_probs = torch.empty_like(logits)
-        grad_kv_rows = qkv.new_empty(num_windows, num_keys, 2, nH, head_dim)
+        grad_kv_rows = qkv.new_empty(chunk, num_keys, 2, nH, head_dim)
         grad_kv = qkv.new_empty(T, 2 * C)
         for b in range(B):
-            q, k, v = _window_qkv(qkv[b], query_index, key_index, nH, buffers)
-            q_heads.copy_(q)
-            kv_heads[0].copy_(k)
-            kv_heads[1].copy_(v)
-            torch.index_select(grad_out[b], 0, query_index, out=grad_out_rows)
-            grad_out_heads.copy_(grad_out_rows.view(num_windows, queries, nH, head_dim).transpose(1, 2))
-            row_dot_b = row_dot[b].index_select(0, query_index).view(num_windows, queries, nH).transpose(1, 2)
-            if ctx.materialised:
-                probs = _softmax_probabilities(q_heads, kv_heads[0], bias, scale, logits)
-            else:
-                torch.matmul(q_heads, kv_heads[0].transpose(-2, -1), out=logits)
-                logits.mul_(scale).add_(bias)
-                probs = logits.to(exact_dtype).sub_(lse[b].unsqueeze(-1)).exp_().to(qkv.dtype)
-            torch.matmul(probs.transpose(-2, -1), grad_out_heads, out=grad_kv_heads[1])
-            torch.matmul(grad_out_heads, kv_heads[1].transpose(-2, -1), out=grad_probs)
-            grad_logits = probs.mul_(grad_probs.sub_(row_dot_b.unsqueeze(-1)))
-            if grad_bias is not None:
-                grad_bias.add_(grad_logits)
             if grad_qkv is not None:
-                torch.matmul(grad_logits, kv_heads[0], out=grad_q).mul_(scale)
-                torch.matmul(grad_logits.transpose(-2, -1), q_heads, out=grad_kv_heads[0]).mul_(scale)
-                grad_kv_rows.copy_(grad_kv_heads.permute(1, 3, 0, 2, 4))
-                # summed in a contiguous buffer, then copied: index_add_ straight into the strided
-                # slice of grad_qkv measured 5% slower per training step
-                grad_kv.zero_().index_add_(0, slots, grad_kv_rows.view(-1, 2 * C))
+                grad_kv.zero_()
+            for start in range(0, num_windows, chunk):
+                n = min(chunk, num_windows - start)
+                rows, keys = query_index[start * queries:(start + n) * queries], key_index[start:start + n]
+                q, k, v = _window_qkv(qkv[b], rows, keys, nH, (q_rows[:n * queries], kv_rows[:n * num_keys]))
+                q_heads[:n].copy_(q)
+                kv_heads[0, :n].copy_(k)
+                kv_heads[1, :n].copy_(v)
+                torch.index_select(grad_out[b], 0, rows, out=grad_out_rows[:n * queries])
+                grad_out_heads[:n].copy_(grad_out_rows[:n * queries].view(n, queries, nH, head_dim).transpose(1, 2))
+                row_dot_b = row_dot[b].index_select(0, rows).view(n, queries, nH).transpose(1, 2)
+                if ctx.materialised:
+                    probs = _softmax_probabilities(q_heads[:n], kv_heads[0, :n], bias[start:start + n], scale,
+                                                   logits[:n])
+                else:
+                    torch.matmul(q_heads[:n], kv_heads[0, :n].transpose(-2, -1), out=logits[:n])
+                    logits[:n].mul_(scale).add_(bias[start:start + n])
+                    probs = logits[:n].to(exact_dtype).sub_(lse[b, start:start + n].unsqueeze(-1)).exp_().to(qkv.dtype)
+                torch.matmul(probs.transpose(-2, -1), grad_out_heads[:n], out=grad_kv_heads[1, :n])
+                torch.matmul(grad_out_heads[:n], kv_heads[1, :n].transpose(-2, -1), out=grad_probs[:n])
+                grad_logits = probs.mul_(grad_probs[:n].sub_(row_dot_b.unsqueeze(-1)))
+                if grad_bias is not None:
+                    grad_bias[start:start + n].add_(grad_logits)
+                if grad_qkv is not None:
+                    torch.matmul(grad_logits, kv_heads[0, :n], out=grad_q[:n]).mul_(scale)
+                    torch.matmul(grad_logits.transpose(-2, -1), q_heads[:n], out=grad_kv_heads[0, :n]).mul_(scale)
+                    grad_kv_rows[:n].copy_(grad_kv_heads[:, :n].permute(1, 3, 0, 2, 4))
+                    # summed in a contiguous buffer, then copied: index_add_ straight into the strided
+                    # slice of grad_qkv measured 5% slower per training step
+                    grad_kv.index_add_(0, keys.flatten(), grad_kv_rows[:n].view(-1, 2 * C))
+                    grad_qkv[b, :, :C].index_copy_(0, rows, _window_rows(grad_q[:n]))
+            if grad_qkv is not None:
                 grad_qkv[b, :, C:] = grad_kv
-                grad_qkv[b, :, :C].index_copy_(0, query_index, _window_rows(grad_q))
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_qkv, None, None, grad_bias, None, None
