@@ -365,7 +365,10 @@ def _cpu_window_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_inde
 
 
 def _window_chunk(bias: torch.Tensor) -> int:
-    """Windows per chunk of CPU attention: as many as keep their logits within MATERIALISED_CHUNK_BYTES."""
+    """Windows per chunk of CPU attention: as many as keep their logits within MATERIALISED_CHUNK_BYTES;
+    all of them under torch.compile, which unrolls the loop over chunks into the graph."""
+    if torch.compiler.is_compiling():
+        return bias.shape[0]
     return max(1, min(bias.shape[0], MATERIALISED_CHUNK_BYTES // (bias[0].numel() * bias.element_size())))
 
 
@@ -412,9 +415,9 @@ class _GatheredBiasedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, query_index, key_index, bias, num_heads, scale):
-        # Materialised logits: the backward recomputes the softmax; fused kernel: it reads the kernel's
-        # log-sum-exp.
-        ctx.materialised = qkv.dtype in MATERIALISED_DTYPES
+        # Materialised logits: the backward recomputes the softmax; fused kernel (also under torch.compile,
+        # whose graph would hold every chunk's products): it reads the kernel's log-sum-exp.
+        ctx.materialised = qkv.dtype in MATERIALISED_DTYPES and not torch.compiler.is_compiling()
         if ctx.materialised:
             out, lse = _cpu_materialised_attention(qkv, query_index, key_index, bias, scale), qkv.new_empty(0)
         else:
