@@ -402,15 +402,16 @@ def _cpu_materialised_attention(qkv: torch.Tensor, query_index: torch.Tensor, ke
 
 
 class _GatheredBiasedAttention(torch.autograd.Function):
-    """gathered_attention for CPU training: the evaluation forward, hand-written backward, one image at a time.
+    """gathered_attention for CPU training: the evaluation forward, hand-written backward, a chunk of
+    one image's windows at a time.
 
     PyTorch's CPU fused attention has no gradient for the bias, so SDPA falls back to the unfused
     path, which keeps every attention matrix and the gathered keys/values for the backward pass.
-    This runs the forward of evaluation (fused kernel, or materialised logits for small blocks) and
-    keeps only the projected rows, the output and the fused kernel's log-sum-exp; the backward pass
-    gathers each image's keys again and recomputes its probabilities. One image at
-    a time, in buffers reused for every image, so that the gathered rows and the (windows, heads,
-    ws², n_keys) intermediates stay in cache.
+    This runs the forward of evaluation (materialised logits in float32/float64; the fused kernel in
+    bf16 and under torch.compile) and keeps only the projected rows, the output and the fused kernel's
+    log-sum-exp; the backward pass gathers each chunk's keys again and recomputes its probabilities,
+    in buffers reused for every chunk, so that the gathered rows and the (windows, heads, ws², n_keys)
+    intermediates stay in cache.
     """
 
     @staticmethod
@@ -504,9 +505,10 @@ def gathered_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: 
     the query in row i.
 
     On the CPU, training takes the memory-saving function with its own backward (compiled too) and
-    eager evaluation runs one image at a time (its gathered rows stay in cache), by the fused kernel or,
-    for blocks with small logits, by batched products around them; compiled or exported evaluation,
-    TorchScript, other devices and attention dropout take PyTorch's SDPA on the whole batch.
+    eager evaluation runs one image at a time (its gathered rows stay in cache): float32/float64 by
+    batched products around materialised logits, a chunk of windows at a time, bf16 by the fused
+    kernel. Compiled or exported evaluation, TorchScript, other devices and attention dropout take
+    PyTorch's SDPA on the whole batch.
     """
     num_windows, num_heads, queries, num_keys = bias.shape[0], bias.shape[1], bias.shape[2], bias.shape[3]
     if not torch.jit.is_scripting():
