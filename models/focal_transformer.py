@@ -372,6 +372,22 @@ def _window_chunk(bias: torch.Tensor) -> int:
     return max(1, min(bias.shape[0], MATERIALISED_CHUNK_BYTES // (bias[0].numel() * bias.element_size())))
 
 
+def _chunk_heads(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor, start: int, count: int,
+                 row_buffers: Tuple[torch.Tensor, torch.Tensor], q_heads: torch.Tensor, kv_heads: torch.Tensor):
+    """One image's q, k, v for windows start..start+count: gathered as rows into row_buffers, then copied
+    head-major into the first `count` windows of q_heads and kv_heads (see _head_major_buffers).
+    Returns the chunk's query rows, its key slots (count, n_keys), and contiguous q, k, v views."""
+    queries = query_index.shape[0] // key_index.shape[0]
+    rows, keys = query_index[start * queries:(start + count) * queries], key_index[start:start + count]
+    q, k, v = _window_qkv(qkv, rows, keys, q_heads.shape[1],
+                          (row_buffers[0][:rows.shape[0]], row_buffers[1][:keys.numel()]))
+    q_chunk, k_chunk, v_chunk = q_heads[:count], kv_heads[0, :count], kv_heads[1, :count]
+    q_chunk.copy_(q)
+    k_chunk.copy_(k)
+    v_chunk.copy_(v)
+    return rows, keys, q_chunk, k_chunk, v_chunk
+
+
 def _cpu_materialised_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor,
                                 bias: torch.Tensor, scale: float) -> torch.Tensor:
     """gathered_attention on the CPU with the logits materialised, one image and one chunk of windows
@@ -379,24 +395,18 @@ def _cpu_materialised_attention(qkv: torch.Tensor, query_index: torch.Tensor, ke
     buffers, then one batched product for the logits (scale and bias included), a softmax in place and
     one product for the output. Faster than the fused kernel, which splits a window's 49 queries into
     blocks of 32 and 17 rows and multiplies block by block."""
-    C = qkv.shape[2] // 3
-    num_windows, queries, num_keys = bias.shape[0], bias.shape[2], bias.shape[3]
+    num_windows, queries = bias.shape[0], bias.shape[2]
     chunk = _window_chunk(bias)
-    out = qkv.new_empty(qkv.shape[0], query_index.shape[0], C)
-    q_rows, kv_rows = _gather_buffers(qkv, query_index[:chunk * queries], key_index[:chunk])
+    out = qkv.new_empty(qkv.shape[0], query_index.shape[0], qkv.shape[2] // 3)
+    row_buffers = _gather_buffers(qkv, query_index[:chunk * queries], key_index[:chunk])
     q_heads, kv_heads, logits = _head_major_buffers(qkv, bias, chunk)
     out_heads = torch.empty_like(q_heads)
     for b in range(qkv.shape[0]):
         for start in range(0, num_windows, chunk):
             n = min(chunk, num_windows - start)
-            rows = query_index[start * queries:(start + n) * queries]
-            q, k, v = _window_qkv(qkv[b], rows, key_index[start:start + n], bias.shape[1],
-                                  (q_rows[:n * queries], kv_rows[:n * num_keys]))
-            q_heads[:n].copy_(q)
-            kv_heads[0, :n].copy_(k)
-            kv_heads[1, :n].copy_(v)
-            probs = _softmax_probabilities(q_heads[:n], kv_heads[0, :n], bias[start:start + n], scale, logits[:n])
-            torch.matmul(probs, kv_heads[1, :n], out=out_heads[:n])
+            rows, _, q, k, v = _chunk_heads(qkv[b], query_index, key_index, start, n, row_buffers, q_heads, kv_heads)
+            probs = _softmax_probabilities(q, k, bias[start:start + n], scale, logits[:n])
+            torch.matmul(probs, v, out=out_heads[:n])
             out[b].index_copy_(0, rows, _window_rows(out_heads[:n]))
     return out
 
@@ -444,8 +454,8 @@ class _GatheredBiasedAttention(torch.autograd.Function):
         # Memory for one chunk of windows, reused: head-major q, k/v, dO (the batched products then run
         # without hidden copies), logits, their gradient, and the gradients on their way back to rows.
         chunk = _window_chunk(bias)
-        q_rows, kv_rows = _gather_buffers(qkv, query_index[:chunk * queries], key_index[:chunk])
-        grad_out_rows = torch.empty_like(q_rows)
+        row_buffers = _gather_buffers(qkv, query_index[:chunk * queries], key_index[:chunk])
+        grad_out_rows = torch.empty_like(row_buffers[0])
         q_heads, kv_heads, logits = _head_major_buffers(qkv, bias, chunk)
         grad_out_heads, grad_q = torch.empty_like(q_heads), torch.empty_like(q_heads)
         grad_kv_heads = torch.empty_like(kv_heads)
@@ -457,29 +467,25 @@ class _GatheredBiasedAttention(torch.autograd.Function):
                 grad_kv.zero_()
             for start in range(0, num_windows, chunk):
                 n = min(chunk, num_windows - start)
-                rows, keys = query_index[start * queries:(start + n) * queries], key_index[start:start + n]
-                q, k, v = _window_qkv(qkv[b], rows, keys, nH, (q_rows[:n * queries], kv_rows[:n * num_keys]))
-                q_heads[:n].copy_(q)
-                kv_heads[0, :n].copy_(k)
-                kv_heads[1, :n].copy_(v)
+                rows, keys, q, k, v = _chunk_heads(qkv[b], query_index, key_index, start, n, row_buffers, q_heads,
+                                                   kv_heads)
                 torch.index_select(grad_out[b], 0, rows, out=grad_out_rows[:n * queries])
                 grad_out_heads[:n].copy_(grad_out_rows[:n * queries].view(n, queries, nH, head_dim).transpose(1, 2))
                 row_dot_b = row_dot[b].index_select(0, rows).view(n, queries, nH).transpose(1, 2)
                 if ctx.materialised:
-                    probs = _softmax_probabilities(q_heads[:n], kv_heads[0, :n], bias[start:start + n], scale,
-                                                   logits[:n])
+                    probs = _softmax_probabilities(q, k, bias[start:start + n], scale, logits[:n])
                 else:
-                    torch.matmul(q_heads[:n], kv_heads[0, :n].transpose(-2, -1), out=logits[:n])
+                    torch.matmul(q, k.transpose(-2, -1), out=logits[:n])
                     logits[:n].mul_(scale).add_(bias[start:start + n])
                     probs = logits[:n].to(exact_dtype).sub_(lse[b, start:start + n].unsqueeze(-1)).exp_().to(qkv.dtype)
                 torch.matmul(probs.transpose(-2, -1), grad_out_heads[:n], out=grad_kv_heads[1, :n])
-                torch.matmul(grad_out_heads[:n], kv_heads[1, :n].transpose(-2, -1), out=grad_probs[:n])
+                torch.matmul(grad_out_heads[:n], v.transpose(-2, -1), out=grad_probs[:n])
                 grad_logits = probs.mul_(grad_probs[:n].sub_(row_dot_b.unsqueeze(-1)))
                 if grad_bias is not None:
                     grad_bias[start:start + n].add_(grad_logits)
                 if grad_qkv is not None:
-                    torch.matmul(grad_logits, kv_heads[0, :n], out=grad_q[:n]).mul_(scale)
-                    torch.matmul(grad_logits.transpose(-2, -1), q_heads[:n], out=grad_kv_heads[0, :n]).mul_(scale)
+                    torch.matmul(grad_logits, k, out=grad_q[:n]).mul_(scale)
+                    torch.matmul(grad_logits.transpose(-2, -1), q, out=grad_kv_heads[0, :n]).mul_(scale)
                     grad_kv_rows[:n].copy_(grad_kv_heads[:, :n].permute(1, 3, 0, 2, 4))
                     # summed in a contiguous buffer, then copied: index_add_ straight into the strided
                     # slice of grad_qkv measured 5% slower per training step

@@ -240,9 +240,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 @pytest.mark.parametrize('training', [True, False], ids=['fused-training-function', 'sdpa'])
 def test_attention_has_the_values_and_gradients_of_plain_attention(training, cpu_attention):
     """Both differentiable paths of gathered_attention against autograd through explicit softmax,
-    in float64: the CPU training function (fused forward, hand-written backward) and the SDPA path
-    that compiled, exported and GPU code take (heads outermost); and the per-image evaluation path's
-    values.
+    in float64: the CPU training function (hand-written backward, on each CPU attention path) and the
+    SDPA path that compiled, exported and GPU code take (heads outermost); and the per-image
+    evaluation path's values.
 
     PyTorch's fused CPU kernel returns its log-sum-exp in float32, hence 1e-6 and not 1e-12.
     """
