@@ -9,6 +9,7 @@ ratio (above 1: B is faster).
     python3 benchmarks/ab.py ../before .                    # two checkouts' Focal-T, inference
     python3 benchmarks/ab.py ../before . --mode train       # training step (forward, backward, AdamW)
     python3 benchmarks/ab.py swin .                         # timm's Swin-T against this checkout
+    python3 benchmarks/ab.py swin . --bf16                  # both under bf16 autocast
 
 A checkout is a directory holding this repository's `models/` package; its Focal-T is imported
 under its own module name, so the two versions do not clash.
@@ -49,6 +50,7 @@ def main():
     parser.add_argument('--rounds', type=int, default=10, help='timed rounds per model')
     parser.add_argument('--batch-size', type=int, default=8)
     parser.add_argument('--threads', type=int, default=os.cpu_count())
+    parser.add_argument('--bf16', action='store_true', help='both models under bf16 autocast')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -58,7 +60,14 @@ def main():
     images = torch.randn(args.batch_size, 3, 224, 224)
     optimizers = [torch.optim.AdamW(m.parameters()) for m in models]
 
+    def precision():
+        return torch.autocast('cpu', torch.bfloat16, enabled=args.bf16)
+
     def step(i: int):
+        with precision():
+            run(i)
+
+    def run(i: int):
         model = models[i]
         if args.mode == 'infer':
             model.eval()
@@ -72,8 +81,10 @@ def main():
 
     if args.a != 'swin':
         with torch.inference_mode():
-            difference = (models[0].eval()(images[:2]) - models[1].eval()(images[:2])).abs().max()
-        print(f'largest logit difference between A and B: {difference:.2e}')
+            with precision():
+                logits = [model.eval()(images[:2]) for model in models]
+            difference = (logits[0].float() - logits[1].float()).abs().max()
+        print(f'largest logit difference between A and B ({logits[0].dtype}): {difference:.2e}')
     for i in (0, 1, 0, 1):
         step(i)
     times = ([], [])
@@ -84,7 +95,8 @@ def main():
             times[i].append(time.perf_counter() - start)
     for name, t in zip(('A ' + args.a, 'B ' + args.b), times):
         print(f'{name:40s} median {statistics.median(t) * 1e3:8.1f} ms   best {min(t) * 1e3:8.1f} ms')
-    print(f'B speed-up over A ({args.mode}, batch {args.batch_size}, {args.threads} threads): '
+    setting = args.mode + (', bf16 autocast' if args.bf16 else '')
+    print(f'B speed-up over A ({setting}, batch {args.batch_size}, {args.threads} threads): '
           f'median {statistics.median(times[0]) / statistics.median(times[1]):.3f}x, '
           f'best {min(times[0]) / min(times[1]):.3f}x')
 

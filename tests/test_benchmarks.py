@@ -5,12 +5,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_ab_builds_each_checkouts_own_model_and_reports_a_ratio(tmp_path):
-    """A copy of models/ whose attention scale is doubled must give different logits: each side is
-    imported from its own checkout, not the first one imported under the name `models`."""
+@pytest.mark.parametrize('options, setting, dtype', [([], 'infer', 'float32'),
+                                                     (['--mode', 'train', '--bf16'], 'train, bf16 autocast', 'bfloat16')],
+                         ids=['inference', 'bf16-training'])
+def test_ab_builds_each_checkouts_own_model_and_reports_a_ratio(tmp_path, options, setting, dtype):
+    """A copy of models/ whose attention scale is doubled must give different logits (under bf16
+    autocast too): each side is imported from its own checkout, not the first one imported under the
+    name `models`."""
     other = tmp_path / 'other'
     shutil.copytree(REPO / 'models', other / 'models')
     source = other / 'models' / 'focal_transformer.py'
@@ -19,12 +25,13 @@ def test_ab_builds_each_checkouts_own_model_and_reports_a_ratio(tmp_path):
     source.write_text(text.replace('self.scale = qk_scale or head_dim ** -0.5',
                                    'self.scale = 2 * (qk_scale or head_dim ** -0.5)'))
     result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'ab.py'), str(REPO), str(other),
-                             '--rounds', '1', '--batch-size', '1', '--threads', '1'],
+                             '--rounds', '1', '--batch-size', '1', '--threads', '1', *options],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    difference = float(re.search(r'largest logit difference between A and B: (\S+)', result.stdout).group(1))
+    difference = float(re.search(rf'largest logit difference between A and B \(torch.{dtype}\): (\S+)',
+                                 result.stdout).group(1))
     assert difference > 1e-3
-    assert re.search(r'B speed-up over A \(infer, batch 1, 1 threads\): median \d+\.\d{3}x, best \d+\.\d{3}x',
+    assert re.search(rf'B speed-up over A \({setting}, batch 1, 1 threads\): median \d+\.\d{{3}}x, best \d+\.\d{{3}}x',
                      result.stdout), result.stdout
 
 
