@@ -43,8 +43,9 @@ REFERENCE_BUFFER_PREFIXES = ('relative_position_index', 'valid_ind_rolled', 'val
 # stage-0 set for an 800x1216 image is about 4 MB.
 TABLE_CACHE_SIZE = 128
 # CPU attention in these dtypes materialises the logits between batched products, a chunk of windows at a
-# time; others (bf16) take PyTorch's fused kernel, which keeps logits and probabilities in float32.
-MATERIALISED_DTYPES = (torch.float32, torch.float64)
+# time (in bf16 as autocast's own matmuls would: logits rounded to bf16, softmax accumulated in float32);
+# float16 takes PyTorch's fused kernel, which keeps logits in float32 where float16's range might not hold them.
+MATERIALISED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 # The windows of a chunk: as many as keep their logits within this many bytes, so that the chunk's
 # gathered keys, their head-major copies and the logits stay in cache together (on the AMD Zen 4, a
 # whole stage-0 image, 8.6 MB of logits, ran 20% slower than the fused kernel; chunks of 2 MiB 27% faster).
@@ -417,11 +418,11 @@ class _GatheredBiasedAttention(torch.autograd.Function):
 
     PyTorch's CPU fused attention has no gradient for the bias, so SDPA falls back to the unfused
     path, which keeps every attention matrix and the gathered keys/values for the backward pass.
-    This runs the forward of evaluation (materialised logits in float32/float64; the fused kernel in
-    bf16 and under torch.compile) and keeps only the projected rows, the output and the fused kernel's
-    log-sum-exp; the backward pass gathers each chunk's keys again and recomputes its probabilities,
-    in buffers reused for every chunk, so that the gathered rows and the (windows, heads, ws², n_keys)
-    intermediates stay in cache.
+    This runs the forward of evaluation (materialised logits in float32, float64 and bf16; the fused
+    kernel in float16 and under torch.compile) and keeps only the projected rows, the output and the
+    fused kernel's log-sum-exp; the backward pass gathers each chunk's keys again and recomputes its
+    probabilities, in buffers reused for every chunk, so that the gathered rows and the (windows,
+    heads, ws², n_keys) intermediates stay in cache.
     """
 
     @staticmethod
@@ -511,10 +512,10 @@ def gathered_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: 
     the query in row i.
 
     On the CPU, training takes the memory-saving function with its own backward (compiled too) and
-    eager evaluation runs one image at a time (its gathered rows stay in cache): float32/float64 by
-    batched products around materialised logits, a chunk of windows at a time, bf16 by the fused
-    kernel. Compiled or exported evaluation, TorchScript, other devices and attention dropout take
-    PyTorch's SDPA on the whole batch.
+    eager evaluation runs one image at a time (its gathered rows stay in cache): float32, float64 and
+    bf16 by batched products around materialised logits, a chunk of windows at a time, float16 by the
+    fused kernel. Compiled or exported evaluation, TorchScript, other devices and attention dropout
+    take PyTorch's SDPA on the whole batch.
     """
     num_windows, num_heads, queries, num_keys = bias.shape[0], bias.shape[1], bias.shape[2], bias.shape[3]
     if not torch.jit.is_scripting():

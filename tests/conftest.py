@@ -6,8 +6,8 @@ import models.focal_transformer as focal_transformer
 
 @pytest.fixture(params=['fused-kernel', 'materialised-logits', 'materialised-logits-small-chunks'])
 def cpu_attention(request, monkeypatch):
-    """Runs a test on each CPU attention path: PyTorch's fused kernel (which the model takes in bf16),
-    the logits materialised a chunk of windows at a time (float32 and float64), and the same with chunks
+    """Runs a test on each CPU attention path: PyTorch's fused kernel (which the model takes in float16),
+    the logits materialised a chunk of windows at a time (float32, float64, bf16), and the same with chunks
     of a few windows (1000 bytes of logits), so that an image takes several and the last is short."""
     if request.param == 'fused-kernel':
         monkeypatch.setattr(focal_transformer, 'MATERIALISED_DTYPES', ())
