@@ -4,7 +4,8 @@ On a shared or noisy machine two runs of `throughput.py` can differ by more than
 measured. This builds both models in one process (the second with the first's weights, so that
 both compute the same function), warms them up, then times them in alternation, A before B in
 even rounds and B before A in odd ones, and prints the median and best round of each and their
-ratio (above 1: B is faster).
+ratio (above 1: B is faster), and the middle half of the round-by-round ratios, whose width is the
+run's noise.
 
     python3 benchmarks/ab.py ../before .                    # two checkouts' Focal-T, inference
     python3 benchmarks/ab.py ../before . --mode train       # training step (forward, backward, AdamW)
@@ -99,6 +100,11 @@ def main():
     print(f'B speed-up over A ({setting}, batch {args.batch_size}, {args.threads} threads): '
           f'median {statistics.median(times[0]) / statistics.median(times[1]):.3f}x, '
           f'best {min(times[0]) / min(times[1]):.3f}x')
+    if args.rounds >= 2:
+        # rounds are paired (A and B back to back), so their ratios show how much of the above is noise
+        low, _, high = statistics.quantiles([a / b for a, b in zip(*times)], n=4)
+        print(f'round by round, B speed-up over A: middle half {low:.3f}x-{high:.3f}x '
+              f'(A and B alike if it spans 1.000x)')
 
 
 if __name__ == '__main__':

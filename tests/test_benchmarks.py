@@ -10,9 +10,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize('options, setting, dtype', [([], 'infer', 'float32'),
-                                                     (['--mode', 'train', '--bf16'], 'train, bf16 autocast', 'bfloat16')],
-                         ids=['inference', 'bf16-training'])
+@pytest.mark.parametrize('options, setting, dtype', [
+    (['--rounds', '1'], 'infer', 'float32'),
+    (['--rounds', '2', '--mode', 'train', '--bf16'], 'train, bf16 autocast', 'bfloat16'),
+], ids=['inference', 'bf16-training'])
 def test_ab_builds_each_checkouts_own_model_and_reports_a_ratio(tmp_path, options, setting, dtype):
     """A copy of models/ whose attention scale is doubled must give different logits (under bf16
     autocast too): each side is imported from its own checkout, not the first one imported under the
@@ -25,7 +26,7 @@ def test_ab_builds_each_checkouts_own_model_and_reports_a_ratio(tmp_path, option
     source.write_text(text.replace('self.scale = qk_scale or head_dim ** -0.5',
                                    'self.scale = 2 * (qk_scale or head_dim ** -0.5)'))
     result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'ab.py'), str(REPO), str(other),
-                             '--rounds', '1', '--batch-size', '1', '--threads', '1', *options],
+                             '--batch-size', '1', '--threads', '1', *options],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     difference = float(re.search(rf'largest logit difference between A and B \(torch.{dtype}\): (\S+)',
@@ -33,6 +34,10 @@ def test_ab_builds_each_checkouts_own_model_and_reports_a_ratio(tmp_path, option
     assert difference > 1e-3
     assert re.search(rf'B speed-up over A \({setting}, batch 1, 1 threads\): median \d+\.\d{{3}}x, best \d+\.\d{{3}}x',
                      result.stdout), result.stdout
+    # the spread of the round-by-round ratios, from two rounds on
+    spread = re.search(r'round by round, B speed-up over A: middle half (\d+\.\d{3})x-(\d+\.\d{3})x', result.stdout)
+    assert (spread is not None) == (int(options[options.index('--rounds') + 1]) >= 2), result.stdout
+    assert spread is None or 0 < float(spread.group(1)) <= float(spread.group(2))
 
 
 def test_throughput_profile_prints_each_models_busiest_operators():
