@@ -104,7 +104,7 @@ def main():
         # rounds are paired (A and B back to back), so their ratios show how much of the above is noise
         low, _, high = statistics.quantiles([a / b for a, b in zip(*times)], n=4)
         print(f'round by round, B speed-up over A: middle half {low:.3f}x-{high:.3f}x '
-              f'(A and B alike if it spans 1.000x)')
+              '(A and B alike if it spans 1.000x)')
 
 
 if __name__ == '__main__':
