@@ -44,8 +44,11 @@ REFERENCE_BUFFER_PREFIXES = ('relative_position_index', 'valid_ind_rolled', 'val
 TABLE_CACHE_SIZE = 128
 # CPU attention in these dtypes materialises the logits between batched products, a chunk of windows at a
 # time (in bf16 as autocast's own matmuls would: logits rounded to bf16, softmax accumulated in float32);
-# float16 takes PyTorch's fused kernel, which keeps logits in float32 where float16's range might not hold them.
-MATERIALISED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+# others take PyTorch's fused kernel, which computes in float32: float16, whose range might not hold the logits,
+# and bf16 where the CPU has no bf16 dot-product instructions (there the products are emulated, and the fused
+# kernel ran a bf16 inference pass 1.76x faster: AMD Zen 4 held to AVX2 by ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA).
+MATERIALISED_DTYPES = (torch.float32, torch.float64) + (
+    (torch.bfloat16,) if any(torch.cpu.get_capabilities().get(isa) for isa in ('avx512_bf16', 'amx_bf16')) else ())
 # The windows of a chunk: as many as keep their logits within this many bytes, so that the chunk's
 # gathered keys, their head-major copies and the logits stay in cache together (on the AMD Zen 4, a
 # whole stage-0 image, 8.6 MB of logits, ran 20% slower than the fused kernel; chunks of 2 MiB 27% faster).
@@ -418,8 +421,8 @@ class _GatheredBiasedAttention(torch.autograd.Function):
 
     PyTorch's CPU fused attention has no gradient for the bias, so SDPA falls back to the unfused
     path, which keeps every attention matrix and the gathered keys/values for the backward pass.
-    This runs the forward of evaluation (materialised logits in float32, float64 and bf16; the fused
-    kernel in float16 and under torch.compile) and keeps only the projected rows, the output and the
+    This runs the forward of evaluation (materialised logits in MATERIALISED_DTYPES; the fused kernel
+    in the others and under torch.compile) and keeps only the projected rows, the output and the
     fused kernel's log-sum-exp; the backward pass gathers each chunk's keys again and recomputes its
     probabilities, in buffers reused for every chunk, so that the gathered rows and the (windows,
     heads, ws², n_keys) intermediates stay in cache.
@@ -513,9 +516,9 @@ def gathered_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: 
 
     On the CPU, training takes the memory-saving function with its own backward (compiled too) and
     eager evaluation runs one image at a time (its gathered rows stay in cache): float32, float64 and
-    bf16 by batched products around materialised logits, a chunk of windows at a time, float16 by the
-    fused kernel. Compiled or exported evaluation, TorchScript, other devices and attention dropout
-    take PyTorch's SDPA on the whole batch.
+    (on CPUs with bf16 instructions) bf16 by batched products around materialised logits, a chunk of
+    windows at a time, other dtypes by the fused kernel. Compiled or exported evaluation,
+    TorchScript, other devices and attention dropout take PyTorch's SDPA on the whole batch.
     """
     num_windows, num_heads, queries, num_keys = bias.shape[0], bias.shape[1], bias.shape[2], bias.shape[3]
     if not torch.jit.is_scripting():

@@ -6,6 +6,7 @@ excluded) when run from the repository root against a checkout of pytorch-image-
     python -m pytest <pytorch-image-models>/tests/test_models.py -k "focal_ and not pretrained" -p models
 """
 import json
+import os
 
 import pytest
 import timm
@@ -14,7 +15,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from config import get_config
 from golden import LAYOUTS
-from models import build_model  # importing models registers the focal models with timm
+from models import build_model, focal_transformer  # importing models registers the focal models with timm
 from models.focal_transformer import (FocalTransformer, attention_table_cache_info, attention_tables,
                                       checkpoint_filter_fn, clear_attention_table_cache, gathered_attention,
                                       neighbour_key_positions, shift_region_mask)
@@ -336,6 +337,18 @@ def test_bf16_autocast_on_cpu_agrees_with_float32(cpu_attention):
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     expected = torch.cat([grad.flatten() for grad in reference_grads])
     assert (grads - expected).norm() < 0.05 * expected.norm()
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/cpuinfo'), reason='reads the CPU flags from /proc/cpuinfo')
+def test_bf16_takes_the_materialised_path_only_on_cpus_with_bf16_instructions():
+    """Without bf16 dot-product instructions bf16 products are emulated and the fused kernel is faster;
+    the model's choice must agree with the CPU flags the kernel (Linux) reports."""
+    with open('/proc/cpuinfo') as f:
+        flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+    has_bf16 = 'avx512_bf16' in flags or 'amx_bf16' in flags
+    assert (torch.bfloat16 in focal_transformer.MATERIALISED_DTYPES) == has_bf16
+    assert {torch.float32, torch.float64} <= set(focal_transformer.MATERIALISED_DTYPES)
+    assert torch.float16 not in focal_transformer.MATERIALISED_DTYPES
 
 
 def test_torch_compile_matches_eager():
