@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models.focal_transformer as focal  # noqa: E402  (registers the focal models with timm)
+from throughput import cpu_info  # noqa: E402  (this folder is the script's own path entry)
 
 
 def attention_shapes(model: torch.nn.Module, images: torch.Tensor) -> List[Tuple[int, int, int, int, int]]:
@@ -136,9 +137,7 @@ def main():
     per_shape = product_times(shapes, args.batch_size, args.rounds)
     products = {mode: sum(per_shape[shape][mode] for shape in shapes) for mode in ('infer', 'train')}
 
-    cpu = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
-               'unknown CPU')
-    print(f'CPU: {cpu}; torch {torch.__version__}; {args.threads} threads; batch {args.batch_size}, 224 px, '
+    print(f'CPU: {cpu_info()[0]}; torch {torch.__version__}; {args.threads} threads; batch {args.batch_size}, 224 px, '
           f'float32; best of {args.rounds} rounds')
     print('attention products of one block, per shape (head dim, blocks of that shape): ms per batch and GFLOP/s')
     for shape, t in per_shape.items():

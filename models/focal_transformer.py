@@ -368,6 +368,12 @@ def _cpu_window_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_inde
     return out, torch.stack(lse)
 
 
+def _materialises(qkv: torch.Tensor) -> bool:
+    """Whether CPU attention on these rows materialises its logits (see MATERIALISED_DTYPES); under
+    torch.compile the fused kernel stays, since the traced loop over chunks would be unrolled."""
+    return qkv.dtype in MATERIALISED_DTYPES and not torch.compiler.is_compiling()
+
+
 def _window_chunk(bias: torch.Tensor) -> int:
     """Windows per chunk of CPU attention: as many as keep their logits within MATERIALISED_CHUNK_BYTES;
     all of them under torch.compile, which unrolls the loop over chunks into the graph."""
@@ -430,9 +436,8 @@ class _GatheredBiasedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv, query_index, key_index, bias, num_heads, scale):
-        # Materialised logits: the backward recomputes the softmax; fused kernel (also under torch.compile,
-        # whose graph would hold every chunk's products): it reads the kernel's log-sum-exp.
-        ctx.materialised = qkv.dtype in MATERIALISED_DTYPES and not torch.compiler.is_compiling()
+        # Materialised logits: the backward recomputes the softmax; fused kernel: it reads its log-sum-exp.
+        ctx.materialised = _materialises(qkv)
         if ctx.materialised:
             out, lse = _cpu_materialised_attention(qkv, query_index, key_index, bias, scale), qkv.new_empty(0)
         else:
@@ -532,7 +537,7 @@ def gathered_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: 
             # a gradient (thrown away) make the forward keep it.
             qkv = qkv.detach().requires_grad_()
         if qkv.device.type == 'cpu' and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            if qkv.dtype in MATERIALISED_DTYPES:
+            if _materialises(qkv):
                 return _cpu_materialised_attention(qkv, query_index, key_index, bias, scale)
             return _cpu_window_attention(qkv, query_index, key_index, bias, scale)[0]
     B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3

@@ -9,7 +9,7 @@ import models.focal_transformer as focal_transformer
 def cpu_attention(request, monkeypatch):
     """Runs a test on each CPU attention path: PyTorch's fused kernel (which the model takes in float16,
     and in bf16 on CPUs without bf16 instructions), the logits materialised a chunk of windows at a time
-    (float32, float64 and bf16, whatever this CPU has), and the same with chunks of a few windows (1000
+    (float32, float64 and bf16, here on any CPU), and the same with chunks of a few windows (1000
     bytes of logits), so that an image takes several and the last is short."""
     if request.param == 'fused-kernel':
         monkeypatch.setattr(focal_transformer, 'MATERIALISED_DTYPES', ())
