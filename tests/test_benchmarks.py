@@ -58,23 +58,31 @@ def test_throughput_profile_prints_each_models_busiest_operators():
 
 def test_ceiling_bound_is_the_time_without_attention_plus_the_products():
     """ceiling.py end to end at batch 1: it reads every block's attention shape from the model (2, 2, 6
-    and 2 blocks per stage at 224 px) and its bound adds the two measured parts it names."""
+    and 2 blocks per stage at 224 px) and the distinct, unmasked keys of its windows (the 12 duplicate
+    neighbour slots and, on average, the pooled cells outside the grid left out), and each bound adds
+    the two measured parts it names."""
     result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'ceiling.py'),
                              '--batch-size', '1', '--rounds', '1', '--threads', '1'],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    blocks = {(int(w), int(h), int(k)): (int(n), float(infer), float(train)) for w, h, k, n, infer, train in re.findall(
-        r'(\d+) windows x +(\d+) heads, 49 queries, +(\d+) keys \(head dim 32, (\d+) blocks\): '
-        r'inference +(\S+) ms +\d+ GFLOP/s, training +(\S+) ms', out)}
-    assert {shape: n for shape, (n, _, _) in blocks.items()} == {
-        (64, 3, 230): 2, (16, 6, 206): 2, (4, 12, 190): 6, (1, 24, 50): 2}, out
+    blocks = {(int(w), int(h), int(k)): (int(n), int(d), float(infer), float(train), float(d_infer), float(d_train))
+              for w, h, k, n, infer, train, d, d_infer, d_train in re.findall(
+                  r'(\d+) windows x +(\d+) heads, 49 queries, +(\d+) keys \(head dim 32, (\d+) blocks\): '
+                  r'inference +(\S+) ms +\d+ GFLOP/s, training +(\S+) ms +\d+ GFLOP/s; +(\d+) distinct keys: +(\S+) / +(\S+) ms',
+                  out)}
+    assert {shape: (n, d) for shape, (n, d, *_) in blocks.items()} == {
+        (64, 3, 230): (2, 199), (16, 6, 206): (2, 181), (4, 12, 190): (6, 173), (1, 24, 50): (2, 50)}, out
     rows = {name: (float(infer), float(train)) for name, infer, train in
             re.findall(r'^(\S.*?) {2,}(\d+\.\d) +(\d+\.\d)$', out, re.MULTILINE)}
-    products = rows['Focal-T attention products alone']
+    products, distinct = rows['Focal-T attention products alone'], rows['products over distinct keys only']
     for mode in (0, 1):
-        assert abs(products[mode] - sum(n * t[mode] for n, *t in blocks.values())) < 0.2, out
+        assert abs(products[mode] - sum(n * t[mode] for n, _, *t in blocks.values())) < 0.2, out
+        assert abs(distinct[mode] - sum(n * t[2 + mode] for n, _, *t in blocks.values())) < 0.2, out
         assert abs(rows['bound: without attention + products'][mode]
                    - rows['Focal-T without attention'][mode] - products[mode]) < 0.2, out
+        assert abs(rows['bound: without attention + those'][mode]
+                   - rows['Focal-T without attention'][mode] - distinct[mode]) < 0.2, out
         assert rows['Focal-T'][mode] > 0 and rows['Swin-T'][mode] > 0
-    assert re.search(r'^train: Focal-T / Swin-T now \d+\.\d\dx, at most \d+\.\d\dx on this CPU$', out, re.MULTILINE)
+    assert re.search(r'^train: Focal-T / Swin-T now \d+\.\d\dx, at most \d+\.\d\dx on this CPU, '
+                     r'\d+\.\d\dx over distinct keys only$', out, re.MULTILINE)
