@@ -150,8 +150,11 @@ def main():
                 start = time.perf_counter()
                 run(name, mode)
                 times[(name, mode)].append(time.perf_counter() - start)
+    def over_distinct_keys(shape: tuple) -> tuple:
+        return shape[:3] + (shape[5], shape[4])
+
     slot_shapes = [shape[:5] for shape in shapes]
-    distinct_shapes = [shape[:3] + (shape[5], shape[4]) for shape in shapes]
+    distinct_shapes = [over_distinct_keys(shape) for shape in shapes]
     per_shape = product_times(slot_shapes, args.batch_size, args.rounds)
     per_distinct_shape = product_times(distinct_shapes, args.batch_size, args.rounds)
     products = {mode: sum(per_shape[shape][mode] for shape in slot_shapes) for mode in ('infer', 'train')}
@@ -163,7 +166,7 @@ def main():
     print('attention products of one block, per shape (head dim, blocks of that shape): ms per batch and GFLOP/s')
     for shape in sorted(set(shapes), reverse=True):
         num_windows, num_heads, queries, num_keys, head_dim, num_distinct = shape
-        t, t_distinct = per_shape[shape[:5]], per_distinct_shape[distinct_shapes[shapes.index(shape)]]
+        t, t_distinct = per_shape[shape[:5]], per_distinct_shape[over_distinct_keys(shape)]
         flops = 2 * num_windows * num_heads * queries * num_keys * head_dim * args.batch_size
         print(f'  {num_windows:3d} windows x {num_heads:2d} heads, {queries} queries, {num_keys:3d} keys '
               f'(head dim {head_dim}, {shapes.count(shape)} blocks): inference {t["infer"] * 1e3:6.2f} ms '

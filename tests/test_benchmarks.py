@@ -69,7 +69,8 @@ def test_ceiling_bound_is_the_time_without_attention_plus_the_products():
     blocks = {(int(w), int(h), int(k)): (int(n), int(d), float(infer), float(train), float(d_infer), float(d_train))
               for w, h, k, n, infer, train, d, d_infer, d_train in re.findall(
                   r'(\d+) windows x +(\d+) heads, 49 queries, +(\d+) keys \(head dim 32, (\d+) blocks\): '
-                  r'inference +(\S+) ms +\d+ GFLOP/s, training +(\S+) ms +\d+ GFLOP/s; +(\d+) distinct keys: +(\S+) / +(\S+) ms',
+                  r'inference +(\S+) ms +\d+ GFLOP/s, training +(\S+) ms +\d+ GFLOP/s; '
+                  r'+(\d+) distinct keys: +(\S+) / +(\S+) ms',
                   out)}
     assert {shape: (n, d) for shape, (n, d, *_) in blocks.items()} == {
         (64, 3, 230): (2, 199), (16, 6, 206): (2, 181), (4, 12, 190): (6, 173), (1, 24, 50): (2, 50)}, out
