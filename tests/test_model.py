@@ -15,10 +15,11 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from config import get_config
 from golden import LAYOUTS
-from models import build_model, focal_transformer  # importing models registers the focal models with timm
-from models.focal_transformer import (FocalTransformer, attention_table_cache_info, attention_tables,
-                                      checkpoint_filter_fn, clear_attention_table_cache, gathered_attention,
-                                      neighbour_key_positions, shift_region_mask)
+from models import build_model  # importing models registers the focal models with timm
+from models.attention_tables import (attention_table_cache_info, attention_tables, clear_attention_table_cache,
+                                     neighbour_key_positions, shift_region_mask)
+from models.focal_transformer import FocalTransformer, checkpoint_filter_fn
+from models.window_attention import cpu_attention_kernel, cpu_bf16_instructions, window_attention
 
 PAPER_GFLOPS = {
     'focal_tiny_patch4_window7_224': 4.9, 'focal_tiny_useconv_patch4_window7_224': 5.2,
@@ -240,7 +241,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 @pytest.mark.parametrize('training', [True, False], ids=['fused-training-function', 'sdpa'])
 def test_attention_has_the_values_and_gradients_of_plain_attention(training, cpu_attention):
-    """Both differentiable paths of gathered_attention against autograd through explicit softmax,
+    """Both differentiable paths of window_attention against autograd through explicit softmax,
     in float64: the CPU training function (hand-written backward, on each CPU attention path) and the
     SDPA path that compiled, exported and GPU code take (heads outermost); and the per-image
     evaluation path's values.
@@ -265,14 +266,14 @@ def test_attention_has_the_values_and_gradients_of_plain_attention(training, cpu
 
     weight = torch.randn(B, nW * N, C, dtype=torch.float64)
     expected_out = plain(qkv, bias)
-    out = gathered_attention(qkv, query_index, key_index, bias, 0.3, training=training)
+    out = window_attention(qkv, query_index, key_index, bias, 0.3, training=training)
     assert torch.allclose(out, expected_out, rtol=1e-6, atol=1e-6)
     grads = torch.autograd.grad((out * weight).sum(), (qkv, bias))
     reference = torch.autograd.grad((expected_out * weight).sum(), (qkv, bias))
     for got, expected in zip(grads, reference):
         assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
     with torch.no_grad():
-        evaluated = gathered_attention(qkv, query_index, key_index, bias, 0.3)
+        evaluated = window_attention(qkv, query_index, key_index, bias, 0.3)
     assert torch.allclose(evaluated, expected_out, rtol=1e-6, atol=1e-6)
 
 
@@ -301,7 +302,7 @@ def test_masked_key_slots_contribute_nothing_whatever_row_they_read(path, cpu_at
         bias = torch.randn(nW, nH, N, S, generator=torch.Generator().manual_seed(1))
         bias.requires_grad_(path != 'evaluation')
         with torch.set_grad_enabled(path != 'evaluation'):
-            out = gathered_attention(rows, query_index, key_index, bias + mask, 0.3,
+            out = window_attention(rows, query_index, key_index, bias + mask, 0.3,
                                      training=path == 'fused-training-function')
         outputs.append(out.detach())
         if path != 'evaluation':
@@ -345,10 +346,11 @@ def test_bf16_takes_the_materialised_path_only_on_cpus_with_bf16_instructions():
     the model's choice must agree with the CPU flags the kernel (Linux) reports."""
     with open('/proc/cpuinfo') as f:
         flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+    assert set(cpu_bf16_instructions()) == {'avx512_bf16', 'amx_bf16'} & set(flags)
     has_bf16 = 'avx512_bf16' in flags or 'amx_bf16' in flags
-    assert (torch.bfloat16 in focal_transformer.MATERIALISED_DTYPES) == has_bf16
-    assert {torch.float32, torch.float64} <= set(focal_transformer.MATERIALISED_DTYPES)
-    assert torch.float16 not in focal_transformer.MATERIALISED_DTYPES
+    assert (cpu_attention_kernel(torch.bfloat16) == 'materialised') == has_bf16
+    assert cpu_attention_kernel(torch.float32) == cpu_attention_kernel(torch.float64) == 'materialised'
+    assert cpu_attention_kernel(torch.float16) == 'fused'
 
 
 def test_torch_compile_matches_eager():
