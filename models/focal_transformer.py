@@ -4,16 +4,16 @@ Transformers", NeurIPS 2021): the network, its checkpoint filter and timm's regi
 Computes the function of the released ImageNet-1K checkpoints (checked against the reference
 implementation's outputs and gradients: tests/reference), parameter names and shapes included, at
 the size the model is built for and at any other input size. The block structure (window,
-neighbours, shift, pooled levels, parameter shapes) is fixed at construction; the maps between
-blocks are (B, H, W, C) of whatever size the input gives, with stage sizes in ceil division as
-Swin's detection backbone (the image padded to a multiple of the patch, odd maps padded before
-each 2x downsampling, every map padded to the window).
+neighbours, shift, pooled levels, parameter shapes) is fixed at construction, from the stage sizes
+of the size it is built for; the maps between blocks are (B, H, W, C) of whatever size the input
+gives. Stage sizes follow the convolutions of the stem and the downsamplings, as in the reference:
+pixels and odd rows or columns that a patch does not cover are dropped (floor division), and each
+block pads its map to a multiple of the window.
 
 A block projects its map's tokens and pooled cells together into rows of q, k, v; the index tables
 of `attention_tables` say which rows each window's queries and key slots read, and
 `window_attention` attends them.
 """
-import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -43,20 +43,16 @@ torch.fx.wrap('window_attention')
 
 @torch.fx.wrap
 @register_notrace_function
-def pad_to_multiple(x: torch.Tensor, multiple: int, channels_last: bool) -> torch.Tensor:
-    """Zero-pad the bottom and right of a (B, H, W, C) (channels_last) or (B, C, H, W) map so that
-    H and W are multiples of `multiple` (a map smaller than `multiple` is padded up to it)."""
-    h_dim = 1 if channels_last else 2
-    H, W = x.shape[h_dim], x.shape[h_dim + 1]
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the bottom and right of a (B, H, W, C) map so that H and W are multiples of
+    `multiple` (a map smaller than `multiple` is padded up to it)."""
+    H, W = x.shape[1], x.shape[2]
     # written as ceil division so that a symbolic padded size is visibly a multiple
     pad_h = (H + multiple - 1) // multiple * multiple - H
     pad_w = (W + multiple - 1) // multiple * multiple - W
     # While compiling, pad whatever the (possibly symbolic) amounts: a branch would fix the size.
     if torch.compiler.is_compiling() or pad_h > 0 or pad_w > 0:
-        if channels_last:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        else:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     return x
 
 
@@ -248,7 +244,7 @@ class FocalTransformerBlock(nn.Module):
         """The residual branch of attention: norm1, padding to the window, shift, focal attention,
         and back to x's (B, H, W, C)."""
         H, W = x.shape[1], x.shape[2]
-        padded_map = pad_to_multiple(self.norm1(x), self.window_size, True)
+        padded_map = pad_to_multiple(self.norm1(x), self.window_size)
         if self.shift_size > 0:
             padded_map = torch.roll(padded_map, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
         out = self.attn(padded_map, self.pool(padded_map))
@@ -283,23 +279,38 @@ class FocalTransformerBlock(nn.Module):
         return flops
 
 
+def _embedding_convolution(patch_size: int, use_conv_embed: bool, is_stem: bool) -> Tuple[int, int, int]:
+    """(kernel, stride, padding) of a patch embedding: (patch_size, patch_size, 0), or with
+    use_conv_embed the overlapped (7, 4, 2) of the stem and (3, 2, 1) of a downsampling."""
+    if use_conv_embed:
+        return (7, 4, 2) if is_stem else (3, 2, 1)
+    return patch_size, patch_size, 0
+
+
+def _convolution_output_size(size: Tuple[int, int], convolution: Tuple[int, int, int]) -> Tuple[int, int]:
+    kernel, stride, padding = convolution
+    return (size[0] + 2 * padding - kernel) // stride + 1, (size[1] + 2 * padding - kernel) // stride + 1
+
+
 class PatchEmbed(nn.Module):
-    """Strided convolution from (B, C, H, W) to LayerNorm'ed (B, H', W', C') maps."""
+    """Strided convolution from (B, C, H, W) to LayerNorm'ed (B, H', W', C') maps, of the size the
+    convolution's own arithmetic gives (`output_size`): a stem or downsampling without overlap drops
+    the pixels a patch does not cover (floor division), as the reference does."""
 
     def __init__(self, in_chans: int, embed_dim: int, patch_size: int, use_conv_embed: bool = False,
                  is_stem: bool = False, norm: bool = True, use_pre_norm: bool = False):
         super().__init__()
-        if use_conv_embed:
-            kernel, stride, padding = (7, 4, 2) if is_stem else (3, 2, 1)
-        else:
-            kernel, stride, padding = patch_size, patch_size, 0
+        kernel, stride, padding = self.convolution = _embedding_convolution(patch_size, use_conv_embed, is_stem)
         self.in_chans, self.embed_dim, self.kernel_size = in_chans, embed_dim, kernel
         self.pre_norm = nn.GroupNorm(1, in_chans) if use_pre_norm else None
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel, stride=stride, padding=padding)
         self.norm = nn.LayerNorm(embed_dim) if norm else None
 
+    def output_size(self, input_size: Tuple[int, int]) -> Tuple[int, int]:
+        return _convolution_output_size(input_size, self.convolution)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) with H, W multiples of the stride -> (B, H / stride, W / stride, C')."""
+        """(B, C, H, W) -> (B, H', W', C') with (H', W') = output_size((H, W))."""
         if self.pre_norm is not None:
             x = self.pre_norm(x)
         x = self.proj(x).permute(0, 2, 3, 1)
@@ -314,8 +325,9 @@ class PatchEmbed(nn.Module):
 
 
 class FocalStage(nn.Module):
-    """Blocks at one resolution, then (except for the last stage) a patch embedding that halves it,
-    rounding up: an odd map is zero-padded at the bottom/right first."""
+    """Blocks at one resolution, then (except for the last stage) a patch embedding that halves it:
+    a stride-2 convolution, whose arithmetic rounds an odd map down (kernel 2) or, with the
+    overlapped embedding (kernel 3, padding 1), up."""
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], blocks: List[FocalTransformerBlock],
                  downsample: Optional[PatchEmbed], use_checkpoint: bool = False):
@@ -344,7 +356,7 @@ class FocalStage(nn.Module):
         if self.downsample is None:
             return x
         # (B, C, H, W) in channels-last memory: the layout the convolution runs fastest in on the CPU
-        return self.downsample(pad_to_multiple(x, 2, True).permute(0, 3, 1, 2))
+        return self.downsample(x.permute(0, 3, 1, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_downsample(self.forward_blocks(x))
@@ -352,8 +364,7 @@ class FocalStage(nn.Module):
     def flops(self) -> float:
         flops = sum(block.flops() for block in self.blocks)
         if self.downsample is not None:
-            H, W = self.input_resolution
-            flops += self.downsample.flops((H // 2, W // 2))
+            flops += self.downsample.flops(self.downsample.output_size(self.input_resolution))
         return flops
 
 
@@ -364,10 +375,13 @@ def _per_stage(name: str, values: Sequence, num_stages: int) -> list:
     return values[:num_stages]
 
 
-def _stage_resolutions(img_size: Tuple[int, int], patch_size: int, num_stages: int) -> List[Tuple[int, int]]:
-    """Map size of each stage for an image: ceil division by the patch, then halving rounded up."""
-    return [(math.ceil(img_size[0] / (patch_size * 2 ** i)), math.ceil(img_size[1] / (patch_size * 2 ** i)))
-            for i in range(num_stages)]
+def _stage_resolutions(img_size: Tuple[int, int], patch_size: int, num_stages: int,
+                       use_conv_embed: bool) -> List[Tuple[int, int]]:
+    """Map size of each stage for an image, as the stem's and the downsamplings' convolutions give it."""
+    resolutions = [_convolution_output_size(img_size, _embedding_convolution(patch_size, use_conv_embed, True))]
+    for _ in range(num_stages - 1):
+        resolutions.append(_convolution_output_size(resolutions[-1], _embedding_convolution(2, use_conv_embed, False)))
+    return resolutions
 
 
 @torch.fx.wrap
@@ -403,7 +417,14 @@ class FocalTransformer(nn.Module):
     Takes (B, in_chans, H, W) of any size of at least `patch_size * 2**(stages - 1)` pixels a side;
     `strict_img_size=True` accepts `img_size` only. `img_size` fixes the block structure (window
     shrunk where a stage map is no larger than the window, as the reference does) and the size of
-    `absolute_pos_embed`, which is resampled for other sizes. `global_pool` is timm's: 'avg' or ''.
+    `absolute_pos_embed`, which is resampled for other sizes.
+
+    Stage maps: the stem, Conv2d(kernel = stride = patch_size), gives H // patch_size, and each
+    downsampling, Conv2d(kernel 2, stride 2), halves a map rounding down (232 px: 58, 29, 14, 7), as
+    the reference does at every size. With `use_conv_embed` the convolutions' own arithmetic holds:
+    the stem, Conv2d(7, stride 4, padding 2), gives (H + 1) // 4 and each downsampling, Conv2d(3,
+    stride 2, padding 1), halves rounding up (233 px: 58, 29, 15, 8); the reference runs no odd map
+    there, so those sizes are this codebase's. `global_pool` is timm's: 'avg' or ''.
     `expand_stages` is accepted for the reference's configs and unused, as in the reference.
 
     timm's conventions: forward_features gives (B, H, W, C) maps (`output_fmt` 'NHWC'),
@@ -460,11 +481,12 @@ class FocalTransformer(nn.Module):
                 raise ValueError(f'expand_sizes[{i}] = {expand_sizes[i]} must lie in [0, window_size]')
         img_size = to_2tuple(img_size)
         self.patch_size = patch_size
+        self.use_conv_embed = use_conv_embed
         self.min_img_size = patch_size * 2 ** (num_stages - 1)
         if min(img_size) < self.min_img_size:
             raise ValueError(f'img_size {img_size} is too small for {num_stages} stages with patch_size {patch_size}: '
                              f'at least {self.min_img_size} pixels a side')
-        resolutions = _stage_resolutions(img_size, patch_size, num_stages)
+        resolutions = _stage_resolutions(img_size, patch_size, num_stages, use_conv_embed)
 
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = embed_dim * 2 ** (num_stages - 1)
@@ -567,7 +589,7 @@ class FocalTransformer(nn.Module):
         img_size = to_2tuple(img_size)
         if min(img_size) < self.min_img_size:
             raise ValueError(f'img_size {img_size} is too small: at least {self.min_img_size} pixels a side')
-        resolutions = _stage_resolutions(img_size, self.patch_size, len(self.layers))
+        resolutions = _stage_resolutions(img_size, self.patch_size, len(self.layers), self.use_conv_embed)
         if self.absolute_pos_embed is not None:
             resampled = resample_abs_pos_embed(self.absolute_pos_embed, new_size=list(resolutions[0]),
                                                old_size=list(self.patches_resolution), num_prefix_tokens=0)
@@ -578,9 +600,9 @@ class FocalTransformer(nn.Module):
             stage.set_input_resolution(resolution)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, ceil(H / patch), ceil(W / patch), embed_dim)."""
+        """(B, C, H, W) -> (B, H0, W0, embed_dim), the stem's output size (see the class docstring)."""
         x = check_image_size(x, self.img_size, self.min_img_size, self.strict_img_size)
-        x = self.patch_embed(pad_to_multiple(x, self.patch_size, False))
+        x = self.patch_embed(x)
         if self.absolute_pos_embed is not None:
             x = add_position_embedding(x, self.absolute_pos_embed, self.patches_resolution)
         return self.pos_drop(x)

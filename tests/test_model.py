@@ -392,23 +392,62 @@ def test_create_model_keyword_arguments_override_the_architecture():
 OTHER_SIZES = [(37, 50), (64, 29), (9, 6)]
 
 
+def stage_sizes(size, stem, downsampling, num_stages):
+    """Stage map sizes from a convolution's arithmetic, out = (in + 2 * padding - kernel) // stride + 1,
+    stem then each downsampling given as (kernel, stride, padding)."""
+    sizes = []
+    for i in range(num_stages):
+        kernel, stride, padding = stem if i == 0 else downsampling
+        size = tuple((side + 2 * padding - kernel) // stride + 1 for side in size)
+        sizes.append(size)
+    return sizes
+
+
 @pytest.mark.parametrize('size', OTHER_SIZES)
-def test_other_input_sizes_give_ceil_division_stage_maps(size):
+def test_other_input_sizes_give_the_downsampling_arithmetic_stage_maps(size):
     model = micro(use_shift=True).eval()
     images = torch.randn(2, 3, *size)
-    expected = [(-(-size[0] // r), -(-size[1] // r)) for r in (2, 4)]
     with torch.no_grad():
         maps = model.forward_intermediates(images, intermediates_only=True)
         logits = model(images)
-    assert [tuple(m.shape[-2:]) for m in maps] == expected
+    # patch 2: the stem and each downsampling drop an odd last row or column
+    assert [tuple(m.shape[-2:]) for m in maps] == [(size[0] // 2, size[1] // 2), (size[0] // 4, size[1] // 4)]
     assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize('use_conv_embed', [False, True], ids=['patch-embed', 'conv-embed'])
+@pytest.mark.parametrize('size', [(233, 201), (232, 232), (71, 38)])
+def test_stage_maps_follow_the_embedding_convolutions_built_or_not(size, use_conv_embed):
+    """At odd sizes, square or not, built for that size or run at it: the stem Conv(4, 4) then Conv(2, 2)
+    round down (232: 58, 29, 14, 7); the overlapped Conv(7, 4, padding 2) then Conv(3, 2, padding 1)
+    follow their own arithmetic, halving odd maps rounding up (233: 58, 29, 15, 8). The blocks are built
+    for those sizes (a last-stage map no larger than the window is one window without neighbours)."""
+    expected = stage_sizes(size, (7, 4, 2) if use_conv_embed else (4, 4, 0),
+                           (3, 2, 1) if use_conv_embed else (2, 2, 0), 4)
+    torch.manual_seed(0)
+    built = timm.create_model('focal_tiny_patch4_window7_224', embed_dim=8, depths=(1, 1, 1, 1),
+                              num_heads=(1, 1, 1, 1), use_conv_embed=use_conv_embed, img_size=size).eval()
+    assert [stage.input_resolution for stage in built.layers] == expected
+    assert built.patches_resolution == expected[0]
+    for stage, (height, width) in zip(built.layers, expected):
+        block = stage.blocks[0]
+        assert block.input_resolution == (height, width)
+        assert block.window_size == min(7, height, width)
+        assert (block.expand_size > 0) == (min(height, width) > 7)
+    other = tiny_registered(use_conv_embed=use_conv_embed).eval()
+    for model in (built, other):
+        with torch.no_grad():
+            maps = model.forward_intermediates(torch.randn(1, 3, *size), intermediates_only=True)
+        assert [tuple(m.shape[-2:]) for m in maps] == expected
+    other.set_input_size(size)
+    assert [stage.input_resolution for stage in other.layers] == expected
 
 
 def test_features_only_takes_other_sizes():
     model = tiny_registered(features_only=True).eval()
     with torch.no_grad():
         maps = model(torch.randn(1, 3, 100, 150))
-    assert [tuple(m.shape) for m in maps] == [(1, 8, 25, 38), (1, 16, 13, 19), (1, 32, 7, 10), (1, 64, 4, 5)]
+    assert [tuple(m.shape) for m in maps] == [(1, 8, 25, 37), (1, 16, 12, 18), (1, 32, 6, 9), (1, 64, 3, 4)]
 
 
 def test_output_at_the_built_size_is_the_same_whatever_sizes_ran_before():
@@ -467,7 +506,7 @@ def test_torch_fx_feature_extractor_at_another_size():
         out = extractor(images)
         assert torch.equal(out['features'], model.forward_features(images))
         assert torch.equal(out['logits'], model(images))
-    assert out['block'].shape == (2, 19, 25, 16)
+    assert out['block'].shape == (2, 18, 25, 16)
 
 
 def test_torchscript_matches_eager_at_another_size():
