@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.fx.experimental._config
 import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
@@ -64,6 +65,23 @@ def crop_to(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         # gathers: a slice would ask the tracer to prove H <= Hp, which it cannot for symbolic sizes
         return x.index_select(1, torch.arange(H, device=x.device)).index_select(2, torch.arange(W, device=x.device))
     return x[:, :H, :W]
+
+
+@torch.jit.unused
+def _exporting() -> bool:
+    return torch.compiler.is_exporting()
+
+
+@torch.jit.unused
+def _window_counts_of_any_size():
+    """While exporting: sizes reasoned about for any value, as torch.export does for the input's own.
+
+    A stage's window counts derive from the input size and are 1 at some sizes and more at others
+    (Focal-T at 224 px: one window at the last stage, four at the third). Otherwise each size test of
+    the attention's tables, pooling and reshapes (a broadcast, a contiguity check) would be settled at
+    the example's counts and fix the exported input size to the sizes that give those counts.
+    """
+    return torch.fx.experimental._config.patch(backed_size_oblivious=True)
 
 
 class FocalAttention(nn.Module):
@@ -253,7 +271,11 @@ class FocalTransformerBlock(nn.Module):
         return crop_to(out, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attn = self.attention_branch(x)
+        if not torch.jit.is_scripting() and _exporting():
+            with _window_counts_of_any_size():
+                attn = self.attention_branch(x)
+        else:
+            attn = self.attention_branch(x)
         if self.gamma_1 is not None:
             attn = self.gamma_1 * attn
         x = x + self.drop_path(attn)
@@ -430,9 +452,12 @@ class FocalTransformer(nn.Module):
     timm's conventions: forward_features gives (B, H, W, C) maps (`output_fmt` 'NHWC'),
     forward_intermediates/features_only the stage maps, torch.fx, TorchScript and torch.export work.
 
-    torch.export with dynamic height and width: the example input and the dimensions' minimum must
-    give every stage at least two windows per axis (export fixes a dimension it sees as 1), and the
-    example batch at least 2; e.g. the released models: example 448x448, Dim(min=225).
+    torch.export with a dynamic batch, height and width works from an example of any size, the built
+    one included, and covers every size from the minimum up (the blocks' window counts are not fixed
+    to the example's): e.g. `torch.export.export(model, (torch.randn(2, 3, 224, 224),),
+    dynamic_shapes={'x': {0: Dim('batch', min=1, max=64), 2: Dim('height', min=64, max=2048),
+    3: Dim('width', min=64, max=2048)}})`. The example batch must be at least 2, as torch.export
+    fixes a dimension it sees as 1.
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4, in_chans: int = 3,
