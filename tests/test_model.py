@@ -19,7 +19,7 @@ from models import build_model  # importing models registers the focal models wi
 from models.attention_tables import (attention_table_cache_info, attention_tables, clear_attention_table_cache,
                                      neighbour_key_positions, shift_region_mask)
 from models.focal_transformer import FocalTransformer, checkpoint_filter_fn
-from models.window_attention import cpu_attention_kernel, cpu_bf16_instructions, window_attention
+from models.window_attention import cpu_attention_kernel, cpu_bf16_instructions, set_cpu_attention, window_attention
 
 PAPER_GFLOPS = {
     'focal_tiny_patch4_window7_224': 4.9, 'focal_tiny_useconv_patch4_window7_224': 5.2,
@@ -338,6 +338,27 @@ def test_bf16_autocast_on_cpu_agrees_with_float32(cpu_attention):
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     expected = torch.cat([grad.flatten() for grad in reference_grads])
     assert (grads - expected).norm() < 0.05 * expected.norm()
+
+
+@pytest.mark.parametrize('kernel, expected_op', [('fused', 'aten::_scaled_dot_product_flash_attention_for_cpu'),
+                                                 ('materialised', 'aten::baddbmm')])
+def test_set_cpu_attention_chooses_the_kernel_that_runs(kernel, expected_op):
+    """The switch decides what CPU evaluation and training run (seen in the profiler); a bad kernel
+    name is a ValueError naming it."""
+    qkv, bias = torch.randn(1, 8, 12), torch.randn(2, 2, 4, 3, requires_grad=True)
+    query_index, key_index = torch.arange(8), torch.tensor([[0, 1, 7], [4, 5, 0]])
+    other = {'aten::_scaled_dot_product_flash_attention_for_cpu', 'aten::baddbmm'} - {expected_op}
+    set_cpu_attention(kernel)
+    try:
+        for training in (False, True):
+            with torch.profiler.profile() as profile, torch.set_grad_enabled(training):
+                window_attention(qkv, query_index, key_index, bias, 0.5, training=training)
+            ops = {event.name for event in profile.events()}
+            assert expected_op in ops and not ops & other, ops
+    finally:
+        set_cpu_attention()
+    with pytest.raises(ValueError, match="'flash'"):
+        set_cpu_attention('flash')
 
 
 @pytest.mark.skipif(not os.path.exists('/proc/cpuinfo'), reason='reads the CPU flags from /proc/cpuinfo')
