@@ -21,6 +21,8 @@ import os
 import yaml
 from yacs.config import CfgNode as CN
 
+from models.focal_transformer import EXPAND_LAYERS, POOL_METHODS
+
 
 class ConfigError(ValueError):
     """A bad configuration file, key or value; the message is one line naming it."""
@@ -262,8 +264,8 @@ _CHOICES = {
     'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic'),
     'DATA.CACHE_MODE': ('no', 'part', 'full'),
     'MODEL.TYPE': ('focal',),
-    'MODEL.FOCAL.FOCAL_POOL': ('none', 'fc', 'mean', 'max', 'conv'),
-    'MODEL.FOCAL.EXPAND_LAYER': ('all', 'even', 'odd'),
+    'MODEL.FOCAL.FOCAL_POOL': POOL_METHODS,
+    'MODEL.FOCAL.EXPAND_LAYER': EXPAND_LAYERS,
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step'),
     'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
     'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),

@@ -5,7 +5,7 @@ queries read 230 keys against Swin's 49), in products too small to run at the CP
 rate. This script measures, in one process, alternating rounds (batch 8, 224 px, float32):
 
 - Swin-T (timm) and Focal-T: an inference pass and a training step (forward, backward, AdamW);
-- Focal-T without its attention: `gathered_attention` replaced by a stand-in that returns the
+- Focal-T without its attention: `window_attention` replaced by a stand-in that returns the
   query rows' q (one copy), so projections, pooling, bias tables, MLPs, norms and the optimizer
   cost what they cost now, and the attention nothing (nor the bias tables' gradient);
 - the attention's matrix products alone, at every block's shapes (windows and heads as the batch,
@@ -27,17 +27,15 @@ keys could at best save.
 """
 import argparse
 import os
-import sys
 import time
 from typing import Callable, Dict, List, Tuple
 
 import timm
 import torch
+# this folder is the script's own path entry; importing throughput puts the repository on the path
+from throughput import cpu_info
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import models.focal_transformer as focal  # noqa: E402  (registers the focal models with timm)
-from throughput import cpu_info  # noqa: E402  (this folder is the script's own path entry)
+import models.focal_transformer as focal  # registers the focal models with timm
 
 
 def distinct_keys(key_index: torch.Tensor, bias: torch.Tensor) -> int:
@@ -52,7 +50,7 @@ def attention_shapes(model: torch.nn.Module, images: torch.Tensor) -> List[Tuple
     """(windows, heads, queries, keys, head_dim, distinct keys) of every block's attention, from one
     forward."""
     shapes = []
-    real = focal.gathered_attention
+    real = focal.window_attention
 
     def record(qkv, query_index, key_index, bias, *args, **kwargs):
         num_windows, num_heads, queries, num_keys = bias.shape
@@ -60,17 +58,17 @@ def attention_shapes(model: torch.nn.Module, images: torch.Tensor) -> List[Tuple
                        distinct_keys(key_index, bias)))
         return real(qkv, query_index, key_index, bias, *args, **kwargs)
 
-    focal.gathered_attention = record
+    focal.window_attention = record
     try:
         with torch.inference_mode():
             model.eval()(images[:1])
     finally:
-        focal.gathered_attention = real
+        focal.window_attention = real
     return shapes
 
 
 def stand_in_attention(qkv, query_index, key_index, bias, scale, dropout_p=0., training=False):
-    """The shape and graph of gathered_attention's output at the cost of one copy: the query rows' q."""
+    """The shape and graph of window_attention's output at the cost of one copy: the query rows' q."""
     return qkv.narrow(1, 0, query_index.shape[0]).narrow(2, 0, qkv.shape[-1] // 3).contiguous()
 
 
@@ -122,12 +120,12 @@ def main():
               'Focal-T without attention': timm.create_model('focal_tiny_patch4_window7_224')}
     optimizers = {name: torch.optim.AdamW(model.parameters()) for name, model in models.items()}
     shapes = attention_shapes(models['Focal-T'], images)
-    focal_attention = focal.gathered_attention
+    focal_attention = focal.window_attention
 
     def run(name: str, mode: str):
         model = models[name]
         if name.endswith('without attention'):
-            focal.gathered_attention = stand_in_attention
+            focal.window_attention = stand_in_attention
         try:
             if mode == 'infer':
                 with torch.inference_mode():
@@ -138,7 +136,7 @@ def main():
                 model(images).logsumexp(-1).sum().backward()
                 optimizers[name].step()
         finally:
-            focal.gathered_attention = focal_attention
+            focal.window_attention = focal_attention
 
     times = {(name, mode): [] for name in models for mode in ('infer', 'train')}
     for mode in ('infer', 'train'):

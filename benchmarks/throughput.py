@@ -43,7 +43,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BASELINE = 'swin_tiny_patch4_window7_224'
 CANDIDATE = 'focal_tiny_patch4_window7_224'
-CPU_BF16_FLAGS = ('avx512_bf16', 'amx_bf16')
 
 
 class Variant(NamedTuple):
@@ -70,19 +69,17 @@ def current_rss_bytes() -> int:
 
 
 def cpu_info() -> tuple:
-    """(model name, bfloat16 instruction flags) from /proc/cpuinfo; ('unknown', ()) where it is absent."""
-    name, flags = 'unknown', set()
+    """(model name from /proc/cpuinfo, 'unknown' where it is absent; the bf16 instruction sets
+    PyTorch found, which decide the model's CPU attention kernel in bf16)."""
+    from models.window_attention import cpu_bf16_instructions
+
+    name = 'unknown'
     try:
         with open('/proc/cpuinfo') as f:
-            for line in f:
-                key, _, value = line.partition(':')
-                if key.strip() == 'model name' and name == 'unknown':
-                    name = value.strip()
-                elif key.strip() == 'flags' and not flags:
-                    flags = set(value.split())
+            name = next((line.partition(':')[2].strip() for line in f if line.startswith('model name')), name)
     except OSError:
         pass
-    return name, tuple(flag for flag in CPU_BF16_FLAGS if flag in flags)
+    return name, cpu_bf16_instructions()
 
 
 def timed(fn, steps: int, repeats: int, device: torch.device) -> float:

@@ -1,262 +1,59 @@
 """Focal Transformer (Yang et al., "Focal Self-attention for Local-Global Interactions in Vision
-Transformers", NeurIPS 2021).
+Transformers", NeurIPS 2021): the network, its checkpoint filter and timm's registry.
 
 Computes the function of the released ImageNet-1K checkpoints (checked against the reference
 implementation's outputs and gradients: tests/reference), parameter names and shapes included, at
 the size the model is built for and at any other input size. The block structure (window,
-neighbours, shift, pooled levels, parameter shapes) is fixed at construction; the maps between
-blocks are (B, H, W, C) of whatever size the input gives, with stage sizes in ceil division as
-Swin's detection backbone (the image padded to a multiple of the patch, odd maps padded before
-each 2x downsampling, every map padded to the window).
+neighbours, shift, pooled levels, parameter shapes) is fixed at construction, from the stage sizes
+of the size it is built for; the maps between blocks are (B, H, W, C) of whatever size the input
+gives. Stage sizes follow the convolutions of the stem and the downsamplings, as in the reference:
+pixels and odd rows or columns that a patch does not cover are dropped (floor division), and each
+block pads its map to a multiple of the window.
 
-Which token each key slot reads and which slots are masked depend on the padded map size: those
-index tables are built once per (block configuration, map size, device) and kept in a bounded LRU
-cache shared by all blocks and models (`attention_table_cache_info()`); under torch.compile/export and
-TorchScript the same tables are built in the graph from tensor ops on the (symbolic) sizes. Which bias
-entry each logit takes depends only on the configuration and stays a buffer. A block then projects
-its map's tokens and pooled cells together into rows of q, k, v, gathers each window's query and
-key/value rows, looks up each bias table and runs one fused attention call (on the CPU, per image).
+A block projects its map's tokens and pooled cells together into rows of q, k, v; the index tables
+of `attention_tables` say which rows each window's queries and key slots read, and
+`window_attention` attends them.
 """
-import functools
-import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.fx.experimental._config
 import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
 from timm.models._features import feature_take_indices
 
+from .attention_tables import block_attention_tables, neighbour_key_positions, relative_position_index
 from .unwrap import unwrap_state_dict
+from .window_attention import window_attention
 
-__all__ = ['FocalTransformer', 'checkpoint_filter_fn', 'neighbour_key_positions', 'attention_table_cache_info',
-           'clear_attention_table_cache']
+__all__ = ['FocalTransformer', 'checkpoint_filter_fn', 'POOL_METHODS', 'EXPAND_LAYERS']
 
 POOL_METHODS = ('none', 'fc', 'conv', 'mean', 'max')
 EXPAND_LAYERS = ('all', 'even', 'odd')
 # Names of the integer tables the reference stores in its checkpoints; ours are derived instead.
 REFERENCE_BUFFER_PREFIXES = ('relative_position_index', 'valid_ind_rolled', 'valid_ind_unfold')
-# Cached table sets (one per block configuration, padded map size and device). A model has a few block
-# configurations (Focal-T: 4, one per stage), so this holds the tables of about 30 input sizes; a
-# stage-0 set for an 800x1216 image is about 4 MB.
-TABLE_CACHE_SIZE = 128
-# CPU attention in these dtypes materialises the logits between batched products, a chunk of windows at a
-# time (in bf16 as autocast's own matmuls would: logits rounded to bf16, softmax accumulated in float32);
-# others take PyTorch's fused kernel, which computes in float32: float16, whose range might not hold the logits,
-# and bf16 where the CPU has no bf16 dot-product instructions (there the products are emulated, and the fused
-# kernel ran a bf16 inference pass 1.76x faster: AMD Zen 4 held to AVX2 by ATEN_CPU_CAPABILITY/ONEDNN_MAX_CPU_ISA).
-MATERIALISED_DTYPES = (torch.float32, torch.float64) + (
-    (torch.bfloat16,) if any(torch.cpu.get_capabilities().get(isa) for isa in ('avx512_bf16', 'amx_bf16')) else ())
-# The windows of a chunk: as many as keep their logits within this many bytes, so that the chunk's
-# gathered keys, their head-major copies and the logits stay in cache together (on the AMD Zen 4, a
-# whole stage-0 image, 8.6 MB of logits, ran 20% slower than the fused kernel; chunks of 2 MiB 27% faster).
-MATERIALISED_CHUNK_BYTES = 2 << 20
 
-
-def relative_position_index(query_size: int, key_size: int) -> torch.Tensor:
-    """(query_size², key_size²) index into a ((query_size + key_size - 1)², ·) bias table.
-
-    Entry (q, k) is `(qh - kh + key_size - 1) * (query_size + key_size - 1) + (qw - kw + key_size - 1)`:
-    Swin's relative position index when both sizes are the window size.
-    """
-    q = torch.stack(torch.meshgrid(torch.arange(query_size), torch.arange(query_size), indexing='ij')).flatten(1)
-    k = torch.stack(torch.meshgrid(torch.arange(key_size), torch.arange(key_size), indexing='ij')).flatten(1)
-    rel = q[:, :, None] - k[:, None, :] + key_size - 1
-    return rel[0] * (query_size + key_size - 1) + rel[1]
-
-
-def neighbour_key_positions(window_size: int, expand_size: int) -> torch.Tensor:
-    """(n_neighbours, 2) (row, col) of each neighbour key slot relative to its window's top-left.
-
-    Four groups shifted by (+e, +e), (+e, -e), (-e, +e), (-e, -e), each row-major over the window,
-    keeping the positions that fall outside the window (some tokens appear in two groups).
-    """
-    ws, e = window_size, expand_size
-    r, c = torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing='ij')
-    r, c = r.flatten(), c.flatten()
-    groups = []
-    for dr, dc in ((e, e), (e, -e), (-e, e), (-e, -e)):
-        inside_rows = r < ws - e if dr > 0 else r >= e
-        inside_cols = c < ws - e if dc > 0 else c >= e
-        keep = ~(inside_rows & inside_cols)
-        groups.append(torch.stack([r[keep] + dr, c[keep] + dc], dim=1))
-    return torch.cat(groups)
-
-
-# The functions below take sizes that may be symbolic (torch.export) and are compiled by TorchScript:
-# tensor ops with broadcasting only, no data-dependent shapes, no Python branches on sizes.
-
-def window_token_index(padded_size: Tuple[int, int], window_size: int,
-                       device: Optional[torch.device] = None) -> torch.Tensor:
-    """(nW, ws²) flat index of each window's tokens in the padded map, windows row-major."""
-    Hp, Wp = padded_size
-    ws = window_size
-    top_left = (torch.arange(0, Hp, ws, device=device)[:, None] * Wp
-                + torch.arange(0, Wp, ws, device=device)[None, :]).flatten()
-    local = torch.arange(ws, device=device)
-    in_window = (local[:, None] * Wp + local[None, :]).flatten()
-    return top_left[:, None] + in_window[None, :]
-
-
-def neighbour_token_index(padded_size: Tuple[int, int], window_size: int, positions: torch.Tensor) -> torch.Tensor:
-    """(nW, n_neighbours) flat index of each window's neighbour keys (`positions` from
-    neighbour_key_positions), wrapping around the map."""
-    Hp, Wp = padded_size
-    ws = window_size
-    rows = torch.arange(0, Hp, ws, device=positions.device)[:, None, None] + positions[:, 0]
-    cols = torch.arange(0, Wp, ws, device=positions.device)[None, :, None] + positions[:, 1]
-    # Offsets reach at most one map beyond either edge, so one conditional wrap is `% size`; the
-    # ONNX exporter cannot translate a remainder by a symbolic size.
-    rows = torch.where(rows < 0, rows + Hp, torch.where(rows >= Hp, rows - Hp, rows))
-    cols = torch.where(cols < 0, cols + Wp, torch.where(cols >= Wp, cols - Wp, cols))
-    return (rows * Wp + cols).flatten(0, 1)
-
-
-def pooled_block_index(window_grid: Tuple[int, int], level: int, focal_window: int,
-                       device: Optional[torch.device] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Cells of pooled level `level` that each window attends.
-
-    Returns (index, valid): both (nW, K²) with K = focal_window + 2**level - 1; index is the flat
-    cell index in the (nWh·2**level, nWw·2**level) grid, meaningful only where valid marks a cell
-    inside the grid.
-    """
-    nWh, nWw = window_grid
-    scale = 1 << level
-    K = focal_window + scale - 1
-    Gh, Gw = nWh * scale, nWw * scale
-    cell = torch.arange(K, device=device)
-    rows = (torch.arange(nWh, device=device) * scale - (focal_window - 1) // 2)[:, None, None, None] \
-        + cell[None, None, :, None]
-    cols = (torch.arange(nWw, device=device) * scale - (focal_window - 1) // 2)[None, :, None, None] \
-        + cell[None, None, None, :]
-    valid = (rows >= 0) & (rows < Gh) & (cols >= 0) & (cols < Gw)
-    return (rows * Gw + cols).flatten(0, 1).flatten(1), valid.flatten(0, 1).flatten(1)
-
-
-def shift_region_mask(padded_size: Tuple[int, int], window_size: int, shift_size: int,
-                      device: Optional[torch.device] = None) -> torch.Tensor:
-    """(nW, ws², ws²), True between tokens of different regions of the rolled map.
-
-    Regions are Swin's slices (0, -ws), (-ws, -s), (-s, None) of each axis, taken on the padded map
-    as Swin's detection backbone does, so that any map size works.
-    """
-    Hp, Wp = padded_size
-    rows, cols = torch.arange(Hp, device=device), torch.arange(Wp, device=device)
-    row_region = (rows >= Hp - window_size).long() + (rows >= Hp - shift_size).long()
-    col_region = (cols >= Wp - window_size).long() + (cols >= Wp - shift_size).long()
-    regions = (row_region[:, None] * 3 + col_region[None, :]).flatten()
-    windows = regions[window_token_index(padded_size, window_size, device)]
-    return windows[:, :, None] != windows[:, None, :]
-
-
-def attention_tables(padded_size: Tuple[int, int], window_size: int, shift_size: int, focal_window: int,
-                     pooled_levels: int, neighbour_positions: Optional[torch.Tensor],
-                     device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The size-dependent tables of one block on a (Hp, Wp) padded map.
-
-    Returns (query_index, key_index, mask): query_index (nW·ws²,) the map token of each query;
-    key_index (nW, n_keys) the token each key slot reads from the source laid out as the padded map's
-    tokens, then each pooled level's cells; mask (nW, ws² or 1, n_keys) of 0 / -inf (only the
-    shift mask depends on the query). Pooled cells outside the grid are masked: with a -inf mask what
-    they read does not matter, and they read their level's first cell.
-    """
-    Hp, Wp = padded_size
-    ws = window_size
-    nWh, nWw = Hp // ws, Wp // ws
-    num_windows = nWh * nWw
-    window_index = window_token_index(padded_size, ws, device)
-    key_index = [window_index]
-    if shift_size > 0:
-        slot_mask = [shift_region_mask(padded_size, ws, shift_size, device)]
-    else:
-        slot_mask = [torch.zeros(num_windows, 1, ws * ws, dtype=torch.bool, device=device)]
-    if neighbour_positions is not None:
-        key_index.append(neighbour_token_index(padded_size, ws, neighbour_positions))
-        slot_mask.append(torch.zeros(num_windows, 1, neighbour_positions.shape[0], dtype=torch.bool,
-                                     device=device))
-    source_offset = Hp * Wp
-    for k in range(pooled_levels):
-        index, valid = pooled_block_index((nWh, nWw), k, focal_window, device)
-        key_index.append(torch.where(valid, index, 0) + source_offset)
-        slot_mask.append(~valid[:, None])
-        source_offset += num_windows << (2 * k)
-    query_rows = ws * ws if shift_size > 0 else 1
-    masked = torch.cat([m.expand(num_windows, query_rows, m.shape[-1]) for m in slot_mask], dim=2)
-    # The reference adds -100 to logits that must vanish: exp(-100) is lost next to any real logit, so
-    # that is the same function as leaving the key out, which -inf does exactly (every query keeps its
-    # own token, so no row is all -inf). In float32 exp(-100) is a denormal, slow to produce on Intel
-    # CPUs: the exponentials in a training step's backward took 4.6% of its time there.
-    mask = torch.zeros_like(masked, dtype=torch.float).masked_fill_(masked, float('-inf'))
-    return window_index.flatten(), torch.cat(key_index, dim=1), mask
-
-
-@functools.lru_cache(maxsize=TABLE_CACHE_SIZE)
-def _cached_attention_tables(padded_size: Tuple[int, int], window_size: int, expand_size: int, shift_size: int,
-                             focal_window: int, pooled_levels: int, device: torch.device):
-    # Built outside inference mode: tables first built under torch.inference_mode() are reused by
-    # training steps, which save them for the backward pass.
-    with torch.inference_mode(False):
-        positions = neighbour_key_positions(window_size, expand_size) if expand_size > 0 else None
-        tables = attention_tables(padded_size, window_size, shift_size, focal_window, pooled_levels, positions,
-                                  torch.device('cpu'))
-        return tuple(t.to(device) for t in tables)
-
-
-def attention_table_cache_info():
-    """functools' cache statistics of the size-dependent tables: `misses` counts the table sets built."""
-    return _cached_attention_tables.cache_info()
-
-
-def clear_attention_table_cache():
-    _cached_attention_tables.cache_clear()
-
-
-@torch.jit.unused
-def _cached_block_tables(padded_size: Tuple[int, int], window_size: int, expand_size: int, shift_size: int,
-                         focal_window: int, pooled_levels: int,
-                         device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _cached_attention_tables(padded_size, window_size, expand_size, shift_size, focal_window, pooled_levels,
-                                    device)
-
-
-def _building_graph() -> bool:
-    """True under TorchScript and torch.compile/export, where the Python table cache cannot be used."""
-    return torch.jit.is_scripting() or torch.compiler.is_compiling()
+# Leaves for torch.fx, which patches a wrapped name in the module that calls it: they take sizes from
+# their inputs, and the tables are looked up when run.
+torch.fx.wrap('block_attention_tables')
+torch.fx.wrap('window_attention')
 
 
 @torch.fx.wrap
 @register_notrace_function
-def block_attention_tables(z: torch.Tensor, window_size: int, expand_size: int, shift_size: int, focal_window: int,
-                           pooled_levels: int, neighbour_positions: Optional[torch.Tensor]
-                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """attention_tables for the padded, (B, Hp, Wp, C) map z: from the cache in eager mode, built in
-    the graph while compiling, exporting or scripting. A leaf for torch.fx: looked up when run."""
-    padded_size = (z.shape[1], z.shape[2])
-    if _building_graph():
-        return attention_tables(padded_size, window_size, shift_size, focal_window, pooled_levels,
-                                neighbour_positions, z.device)
-    return _cached_block_tables(padded_size, window_size, expand_size, shift_size, focal_window, pooled_levels,
-                                z.device)
-
-
-@torch.fx.wrap
-@register_notrace_function
-def pad_to_multiple(x: torch.Tensor, multiple: int, channels_last: bool) -> torch.Tensor:
-    """Zero-pad the bottom and right of a (B, H, W, C) (channels_last) or (B, C, H, W) map so that
-    H and W are multiples of `multiple` (a map smaller than `multiple` is padded up to it)."""
-    h_dim = 1 if channels_last else 2
-    H, W = x.shape[h_dim], x.shape[h_dim + 1]
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad the bottom and right of a (B, H, W, C) map so that H and W are multiples of
+    `multiple` (a map smaller than `multiple` is padded up to it)."""
+    H, W = x.shape[1], x.shape[2]
     # written as ceil division so that a symbolic padded size is visibly a multiple
     pad_h = (H + multiple - 1) // multiple * multiple - H
     pad_w = (W + multiple - 1) // multiple * multiple - W
     # While compiling, pad whatever the (possibly symbolic) amounts: a branch would fix the size.
     if torch.compiler.is_compiling() or pad_h > 0 or pad_w > 0:
-        if channels_last:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        else:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
     return x
 
 
@@ -270,293 +67,21 @@ def crop_to(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
     return x[:, :H, :W]
 
 
-@torch.fx.wrap
-@register_notrace_function
-def check_image_size(x: torch.Tensor, img_size: Tuple[int, int], min_size: int, strict_img_size: bool) -> torch.Tensor:
-    """x, or a ValueError for an input the model cannot take (with strict_img_size: of another size than
-    img_size). Returning x keeps the check in torch.fx graphs."""
-    H, W = x.shape[-2], x.shape[-1]
-    if strict_img_size and (H != img_size[0] or W != img_size[1]):
-        raise ValueError(f'input of size ({H}, {W}) given to a model built for ({img_size[0]}, {img_size[1]}) '
-                         f'with strict_img_size=True')
-    if torch.compiler.is_compiling():
-        torch._check(H >= min_size)
-        torch._check(W >= min_size)
-    elif H < min_size or W < min_size:
-        raise ValueError(f'input of size ({H}, {W}) is too small: the model needs at least {min_size} pixels '
-                         f'per side (patch size x 2**(stages - 1))')
-    return x
+@torch.jit.unused
+def _exporting() -> bool:
+    return torch.compiler.is_exporting()
 
 
-@torch.fx.wrap
-@register_notrace_function
-def add_position_embedding(x: torch.Tensor, pos_embed: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
-    """x (B, H, W, C) plus the (1, grid_h·grid_w, C) absolute position embedding, resampled if H, W differ."""
-    H, W = x.shape[1], x.shape[2]
-    pos_embed = resample_abs_pos_embed(pos_embed, new_size=[H, W], old_size=[grid[0], grid[1]], num_prefix_tokens=0)
-    return x + pos_embed.view(1, H, W, pos_embed.shape[-1])
+@torch.jit.unused
+def _window_counts_of_any_size():
+    """While exporting: sizes reasoned about for any value, as torch.export does for the input's own.
 
-
-def _gather_buffers(qkv: torch.Tensor, query_index: torch.Tensor,
-                    key_index: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Memory for one image's gathered query rows and key/value rows, reused for every image of a
-    batch: fresh buffers of this size (11 MB per image at Focal-T's stage 0) come back from the
-    allocator as new pages, and filling those costs more than the gather itself."""
-    C = qkv.shape[-1] // 3
-    return qkv.new_empty(query_index.shape[0], C), qkv.new_empty(key_index.numel(), 2 * C)
-
-
-def _window_qkv(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor, num_heads: int,
-                buffers: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One image's q, k, v for attention with windows as the batch: (nW, nH, ws², hd) and twice
-    (nW, nH, n_keys, hd), views of the gathered (token, channel) rows.
-
-    Gathering whole rows (all heads, keys and values of a token together) is a plain copy per row,
-    several times faster on the CPU than gathering each head's (token, hd) rows; the fused CPU
-    kernel reads the head and key strides as they come.
+    A stage's window counts derive from the input size and are 1 at some sizes and more at others
+    (Focal-T at 224 px: one window at the last stage, four at the third). Otherwise each size test of
+    the attention's tables, pooling and reshapes (a broadcast, a contiguity check) would be settled at
+    the example's counts and fix the exported input size to the sizes that give those counts.
     """
-    C = qkv.shape[1] // 3
-    num_windows, num_keys = key_index.shape[0], key_index.shape[1]
-    head_dim = C // num_heads
-    q = torch.index_select(qkv[:, :C], 0, query_index, out=buffers[0])
-    kv = torch.index_select(qkv[:, C:], 0, key_index.flatten(), out=buffers[1])
-    q = q.view(num_windows, -1, num_heads, head_dim).transpose(1, 2)
-    kv = kv.view(num_windows, num_keys, 2, num_heads, head_dim)
-    return q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-
-
-def _head_major_buffers(qkv: torch.Tensor, bias: torch.Tensor,
-                        num_windows: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reused memory for the q (nW, nH, ws², hd), k and v (each nW, nH, n_keys, hd, stacked) and logits
-    (nW, nH, ws², n_keys) of num_windows windows."""
-    num_heads, queries, num_keys = bias.shape[1], bias.shape[2], bias.shape[3]
-    head_dim = qkv.shape[-1] // 3 // num_heads
-    return (qkv.new_empty(num_windows, num_heads, queries, head_dim),
-            qkv.new_empty(2, num_windows, num_heads, num_keys, head_dim),
-            qkv.new_empty(num_windows, num_heads, queries, num_keys))
-
-
-def _softmax_probabilities(q_heads: torch.Tensor, k_heads: torch.Tensor, bias: torch.Tensor, scale: float,
-                           logits: torch.Tensor) -> torch.Tensor:
-    """softmax(q·kᵀ·scale + bias) computed in `logits`; all four (nW, nH, ·, ·) and contiguous, so that
-    windows and heads form the batch of one product."""
-    queries, num_keys, head_dim = logits.shape[-2], logits.shape[-1], q_heads.shape[-1]
-    torch.baddbmm(bias.reshape(-1, queries, num_keys), q_heads.view(-1, queries, head_dim),
-                  k_heads.view(-1, num_keys, head_dim).transpose(1, 2), alpha=scale,
-                  out=logits.view(-1, queries, num_keys))
-    return torch.softmax(logits, -1, out=logits)
-
-
-def _window_rows(out: torch.Tensor) -> torch.Tensor:
-    """(nW, nH, ws², hd) attention output -> (nW·ws², C) rows in window order."""
-    return out.transpose(1, 2).reshape(-1, out.shape[1] * out.shape[3])
-
-
-def _cpu_window_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor,
-                          bias: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """gathered_attention on the CPU, one image at a time in reused buffers: the output and the fused
-    kernel's log-sum-exp (B, nW, nH, ws²), which the training backward reads."""
-    out = qkv.new_empty(qkv.shape[0], query_index.shape[0], qkv.shape[2] // 3)
-    lse = []
-    buffers = _gather_buffers(qkv, query_index, key_index)
-    for b in range(qkv.shape[0]):
-        q, k, v = _window_qkv(qkv[b], query_index, key_index, bias.shape[1], buffers)
-        out_b, lse_b = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, attn_mask=bias, scale=scale)
-        out[b].index_copy_(0, query_index, _window_rows(out_b))
-        lse.append(lse_b)
-    return out, torch.stack(lse)
-
-
-def _materialises(qkv: torch.Tensor) -> bool:
-    """Whether CPU attention on these rows materialises its logits (see MATERIALISED_DTYPES); under
-    torch.compile the fused kernel stays, since the traced loop over chunks would be unrolled."""
-    return qkv.dtype in MATERIALISED_DTYPES and not torch.compiler.is_compiling()
-
-
-def _window_chunk(bias: torch.Tensor) -> int:
-    """Windows per chunk of CPU attention: as many as keep their logits within MATERIALISED_CHUNK_BYTES;
-    all of them under torch.compile, which unrolls the loop over chunks into the graph."""
-    if torch.compiler.is_compiling():
-        return bias.shape[0]
-    return max(1, min(bias.shape[0], MATERIALISED_CHUNK_BYTES // (bias[0].numel() * bias.element_size())))
-
-
-def _chunk_heads(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor, start: int, count: int,
-                 row_buffers: Tuple[torch.Tensor, torch.Tensor], q_heads: torch.Tensor, kv_heads: torch.Tensor):
-    """One image's q, k, v for windows start..start+count: gathered as rows into row_buffers, then copied
-    head-major into the first `count` windows of q_heads and kv_heads (see _head_major_buffers).
-    Returns the chunk's query rows, its key slots (count, n_keys), and contiguous q, k, v views."""
-    queries = query_index.shape[0] // key_index.shape[0]
-    rows, keys = query_index[start * queries:(start + count) * queries], key_index[start:start + count]
-    q, k, v = _window_qkv(qkv, rows, keys, q_heads.shape[1],
-                          (row_buffers[0][:rows.shape[0]], row_buffers[1][:keys.numel()]))
-    q_chunk, k_chunk, v_chunk = q_heads[:count], kv_heads[0, :count], kv_heads[1, :count]
-    q_chunk.copy_(q)
-    k_chunk.copy_(k)
-    v_chunk.copy_(v)
-    return rows, keys, q_chunk, k_chunk, v_chunk
-
-
-def _cpu_materialised_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor,
-                                bias: torch.Tensor, scale: float) -> torch.Tensor:
-    """gathered_attention on the CPU with the logits materialised, one image and one chunk of windows
-    at a time (MATERIALISED_CHUNK_BYTES): the chunk's q, k, v gathered and copied head-major into reused
-    buffers, then one batched product for the logits (scale and bias included), a softmax in place and
-    one product for the output. Faster than the fused kernel, which splits a window's 49 queries into
-    blocks of 32 and 17 rows and multiplies block by block."""
-    num_windows, queries = bias.shape[0], bias.shape[2]
-    chunk = _window_chunk(bias)
-    out = qkv.new_empty(qkv.shape[0], query_index.shape[0], qkv.shape[2] // 3)
-    row_buffers = _gather_buffers(qkv, query_index[:chunk * queries], key_index[:chunk])
-    q_heads, kv_heads, logits = _head_major_buffers(qkv, bias, chunk)
-    out_heads = torch.empty_like(q_heads)
-    for b in range(qkv.shape[0]):
-        for start in range(0, num_windows, chunk):
-            n = min(chunk, num_windows - start)
-            rows, _, q, k, v = _chunk_heads(qkv[b], query_index, key_index, start, n, row_buffers, q_heads, kv_heads)
-            probs = _softmax_probabilities(q, k, bias[start:start + n], scale, logits[:n])
-            torch.matmul(probs, v, out=out_heads[:n])
-            out[b].index_copy_(0, rows, _window_rows(out_heads[:n]))
-    return out
-
-
-class _GatheredBiasedAttention(torch.autograd.Function):
-    """gathered_attention for CPU training: the evaluation forward, hand-written backward, a chunk of
-    one image's windows at a time.
-
-    PyTorch's CPU fused attention has no gradient for the bias, so SDPA falls back to the unfused
-    path, which keeps every attention matrix and the gathered keys/values for the backward pass.
-    This runs the forward of evaluation (materialised logits in MATERIALISED_DTYPES; the fused kernel
-    in the others and under torch.compile) and keeps only the projected rows, the output and the
-    fused kernel's log-sum-exp; the backward pass gathers each chunk's keys again and recomputes its
-    probabilities, in buffers reused for every chunk, so that the gathered rows and the (windows,
-    heads, ws², n_keys) intermediates stay in cache.
-    """
-
-    @staticmethod
-    def forward(ctx, qkv, query_index, key_index, bias, num_heads, scale):
-        # Materialised logits: the backward recomputes the softmax; fused kernel: it reads its log-sum-exp.
-        ctx.materialised = _materialises(qkv)
-        if ctx.materialised:
-            out, lse = _cpu_materialised_attention(qkv, query_index, key_index, bias, scale), qkv.new_empty(0)
-        else:
-            out, lse = _cpu_window_attention(qkv, query_index, key_index, bias, scale)
-        ctx.save_for_backward(qkv, query_index, key_index, bias, out, lse)
-        ctx.num_heads, ctx.scale = num_heads, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        qkv, query_index, key_index, bias, out, lse = ctx.saved_tensors
-        nH, scale = ctx.num_heads, ctx.scale
-        B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-        num_windows, num_keys, head_dim = key_index.shape[0], key_index.shape[1], C // nH
-        queries = query_index.shape[0] // num_windows
-        grad_qkv = torch.zeros_like(qkv) if ctx.needs_input_grad[0] else None
-        # Probabilities and the bias gradient (summed over images) in at least float32, so that a
-        # low-precision input does not round them per image; float64 stays float64.
-        exact_dtype = torch.promote_types(qkv.dtype, torch.float32)
-        grad_bias = torch.zeros_like(bias, dtype=exact_dtype) if ctx.needs_input_grad[3] else None
-        # Σ_d dO·O per query and head, the softmax backward's row term, for all images at once.
-        row_dot = (grad_out * out).view(B, -1, nH, head_dim).sum(-1)
-        # Memory for one chunk of windows, reused: head-major q, k/v, dO (the batched products then run
-        # without hidden copies), logits, their gradient, and the gradients on their way back to rows.
-        chunk = _window_chunk(bias)
-        row_buffers = _gather_buffers(qkv, query_index[:chunk * queries], key_index[:chunk])
-        grad_out_rows = torch.empty_like(row_buffers[0])
-        q_heads, kv_heads, logits = _head_major_buffers(qkv, bias, chunk)
-        grad_out_heads, grad_q = torch.empty_like(q_heads), torch.empty_like(q_heads)
-        grad_kv_heads = torch.empty_like(kv_heads)
-        grad_probs = torch.empty_like(logits)
-        grad_kv_rows = qkv.new_empty(chunk, num_keys, 2, nH, head_dim)
-        grad_kv = qkv.new_empty(T, 2 * C)
-        for b in range(B):
-            if grad_qkv is not None:
-                grad_kv.zero_()
-            for start in range(0, num_windows, chunk):
-                n = min(chunk, num_windows - start)
-                rows, keys, q, k, v = _chunk_heads(qkv[b], query_index, key_index, start, n, row_buffers, q_heads,
-                                                   kv_heads)
-                torch.index_select(grad_out[b], 0, rows, out=grad_out_rows[:n * queries])
-                grad_out_heads[:n].copy_(grad_out_rows[:n * queries].view(n, queries, nH, head_dim).transpose(1, 2))
-                row_dot_b = row_dot[b].index_select(0, rows).view(n, queries, nH).transpose(1, 2)
-                if ctx.materialised:
-                    probs = _softmax_probabilities(q, k, bias[start:start + n], scale, logits[:n])
-                else:
-                    torch.matmul(q, k.transpose(-2, -1), out=logits[:n])
-                    logits[:n].mul_(scale).add_(bias[start:start + n])
-                    probs = logits[:n].to(exact_dtype).sub_(lse[b, start:start + n].unsqueeze(-1)).exp_().to(qkv.dtype)
-                torch.matmul(probs.transpose(-2, -1), grad_out_heads[:n], out=grad_kv_heads[1, :n])
-                torch.matmul(grad_out_heads[:n], v.transpose(-2, -1), out=grad_probs[:n])
-                grad_logits = probs.mul_(grad_probs[:n].sub_(row_dot_b.unsqueeze(-1)))
-                if grad_bias is not None:
-                    grad_bias[start:start + n].add_(grad_logits)
-                if grad_qkv is not None:
-                    torch.matmul(grad_logits, k, out=grad_q[:n]).mul_(scale)
-                    torch.matmul(grad_logits.transpose(-2, -1), q, out=grad_kv_heads[0, :n]).mul_(scale)
-                    grad_kv_rows[:n].copy_(grad_kv_heads[:, :n].permute(1, 3, 0, 2, 4))
-                    # summed in a contiguous buffer, then copied: index_add_ straight into the strided
-                    # slice of grad_qkv measured 5% slower per training step
-                    grad_kv.index_add_(0, keys.flatten(), grad_kv_rows[:n].view(-1, 2 * C))
-                    grad_qkv[b, :, :C].index_copy_(0, rows, _window_rows(grad_q[:n]))
-            if grad_qkv is not None:
-                grad_qkv[b, :, C:] = grad_kv
-        if grad_bias is not None:
-            grad_bias = grad_bias.to(bias.dtype)
-        return grad_qkv, None, None, grad_bias, None, None
-
-
-@torch.fx.wrap
-@register_notrace_function
-def gathered_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor, bias: torch.Tensor,
-                       scale: float, dropout_p: float = 0., training: bool = False) -> torch.Tensor:
-    """Windowed attention on projected token rows.
-
-    qkv (B, T, 3C): q, k and v of each token, heads interleaved within each; query_index (nW·ws²,)
-    the rows whose queries attend, window by window (a permutation of the map's rows 0..nW·ws²-1);
-    key_index (nW, n_keys) the rows each window's key slots read; bias (nW, nH, ws², n_keys) the
-    additive logit bias, the same for every image. Returns (B, nW·ws², C): row i is the output of
-    the query in row i.
-
-    On the CPU, training takes the memory-saving function with its own backward (compiled too) and
-    eager evaluation runs one image at a time (its gathered rows stay in cache): float32, float64 and
-    (on CPUs with bf16 instructions) bf16 by batched products around materialised logits, a chunk of
-    windows at a time, other dtypes by the fused kernel. Compiled or exported evaluation,
-    TorchScript, other devices and attention dropout take PyTorch's SDPA on the whole batch.
-    """
-    num_windows, num_heads, queries, num_keys = bias.shape[0], bias.shape[1], bias.shape[2], bias.shape[3]
-    if not torch.jit.is_scripting():
-        if (training and qkv.device.type == 'cpu' and dropout_p == 0. and torch.is_grad_enabled()
-                and bias.requires_grad):
-            return _GatheredBiasedAttention.apply(qkv, query_index, key_index, bias, num_heads, scale)
-        if torch.is_grad_enabled() and bias.requires_grad and not qkv.requires_grad:
-            # Only the bias tables train here (frozen projections, first block). SDPA then skips the
-            # log-sum-exp that CUDA's memory-efficient backward reads to get the bias gradient, and
-            # that backward reads memory it does not own (pytorch/pytorch#148476). Rows that ask for
-            # a gradient (thrown away) make the forward keep it.
-            qkv = qkv.detach().requires_grad_()
-        if qkv.device.type == 'cpu' and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            if _materialises(qkv):
-                return _cpu_materialised_attention(qkv, query_index, key_index, bias, scale)
-            return _cpu_window_attention(qkv, query_index, key_index, bias, scale)[0]
-    B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
-    head_dim = C // num_heads
-    # Heads and windows merged into SDPA's head dimension, heads outermost: gathering tokens from a
-    # head-major view of the rows writes q, k and v in that order directly, with no copy after.
-    q_rows, k_rows, v_rows = qkv.view(B, T, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    keys = key_index.flatten()
-    q = q_rows.index_select(2, query_index).view(B, num_heads * num_windows, queries, head_dim)
-    k = k_rows.index_select(2, keys).view(B, num_heads * num_windows, num_keys, head_dim)
-    v = v_rows.index_select(2, keys).view(B, num_heads * num_windows, num_keys, head_dim)
-    # head-major too; concatenated rather than reshaped, which would ask the exporter whether the
-    # transposed bias happens to be contiguous (only for one window or one head) and fix the size
-    bias = torch.cat(bias.unbind(1)).unsqueeze(0)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale)
-    # a view where SDPA returns heads outermost (CPU), a copy where windows·heads are innermost (CUDA)
-    out = out.reshape(B, num_heads, num_windows * queries, head_dim).transpose(1, 2)
-    # query_index is a permutation of the rows, so every row of the empty tensor is written
-    return out.new_empty(out.shape).index_copy(1, query_index, out).view(B, -1, C)
+    return torch.fx.experimental._config.patch(backed_size_oblivious=True)
 
 
 class FocalAttention(nn.Module):
@@ -626,23 +151,23 @@ class FocalAttention(nn.Module):
                 parts.append(table[:, pooled_index[k]])
         return torch.cat(parts, dim=-1) + mask.unsqueeze(1)
 
-    def forward(self, z: torch.Tensor, pooled: List[torch.Tensor]) -> torch.Tensor:
-        """z: (B, Hp, Wp, C) normalized, padded, shifted map; pooled: (B, Gh_k, Gw_k, C) per level.
+    def forward(self, padded_map: torch.Tensor, pooled: List[torch.Tensor]) -> torch.Tensor:
+        """padded_map: (B, Hp, Wp, C) normalized, padded, shifted; pooled: (B, Gh_k, Gw_k, C) per level.
 
         Returns (B, Hp, Wp, C). The map's tokens and each level's cells are projected together: one
         row of q, k, v per token.
         """
-        B, Hp, Wp, C = z.shape[0], z.shape[1], z.shape[2], z.shape[3]
+        B, Hp, Wp, C = padded_map.shape[0], padded_map.shape[1], padded_map.shape[2], padded_map.shape[3]
         query_index, key_index, mask = block_attention_tables(
-            z, self.window_size, self.expand_size, self.shift_size, self.focal_window, self.pooled_levels,
+            padded_map, self.window_size, self.expand_size, self.shift_size, self.focal_window, self.pooled_levels,
             self.neighbour_positions)
-        # The reference gives out-of-grid cells a zero key and value; they are masked with -inf, so
-        # no zero row is needed (zeroing one in place made autograd copy the whole qkv gradient).
-        tokens = [z.flatten(1, 2)] + [cells.flatten(1, 2) for cells in pooled]
+        # The reference gives out-of-grid cells a zero key and value; they are masked with -inf, so no
+        # zero row is needed (writing one into the rows would make autograd copy the rows' gradient).
+        tokens = [padded_map.flatten(1, 2)] + [cells.flatten(1, 2) for cells in pooled]
         qkv = self.qkv(torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0])
         bias = self.attention_bias(mask).to(qkv.dtype)
-        out = gathered_attention(qkv, query_index, key_index, bias, self.scale,
-                                 self.attn_drop if self.training else 0., self.training)
+        out = window_attention(qkv, query_index, key_index, bias, self.scale,
+                               self.attn_drop if self.training else 0., self.training)
         out = self.proj(out.view(B, Hp, Wp, C))
         return self.proj_drop(out)
 
@@ -696,7 +221,7 @@ class FocalTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), drop=drop)
 
-    def pooling_cells(self, z: torch.Tensor, level: int) -> torch.Tensor:
+    def pooling_cells(self, padded_map: torch.Tensor, level: int) -> torch.Tensor:
         """The part of the padded map (B, Hp, Wp, C) that level `level`'s cells cover: (B, Gh·g, Gw·g, C).
 
         The grid has 2**level cells per window along each axis, of g = ws // 2**level tokens; where
@@ -706,18 +231,18 @@ class FocalTransformerBlock(nn.Module):
         ws = self.window_size
         cell = ws >> level
         if cell << level == ws:
-            return z
-        Hp, Wp = z.shape[1], z.shape[2]
+            return padded_map
+        Hp, Wp = padded_map.shape[1], padded_map.shape[2]
         Hg, Wg = Hp // ws * (1 << level) * cell, Wp // ws * (1 << level) * cell
         top, left = (Hp - Hg) // 2, (Wp - Wg) // 2
-        return z[:, top:top + Hg, left:left + Wg]
+        return padded_map[:, top:top + Hg, left:left + Wg]
 
-    def pool(self, z: torch.Tensor) -> List[torch.Tensor]:
+    def pool(self, padded_map: torch.Tensor) -> List[torch.Tensor]:
         """One token per cell of each pooled level's grid: [(B, Gh_k, Gw_k, C)] from (B, Hp, Wp, C)."""
-        B, C, ws = z.shape[0], z.shape[3], self.window_size
+        B, C, ws = padded_map.shape[0], padded_map.shape[3], self.window_size
         pooled: List[torch.Tensor] = []
         for k, layer in enumerate(self.pool_layers):  # fc and conv pooling
-            cells = self.pooling_cells(z, k)
+            cells = self.pooling_cells(padded_map, k)
             if self.pool_method == 'conv':
                 pooled.append(layer(cells.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
             else:
@@ -728,23 +253,29 @@ class FocalTransformerBlock(nn.Module):
         if self.pool_method == 'mean' or self.pool_method == 'max':
             for k in range(self.pooled_levels):
                 cell = ws >> k
-                cells = self.pooling_cells(z, k)
+                cells = self.pooling_cells(padded_map, k)
                 cells = cells.reshape(B, cells.shape[1] // cell, cell, cells.shape[2] // cell, cell, C)
                 pooled.append(cells.mean(dim=(2, 4)) if self.pool_method == 'mean' else cells.amax(dim=(2, 4)))
         return pooled
 
-    def focal_attention(self, x: torch.Tensor) -> torch.Tensor:
+    def attention_branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual branch of attention: norm1, padding to the window, shift, focal attention,
+        and back to x's (B, H, W, C)."""
         H, W = x.shape[1], x.shape[2]
-        z = pad_to_multiple(self.norm1(x), self.window_size, True)
+        padded_map = pad_to_multiple(self.norm1(x), self.window_size)
         if self.shift_size > 0:
-            z = torch.roll(z, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
-        out = self.attn(z, self.pool(z))
+            padded_map = torch.roll(padded_map, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
+        out = self.attn(padded_map, self.pool(padded_map))
         if self.shift_size > 0:
             out = torch.roll(out, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
         return crop_to(out, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attn = self.focal_attention(x)
+        if not torch.jit.is_scripting() and _exporting():
+            with _window_counts_of_any_size():
+                attn = self.attention_branch(x)
+        else:
+            attn = self.attention_branch(x)
         if self.gamma_1 is not None:
             attn = self.gamma_1 * attn
         x = x + self.drop_path(attn)
@@ -770,23 +301,38 @@ class FocalTransformerBlock(nn.Module):
         return flops
 
 
+def _embedding_convolution(patch_size: int, use_conv_embed: bool, is_stem: bool) -> Tuple[int, int, int]:
+    """(kernel, stride, padding) of a patch embedding: (patch_size, patch_size, 0), or with
+    use_conv_embed the overlapped (7, 4, 2) of the stem and (3, 2, 1) of a downsampling."""
+    if use_conv_embed:
+        return (7, 4, 2) if is_stem else (3, 2, 1)
+    return patch_size, patch_size, 0
+
+
+def _convolution_output_size(size: Tuple[int, int], convolution: Tuple[int, int, int]) -> Tuple[int, int]:
+    kernel, stride, padding = convolution
+    return (size[0] + 2 * padding - kernel) // stride + 1, (size[1] + 2 * padding - kernel) // stride + 1
+
+
 class PatchEmbed(nn.Module):
-    """Strided convolution from (B, C, H, W) to LayerNorm'ed (B, H', W', C') maps."""
+    """Strided convolution from (B, C, H, W) to LayerNorm'ed (B, H', W', C') maps, of the size the
+    convolution's own arithmetic gives (`output_size`): a stem or downsampling without overlap drops
+    the pixels a patch does not cover (floor division), as the reference does."""
 
     def __init__(self, in_chans: int, embed_dim: int, patch_size: int, use_conv_embed: bool = False,
                  is_stem: bool = False, norm: bool = True, use_pre_norm: bool = False):
         super().__init__()
-        if use_conv_embed:
-            kernel, stride, padding = (7, 4, 2) if is_stem else (3, 2, 1)
-        else:
-            kernel, stride, padding = patch_size, patch_size, 0
+        kernel, stride, padding = self.convolution = _embedding_convolution(patch_size, use_conv_embed, is_stem)
         self.in_chans, self.embed_dim, self.kernel_size = in_chans, embed_dim, kernel
         self.pre_norm = nn.GroupNorm(1, in_chans) if use_pre_norm else None
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel, stride=stride, padding=padding)
         self.norm = nn.LayerNorm(embed_dim) if norm else None
 
+    def output_size(self, input_size: Tuple[int, int]) -> Tuple[int, int]:
+        return _convolution_output_size(input_size, self.convolution)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) with H, W multiples of the stride -> (B, H / stride, W / stride, C')."""
+        """(B, C, H, W) -> (B, H', W', C') with (H', W') = output_size((H, W))."""
         if self.pre_norm is not None:
             x = self.pre_norm(x)
         x = self.proj(x).permute(0, 2, 3, 1)
@@ -801,8 +347,9 @@ class PatchEmbed(nn.Module):
 
 
 class FocalStage(nn.Module):
-    """Blocks at one resolution, then (except for the last stage) a patch embedding that halves it,
-    rounding up: an odd map is zero-padded at the bottom/right first."""
+    """Blocks at one resolution, then (except for the last stage) a patch embedding that halves it:
+    a stride-2 convolution, whose arithmetic rounds an odd map down (kernel 2) or, with the
+    overlapped embedding (kernel 3, padding 1), up."""
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], blocks: List[FocalTransformerBlock],
                  downsample: Optional[PatchEmbed], use_checkpoint: bool = False):
@@ -831,7 +378,7 @@ class FocalStage(nn.Module):
         if self.downsample is None:
             return x
         # (B, C, H, W) in channels-last memory: the layout the convolution runs fastest in on the CPU
-        return self.downsample(pad_to_multiple(x, 2, True).permute(0, 3, 1, 2))
+        return self.downsample(x.permute(0, 3, 1, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_downsample(self.forward_blocks(x))
@@ -839,8 +386,7 @@ class FocalStage(nn.Module):
     def flops(self) -> float:
         flops = sum(block.flops() for block in self.blocks)
         if self.downsample is not None:
-            H, W = self.input_resolution
-            flops += self.downsample.flops((H // 2, W // 2))
+            flops += self.downsample.flops(self.downsample.output_size(self.input_resolution))
         return flops
 
 
@@ -851,10 +397,40 @@ def _per_stage(name: str, values: Sequence, num_stages: int) -> list:
     return values[:num_stages]
 
 
-def _stage_resolutions(img_size: Tuple[int, int], patch_size: int, num_stages: int) -> List[Tuple[int, int]]:
-    """Map size of each stage for an image: ceil division by the patch, then halving rounded up."""
-    return [(math.ceil(img_size[0] / (patch_size * 2 ** i)), math.ceil(img_size[1] / (patch_size * 2 ** i)))
-            for i in range(num_stages)]
+def _stage_resolutions(img_size: Tuple[int, int], patch_size: int, num_stages: int,
+                       use_conv_embed: bool) -> List[Tuple[int, int]]:
+    """Map size of each stage for an image, as the stem's and the downsamplings' convolutions give it."""
+    resolutions = [_convolution_output_size(img_size, _embedding_convolution(patch_size, use_conv_embed, True))]
+    for _ in range(num_stages - 1):
+        resolutions.append(_convolution_output_size(resolutions[-1], _embedding_convolution(2, use_conv_embed, False)))
+    return resolutions
+
+
+@torch.fx.wrap
+@register_notrace_function
+def check_image_size(x: torch.Tensor, img_size: Tuple[int, int], min_size: int, strict_img_size: bool) -> torch.Tensor:
+    """x, or a ValueError for an input the model cannot take (with strict_img_size: of another size than
+    img_size). Returning x keeps the check in torch.fx graphs."""
+    H, W = x.shape[-2], x.shape[-1]
+    if strict_img_size and (H != img_size[0] or W != img_size[1]):
+        raise ValueError(f'input of size ({H}, {W}) given to a model built for ({img_size[0]}, {img_size[1]}) '
+                         f'with strict_img_size=True')
+    if torch.compiler.is_compiling():
+        torch._check(H >= min_size)
+        torch._check(W >= min_size)
+    elif H < min_size or W < min_size:
+        raise ValueError(f'input of size ({H}, {W}) is too small: the model needs at least {min_size} pixels '
+                         f'per side (patch size x 2**(stages - 1))')
+    return x
+
+
+@torch.fx.wrap
+@register_notrace_function
+def add_position_embedding(x: torch.Tensor, pos_embed: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """x (B, H, W, C) plus the (1, grid_h·grid_w, C) absolute position embedding, resampled if H, W differ."""
+    H, W = x.shape[1], x.shape[2]
+    pos_embed = resample_abs_pos_embed(pos_embed, new_size=[H, W], old_size=[grid[0], grid[1]], num_prefix_tokens=0)
+    return x + pos_embed.view(1, H, W, pos_embed.shape[-1])
 
 
 class FocalTransformer(nn.Module):
@@ -863,17 +439,25 @@ class FocalTransformer(nn.Module):
     Takes (B, in_chans, H, W) of any size of at least `patch_size * 2**(stages - 1)` pixels a side;
     `strict_img_size=True` accepts `img_size` only. `img_size` fixes the block structure (window
     shrunk where a stage map is no larger than the window, as the reference does) and the size of
-    `absolute_pos_embed`, which is resampled for other sizes. `global_pool` is timm's: 'avg' or ''.
+    `absolute_pos_embed`, which is resampled for other sizes.
+
+    Stage maps: the stem, Conv2d(kernel = stride = patch_size), gives H // patch_size, and each
+    downsampling, Conv2d(kernel 2, stride 2), halves a map rounding down (232 px: 58, 29, 14, 7), as
+    the reference does at every size. With `use_conv_embed` the convolutions' own arithmetic holds:
+    the stem, Conv2d(7, stride 4, padding 2), gives (H + 1) // 4 and each downsampling, Conv2d(3,
+    stride 2, padding 1), halves rounding up (233 px: 58, 29, 15, 8); the reference runs no odd map
+    there, so those sizes are this codebase's. `global_pool` is timm's: 'avg' or ''.
     `expand_stages` is accepted for the reference's configs and unused, as in the reference.
 
-    timm conventions (timm's tests/test_models.py passes for the six registered models, downloads
-    excluded: `python -m pytest <timm>/tests/test_models.py -k "focal_ and not pretrained" -p models`
-    from the repository root): forward_features gives (B, H, W, C) maps (`output_fmt` 'NHWC'),
+    timm's conventions: forward_features gives (B, H, W, C) maps (`output_fmt` 'NHWC'),
     forward_intermediates/features_only the stage maps, torch.fx, TorchScript and torch.export work.
 
-    torch.export with dynamic height and width: the example input and the dimensions' minimum must
-    give every stage at least two windows per axis (export fixes a dimension it sees as 1), and the
-    example batch at least 2; e.g. the released models: example 448x448, Dim(min=225).
+    torch.export with a dynamic batch, height and width works from an example of any size, the built
+    one included, and covers every size from the minimum up (the blocks' window counts are not fixed
+    to the example's): e.g. `torch.export.export(model, (torch.randn(2, 3, 224, 224),),
+    dynamic_shapes={'x': {0: Dim('batch', min=1, max=64), 2: Dim('height', min=64, max=2048),
+    3: Dim('width', min=64, max=2048)}})`. The example batch must be at least 2, as torch.export
+    fixes a dimension it sees as 1.
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, patch_size: int = 4, in_chans: int = 3,
@@ -922,11 +506,12 @@ class FocalTransformer(nn.Module):
                 raise ValueError(f'expand_sizes[{i}] = {expand_sizes[i]} must lie in [0, window_size]')
         img_size = to_2tuple(img_size)
         self.patch_size = patch_size
+        self.use_conv_embed = use_conv_embed
         self.min_img_size = patch_size * 2 ** (num_stages - 1)
         if min(img_size) < self.min_img_size:
             raise ValueError(f'img_size {img_size} is too small for {num_stages} stages with patch_size {patch_size}: '
                              f'at least {self.min_img_size} pixels a side')
-        resolutions = _stage_resolutions(img_size, patch_size, num_stages)
+        resolutions = _stage_resolutions(img_size, patch_size, num_stages, use_conv_embed)
 
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = embed_dim * 2 ** (num_stages - 1)
@@ -1029,7 +614,7 @@ class FocalTransformer(nn.Module):
         img_size = to_2tuple(img_size)
         if min(img_size) < self.min_img_size:
             raise ValueError(f'img_size {img_size} is too small: at least {self.min_img_size} pixels a side')
-        resolutions = _stage_resolutions(img_size, self.patch_size, len(self.layers))
+        resolutions = _stage_resolutions(img_size, self.patch_size, len(self.layers), self.use_conv_embed)
         if self.absolute_pos_embed is not None:
             resampled = resample_abs_pos_embed(self.absolute_pos_embed, new_size=list(resolutions[0]),
                                                old_size=list(self.patches_resolution), num_prefix_tokens=0)
@@ -1040,9 +625,9 @@ class FocalTransformer(nn.Module):
             stage.set_input_resolution(resolution)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, ceil(H / patch), ceil(W / patch), embed_dim)."""
+        """(B, C, H, W) -> (B, H0, W0, embed_dim), the stem's output size (see the class docstring)."""
         x = check_image_size(x, self.img_size, self.min_img_size, self.strict_img_size)
-        x = self.patch_embed(pad_to_multiple(x, self.patch_size, False))
+        x = self.patch_embed(x)
         if self.absolute_pos_embed is not None:
             x = add_position_embedding(x, self.absolute_pos_embed, self.patches_resolution)
         return self.pos_drop(x)

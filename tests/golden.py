@@ -13,7 +13,7 @@ REFERENCE = Path(__file__).resolve().parent / 'reference'
 LAYOUTS = REFERENCE / 'checkpoint_layouts.json'
 # Named here rather than globbed, so that a missing file fails instead of shrinking the tests.
 CASES = ('micro_conv_embed_224', 'micro_fc_224', 'micro_level3_conv_pool_224',
-         'micro_mean_layerscale_prenorm_ape_224', 'micro_nofocal_192', 'micro_pad_256',
+         'micro_mean_layerscale_prenorm_ape_224', 'micro_nofocal_192', 'micro_odd_232', 'micro_pad_256',
          'micro_shift_even_224', 'micro_small_160')
 CASES_WITH_PROBES = ('micro_fc_224', 'micro_shift_even_224')
 

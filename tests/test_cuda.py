@@ -17,7 +17,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import models  # noqa: F401  (registers the focal models with timm)
 from helpers import REPO, TINY_KWARGS, subprocess_env
-from models.focal_transformer import FocalTransformer, gathered_attention
+from models.focal_transformer import FocalTransformer
+from models.window_attention import window_attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
@@ -81,7 +82,7 @@ def test_attention_kernel_matches_the_math_kernel_at_focal_t_stage_0_shapes():
     def run(backend):
         qkv, bias = (t.clone().requires_grad_() for t in inputs)
         with sdpa_kernel(backend):
-            out = gathered_attention(qkv, query_index, key_index, bias, head_dim ** -0.5)
+            out = window_attention(qkv, query_index, key_index, bias, head_dim ** -0.5)
         (out * weight).sum().backward()
         return [out.detach(), qkv.grad, bias.grad]
 

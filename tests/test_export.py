@@ -1,6 +1,7 @@
 """Export with a dynamic batch, height and width: `torch.onnx.export(..., dynamo=True)` (through
 `torch.export`) from a model in eval mode whose parameters still require grad, as after training.
-The ONNX file runs in onnxruntime at sizes other than the example's and matches eager PyTorch."""
+The ONNX file runs in onnxruntime at sizes other than the example's and matches eager PyTorch; so does
+`torch.export` of each registered architecture from a 224 px example."""
 import onnx
 import onnxruntime
 import pytest
@@ -52,3 +53,30 @@ def test_onnxruntime_matches_eager(exported, shape):
     # the torch.export program the ONNX file was made from takes the same sizes
     with torch.no_grad():
         torch.testing.assert_close(program.exported_program.module()(images), expected, rtol=0, atol=1e-4)
+
+
+# The six registered architectures with their own window, focal levels and windows, expand sizes and
+# embedding, at a small width and one block per stage.
+SMALL_WIDTH = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
+REGISTERED = timm.list_models('focal_*')
+# (batch, height, width): the example's size, the smallest the dimensions allow (every stage one
+# window), non-square and odd (one window at the last stage's height, two at its width), and large.
+EXPORT_CHECKS = [(2, 224, 224), (1, 64, 64), (3, 233, 301), (1, 1024, 1024)]
+
+
+@pytest.mark.parametrize('name', REGISTERED)
+def test_torch_export_from_the_models_own_size_covers_64_to_2048(name):
+    """torch.export from a 224 px example, where the last stage is one window and the third four:
+    the exported program must take any batch, height and width in the dimensions' ranges and
+    match eager PyTorch."""
+    assert len(REGISTERED) == 6
+    torch.manual_seed(0)
+    model = timm.create_model(name, **SMALL_WIDTH).eval()
+    dynamic = {'x': {0: Dim('batch', min=1, max=64), 2: Dim('height', min=64, max=2048),
+                     3: Dim('width', min=64, max=2048)}}
+    program = torch.export.export(model, (torch.randn(EXAMPLE_SHAPE),), dynamic_shapes=dynamic).module()
+    for batch, height, width in EXPORT_CHECKS:
+        images = torch.randn(batch, 3, height, width)
+        with torch.no_grad():
+            expected = model(images)
+            torch.testing.assert_close(program(images), expected, rtol=0, atol=1e-4)

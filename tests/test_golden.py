@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from golden import CASES, CASES_WITH_PROBES, REFERENCE, GoldenCase, relative_error
-from models.focal_transformer import gathered_attention
+from models.window_attention import window_attention
 
 # (dtype, bound on the outputs' relative error, bound on the gradient probes' relative error).
 # Measured: float32 2e-7 and 3e-5; float64 4e-16 and 3e-14.
@@ -74,7 +74,7 @@ def test_attention_dropout_path_matches_fused_path_when_dropout_is_zero():
         assert relative_error(p.grad, q.grad) < 1e-10, name
 
 
-def test_gathered_attention_passes_gradcheck_in_float64(cpu_attention):
+def test_window_attention_passes_gradcheck_in_float64(cpu_attention):
     """The hand-written backward of the CPU training attention against finite differences, with
     several images, key slots that read the same row, and gradients for the q/k/v rows and the
     bias. The tolerance is tight enough that rounding the probabilities through float32 fails it."""
@@ -88,8 +88,8 @@ def test_gathered_attention_passes_gradcheck_in_float64(cpu_attention):
     bias = torch.randn(windows, heads, queries, keys, dtype=torch.float64, requires_grad=True)
 
     def attention(qkv, bias):
-        out = gathered_attention(qkv, query_index, key_index, bias, 0.3, training=True)
-        assert type(out.grad_fn).__name__ == '_GatheredBiasedAttentionBackward'
+        out = window_attention(qkv, query_index, key_index, bias, 0.3, training=True)
+        assert type(out.grad_fn).__name__ == '_CpuTrainingAttentionBackward'
         return out
 
     assert torch.autograd.gradcheck(attention, (qkv, bias), atol=1e-8, rtol=1e-7)

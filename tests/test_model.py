@@ -15,10 +15,11 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from config import get_config
 from golden import LAYOUTS
-from models import build_model, focal_transformer  # importing models registers the focal models with timm
-from models.focal_transformer import (FocalTransformer, attention_table_cache_info, attention_tables,
-                                      checkpoint_filter_fn, clear_attention_table_cache, gathered_attention,
-                                      neighbour_key_positions, shift_region_mask)
+from models import build_model  # importing models registers the focal models with timm
+from models.attention_tables import (attention_table_cache_info, attention_tables, clear_attention_table_cache,
+                                     neighbour_key_positions, shift_region_mask)
+from models.focal_transformer import FocalTransformer, checkpoint_filter_fn
+from models.window_attention import cpu_attention_kernel, cpu_bf16_instructions, set_cpu_attention, window_attention
 
 PAPER_GFLOPS = {
     'focal_tiny_patch4_window7_224': 4.9, 'focal_tiny_useconv_patch4_window7_224': 5.2,
@@ -240,7 +241,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 @pytest.mark.parametrize('training', [True, False], ids=['fused-training-function', 'sdpa'])
 def test_attention_has_the_values_and_gradients_of_plain_attention(training, cpu_attention):
-    """Both differentiable paths of gathered_attention against autograd through explicit softmax,
+    """Both differentiable paths of window_attention against autograd through explicit softmax,
     in float64: the CPU training function (hand-written backward, on each CPU attention path) and the
     SDPA path that compiled, exported and GPU code take (heads outermost); and the per-image
     evaluation path's values.
@@ -265,14 +266,14 @@ def test_attention_has_the_values_and_gradients_of_plain_attention(training, cpu
 
     weight = torch.randn(B, nW * N, C, dtype=torch.float64)
     expected_out = plain(qkv, bias)
-    out = gathered_attention(qkv, query_index, key_index, bias, 0.3, training=training)
+    out = window_attention(qkv, query_index, key_index, bias, 0.3, training=training)
     assert torch.allclose(out, expected_out, rtol=1e-6, atol=1e-6)
     grads = torch.autograd.grad((out * weight).sum(), (qkv, bias))
     reference = torch.autograd.grad((expected_out * weight).sum(), (qkv, bias))
     for got, expected in zip(grads, reference):
         assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
     with torch.no_grad():
-        evaluated = gathered_attention(qkv, query_index, key_index, bias, 0.3)
+        evaluated = window_attention(qkv, query_index, key_index, bias, 0.3)
     assert torch.allclose(evaluated, expected_out, rtol=1e-6, atol=1e-6)
 
 
@@ -301,7 +302,7 @@ def test_masked_key_slots_contribute_nothing_whatever_row_they_read(path, cpu_at
         bias = torch.randn(nW, nH, N, S, generator=torch.Generator().manual_seed(1))
         bias.requires_grad_(path != 'evaluation')
         with torch.set_grad_enabled(path != 'evaluation'):
-            out = gathered_attention(rows, query_index, key_index, bias + mask, 0.3,
+            out = window_attention(rows, query_index, key_index, bias + mask, 0.3,
                                      training=path == 'fused-training-function')
         outputs.append(out.detach())
         if path != 'evaluation':
@@ -339,16 +340,38 @@ def test_bf16_autocast_on_cpu_agrees_with_float32(cpu_attention):
     assert (grads - expected).norm() < 0.05 * expected.norm()
 
 
+@pytest.mark.parametrize('kernel, expected_op', [('fused', 'aten::_scaled_dot_product_flash_attention_for_cpu'),
+                                                 ('materialised', 'aten::baddbmm')])
+def test_set_cpu_attention_chooses_the_kernel_that_runs(kernel, expected_op):
+    """The switch decides what CPU evaluation and training run (seen in the profiler); a bad kernel
+    name is a ValueError naming it."""
+    qkv, bias = torch.randn(1, 8, 12), torch.randn(2, 2, 4, 3, requires_grad=True)
+    query_index, key_index = torch.arange(8), torch.tensor([[0, 1, 7], [4, 5, 0]])
+    other = {'aten::_scaled_dot_product_flash_attention_for_cpu', 'aten::baddbmm'} - {expected_op}
+    set_cpu_attention(kernel)
+    try:
+        for training in (False, True):
+            with torch.profiler.profile() as profile, torch.set_grad_enabled(training):
+                window_attention(qkv, query_index, key_index, bias, 0.5, training=training)
+            ops = {event.name for event in profile.events()}
+            assert expected_op in ops and not ops & other, ops
+    finally:
+        set_cpu_attention()
+    with pytest.raises(ValueError, match="'flash'"):
+        set_cpu_attention('flash')
+
+
 @pytest.mark.skipif(not os.path.exists('/proc/cpuinfo'), reason='reads the CPU flags from /proc/cpuinfo')
 def test_bf16_takes_the_materialised_path_only_on_cpus_with_bf16_instructions():
     """Without bf16 dot-product instructions bf16 products are emulated and the fused kernel is faster;
     the model's choice must agree with the CPU flags the kernel (Linux) reports."""
     with open('/proc/cpuinfo') as f:
         flags = next((line.split(':', 1)[1].split() for line in f if line.startswith('flags')), [])
+    assert set(cpu_bf16_instructions()) == {'avx512_bf16', 'amx_bf16'} & set(flags)
     has_bf16 = 'avx512_bf16' in flags or 'amx_bf16' in flags
-    assert (torch.bfloat16 in focal_transformer.MATERIALISED_DTYPES) == has_bf16
-    assert {torch.float32, torch.float64} <= set(focal_transformer.MATERIALISED_DTYPES)
-    assert torch.float16 not in focal_transformer.MATERIALISED_DTYPES
+    assert (cpu_attention_kernel(torch.bfloat16) == 'materialised') == has_bf16
+    assert cpu_attention_kernel(torch.float32) == cpu_attention_kernel(torch.float64) == 'materialised'
+    assert cpu_attention_kernel(torch.float16) == 'fused'
 
 
 def test_torch_compile_matches_eager():
@@ -390,23 +413,62 @@ def test_create_model_keyword_arguments_override_the_architecture():
 OTHER_SIZES = [(37, 50), (64, 29), (9, 6)]
 
 
+def stage_sizes(size, stem, downsampling, num_stages):
+    """Stage map sizes from a convolution's arithmetic, out = (in + 2 * padding - kernel) // stride + 1,
+    stem then each downsampling given as (kernel, stride, padding)."""
+    sizes = []
+    for i in range(num_stages):
+        kernel, stride, padding = stem if i == 0 else downsampling
+        size = tuple((side + 2 * padding - kernel) // stride + 1 for side in size)
+        sizes.append(size)
+    return sizes
+
+
 @pytest.mark.parametrize('size', OTHER_SIZES)
-def test_other_input_sizes_give_ceil_division_stage_maps(size):
+def test_other_input_sizes_give_the_downsampling_arithmetic_stage_maps(size):
     model = micro(use_shift=True).eval()
     images = torch.randn(2, 3, *size)
-    expected = [(-(-size[0] // r), -(-size[1] // r)) for r in (2, 4)]
     with torch.no_grad():
         maps = model.forward_intermediates(images, intermediates_only=True)
         logits = model(images)
-    assert [tuple(m.shape[-2:]) for m in maps] == expected
+    # patch 2: the stem and each downsampling drop an odd last row or column
+    assert [tuple(m.shape[-2:]) for m in maps] == [(size[0] // 2, size[1] // 2), (size[0] // 4, size[1] // 4)]
     assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize('use_conv_embed', [False, True], ids=['patch-embed', 'conv-embed'])
+@pytest.mark.parametrize('size', [(233, 201), (232, 232), (71, 38)])
+def test_stage_maps_follow_the_embedding_convolutions_built_or_not(size, use_conv_embed):
+    """At odd sizes, square or not, built for that size or run at it: the stem Conv(4, 4) then Conv(2, 2)
+    round down (232: 58, 29, 14, 7); the overlapped Conv(7, 4, padding 2) then Conv(3, 2, padding 1)
+    follow their own arithmetic, halving odd maps rounding up (233: 58, 29, 15, 8). The blocks are built
+    for those sizes (a last-stage map no larger than the window is one window without neighbours)."""
+    expected = stage_sizes(size, (7, 4, 2) if use_conv_embed else (4, 4, 0),
+                           (3, 2, 1) if use_conv_embed else (2, 2, 0), 4)
+    torch.manual_seed(0)
+    built = timm.create_model('focal_tiny_patch4_window7_224', embed_dim=8, depths=(1, 1, 1, 1),
+                              num_heads=(1, 1, 1, 1), use_conv_embed=use_conv_embed, img_size=size).eval()
+    assert [stage.input_resolution for stage in built.layers] == expected
+    assert built.patches_resolution == expected[0]
+    for stage, (height, width) in zip(built.layers, expected):
+        block = stage.blocks[0]
+        assert block.input_resolution == (height, width)
+        assert block.window_size == min(7, height, width)
+        assert (block.expand_size > 0) == (min(height, width) > 7)
+    other = tiny_registered(use_conv_embed=use_conv_embed).eval()
+    for model in (built, other):
+        with torch.no_grad():
+            maps = model.forward_intermediates(torch.randn(1, 3, *size), intermediates_only=True)
+        assert [tuple(m.shape[-2:]) for m in maps] == expected
+    other.set_input_size(size)
+    assert [stage.input_resolution for stage in other.layers] == expected
 
 
 def test_features_only_takes_other_sizes():
     model = tiny_registered(features_only=True).eval()
     with torch.no_grad():
         maps = model(torch.randn(1, 3, 100, 150))
-    assert [tuple(m.shape) for m in maps] == [(1, 8, 25, 38), (1, 16, 13, 19), (1, 32, 7, 10), (1, 64, 4, 5)]
+    assert [tuple(m.shape) for m in maps] == [(1, 8, 25, 37), (1, 16, 12, 18), (1, 32, 6, 9), (1, 64, 3, 4)]
 
 
 def test_output_at_the_built_size_is_the_same_whatever_sizes_ran_before():
@@ -465,7 +527,7 @@ def test_torch_fx_feature_extractor_at_another_size():
         out = extractor(images)
         assert torch.equal(out['features'], model.forward_features(images))
         assert torch.equal(out['logits'], model(images))
-    assert out['block'].shape == (2, 19, 25, 16)
+    assert out['block'].shape == (2, 18, 25, 16)
 
 
 def test_torchscript_matches_eager_at_another_size():
