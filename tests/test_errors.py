@@ -61,13 +61,13 @@ CASES = {
     'missing --resume file': (lambda ws: ['--resume', str(ws['root'] / 'absent.pth')],
                               'checkpoint not found: {root}/absent.pth'),
     '--resume not a checkpoint': (lambda ws: ['--resume', write(ws['root'] / 'notes.pth', 'hello')],
-                                  '{root}/notes.pth is not a readable PyTorch checkpoint'),
+                                  '{root}/notes.pth is not a checkpoint'),
     '--resume truncated': (lambda ws: ['--resume', truncated_checkpoint(ws['root'] / 'half.pth')],
                            '{root}/half.pth is not a readable PyTorch checkpoint'),
     '--resume another architecture': (
         lambda ws: ['--resume', tiny_checkpoint(ws['root'] / 'wide.pth', embed_dim=16)],
         '{root}/wide.pth does not fit this model (another architecture?): wrong shape '
-        '(checkpoint vs model): head.weight (3, 32) vs (3, 16)'),
+        '(checkpoint vs model): patch_embed.proj.weight (16, 3, 4, 4) vs (8, 3, 4, 4)'),
     'output folder not writable': (lambda ws: ['--output', os.path.join(
         write(ws['root'] / 'a_file', 'x'), 'out')], 'output folder {root}/a_file/out/tiny_focal/default '
                                                     'cannot be written'),
