@@ -7,6 +7,11 @@ environment with PaddleViT's source (github.com/BR-IDL/PaddleViT):
     git clone https://github.com/BR-IDL/PaddleViT /tmp/PaddleViT
     /tmp/paddle/bin/python tests/reference/paddlevit/generate.py /tmp/PaddleViT --commit 5ac7d89
 
+and once more in a second environment with paddlepaddle 2.6.2 and numpy 1.26.4, with `--legacy`:
+that writes only LEGACY_CASE, as `fc_levels2_paddle2`, a file whose pickle names numpy's
+`numpy.core.multiarray`, as the files PaddleViT released in 2021 (paddle 2.1, numpy 1) do; numpy 2
+writes `numpy._core.multiarray`.
+
 For every case of CASES it builds PaddleViT's `FocalTransformer(**kwargs)`, gives each parameter a
 seeded draw d = numpy.random.default_rng([SEED, zlib.crc32(name)]).standard_normal(shape, float32) in
 Paddle's own shapes (biases 0.05 d, norm weights 1 + 0.2 d, the rest 0.5 d: small biases keep the
@@ -65,6 +70,8 @@ CASES = {
     'nofocal': dict(focal_pool='none', focal_levels=[1, 1]),
 }
 TRAINING_CASE = 'nofocal'
+# written again by an older Paddle with numpy 1 (--legacy)
+LEGACY_CASE = 'fc_levels2'
 
 # PaddleViT's configs/*.yaml over its config.py defaults (and the reference's constructor arguments).
 RELEASED = dict(window_size=7, focal_pool='fc', focal_stages=[0, 1, 2, 3], focal_levels=[2, 2, 2, 2],
@@ -173,11 +180,20 @@ def layout(FocalTransformer, kwargs):
                 state_dict=state_dict)
 
 
+def write_case(FocalTransformer, name, kwargs, provenance):
+    model = build(FocalTransformer, kwargs)
+    paddle.save(model.state_dict(), str(HERE / f'{name}.pdparams'))
+    record(HERE / f'{name}.json', kwargs, logits(model, seeded_input(kwargs['img_size'])), provenance)
+    print(name, 'written')
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('paddlevit', type=Path, help='PaddleViT checkout (or its image_classification/Focal_Transformer)')
     parser.add_argument('--commit', default='unknown', help="PaddleViT's commit, recorded with the outputs")
     parser.add_argument('--skip-layouts', action='store_true', help='leave paddlevit_layouts.json as it is')
+    parser.add_argument('--legacy', action='store_true',
+                        help=f'write only {LEGACY_CASE}, as {LEGACY_CASE}_paddle<major version> (see the docstring)')
     args = parser.parse_args()
     source = args.paddlevit / 'image_classification' / 'Focal_Transformer'
     sys.path.insert(0, str(source if source.is_dir() else args.paddlevit))
@@ -187,12 +203,12 @@ def main():
     paddle.set_device('cpu')
     paddle.seed(0)
     provenance = dict(paddlevit_commit=args.commit, paddle=paddle.__version__, numpy=np.__version__)
+    if args.legacy:
+        name = f"{LEGACY_CASE}_paddle{paddle.__version__.split('.')[0]}"
+        write_case(FocalTransformer, name, dict(BASE, **CASES[LEGACY_CASE]), provenance)
+        return
     for name, overrides in CASES.items():
-        kwargs = dict(BASE, **overrides)
-        model = build(FocalTransformer, kwargs)
-        paddle.save(model.state_dict(), str(HERE / f'{name}.pdparams'))
-        record(HERE / f'{name}.json', kwargs, logits(model, seeded_input(kwargs['img_size'])), provenance)
-        print(name, 'written')
+        write_case(FocalTransformer, name, dict(BASE, **overrides), provenance)
 
     kwargs = dict(BASE, **CASES[TRAINING_CASE])
     trained, averaged = training_checkpoint(FocalTransformer, ModelEma, kwargs,
