@@ -14,7 +14,8 @@ import torch
 
 from config import get_config
 from data.build import build_loader
-from helpers import REPO, assert_ok, run_main
+from golden import relative_error
+from helpers import assert_ok, run_main
 from models.build import build_model
 from models.checkpoint import from_paddle, read_checkpoint
 from models.focal_transformer import FocalTransformer, checkpoint_filter_fn
@@ -56,10 +57,6 @@ def logits(model, case):
         return model(seeded_input(case)).double()
 
 
-def relative_error(actual, expected):
-    return ((actual - expected).norm() / expected.norm()).item()
-
-
 def test_every_case_is_in_the_repository():
     files = sorted(path.name for path in PADDLEVIT.iterdir() if path.suffix in ('.json', '.pdparams'))
     names = CASES + (TRAINING_CASE,)
@@ -69,7 +66,8 @@ def test_every_case_is_in_the_repository():
 def test_files_name_numpy_as_old_and_new_numpy_do():
     """PaddleViT's releases (2021: paddle 2.1, numpy 1) pickle numpy.core.multiarray's reconstructor,
     files of numpy 2 numpy._core's: one case is written by each (paddle 2.6.2 with numpy 1.26.4)."""
-    old, new = (PADDLEVIT / 'fc_levels2_paddle2.pdparams').read_bytes(), (PADDLEVIT / 'fc_levels2.pdparams').read_bytes()
+    old = (PADDLEVIT / 'fc_levels2_paddle2.pdparams').read_bytes()
+    new = (PADDLEVIT / 'fc_levels2.pdparams').read_bytes()
     assert b'numpy.core.multiarray' in old and b'numpy._core' not in old
     assert b'numpy._core.multiarray' in new and b'numpy.core' not in new
 

@@ -110,7 +110,8 @@ def layer_scale_parameters():
 
 def seeded_weights(model):
     for name, parameter in model.named_parameters():
-        draw = np.random.default_rng([SEED, zlib.crc32(name.encode())]).standard_normal(parameter.shape, dtype=np.float32)
+        rng = np.random.default_rng([SEED, zlib.crc32(name.encode())])
+        draw = rng.standard_normal(parameter.shape, dtype=np.float32)
         if name.endswith('.bias'):
             value = draw * np.float32(0.05)
         elif name.endswith('.weight') and draw.ndim == 1:  # LayerNorm / GroupNorm
@@ -189,7 +190,8 @@ def write_case(FocalTransformer, name, kwargs, provenance):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('paddlevit', type=Path, help='PaddleViT checkout (or its image_classification/Focal_Transformer)')
+    parser.add_argument('paddlevit', type=Path,
+                        help='PaddleViT checkout (or its image_classification/Focal_Transformer)')
     parser.add_argument('--commit', default='unknown', help="PaddleViT's commit, recorded with the outputs")
     parser.add_argument('--skip-layouts', action='store_true', help='leave paddlevit_layouts.json as it is')
     parser.add_argument('--legacy', action='store_true',
