@@ -9,6 +9,7 @@ import os
 import pickle
 import subprocess
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -198,3 +199,13 @@ def test_an_original_training_checkpoint_evaluates_and_fine_tunes(workspace, sub
     checkpoint = torch.load(f'{run_dir(output)}/ckpt_epoch_0.pth', weights_only=True)
     assert checkpoint['epoch'] == 0 and checkpoint['model']['head.weight'].shape == (3, 16)
     assert not workspace['marker'].exists()
+
+
+def test_a_pdparams_with_an_object_array_is_refused(tmp_path):
+    """An object array's elements are whatever the pickle builds: refused as a whole."""
+    path = tmp_path / 'objects.pdparams'
+    weights = {key: value.numpy() for key, value in FocalTransformer(**TINY_KWARGS).state_dict().items()}
+    path.write_bytes(pickle.dumps(dict(weights, note=np.array(['trained', 3], dtype=object)), protocol=4))
+    with pytest.raises(CheckpointError) as error:
+        load_backbone_checkpoint(FocalTransformer(**TINY_KWARGS), str(path))
+    assert_refused(error, path, 'a numpy array of dtype object')
