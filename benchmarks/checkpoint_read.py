@@ -14,7 +14,7 @@ import os
 import pickle
 import sys
 import tempfile
-import time
+import timeit
 
 import numpy as np
 
@@ -40,15 +40,6 @@ def paddle_state_dict(layout, seed=0):
     return arrays
 
 
-def best_time(action, rounds):
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--model', default='focal_base_patch4_window7_224')
@@ -62,9 +53,9 @@ def main(argv=None):
         with open(source, 'wb') as f:
             pickle.dump(paddle_state_dict(layout), f, protocol=4)
         size_mb = os.path.getsize(source) / 2 ** 20
-        read = best_time(lambda: read_checkpoint(source), args.rounds)
-        convert = best_time(lambda: write_safetensors(source, destination), args.rounds)
-        read_converted = best_time(lambda: read_checkpoint(destination), args.rounds)
+        read = min(timeit.repeat(lambda: read_checkpoint(source), number=1, repeat=args.rounds))
+        convert = min(timeit.repeat(lambda: write_safetensors(source, destination), number=1, repeat=args.rounds))
+        read_converted = min(timeit.repeat(lambda: read_checkpoint(destination), number=1, repeat=args.rounds))
     print(f"{args.model}: {len(layout['state_dict'])} tensors, {size_mb:.0f} MiB .pdparams; "
           f"read {read:.2f} s, convert to safetensors {convert:.2f} s, read the safetensors "
           f"{read_converted:.2f} s (best of {args.rounds})")

@@ -4,7 +4,7 @@ release host answers PublicAccessNotPermitted), and leaves nothing in the downlo
 with one file name are two checkpoints, a file:// URL is read in place, and a torch hub hash prefix
 in a file name is checked against the download."""
 import argparse
-import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import utils
-from helpers import TINY_KWARGS, run_main, write_config, write_image_folder
+from helpers import TINY_KWARGS, run_main_together, write_config, write_image_folder
 from models.checkpoint import CheckpointError, read_checkpoint, resolve
 from models.focal_transformer import FocalTransformer
 
@@ -51,32 +51,34 @@ class RefusingHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
+@contextlib.contextmanager
+def serving(handler):
+    """A ThreadingHTTPServer on loopback for `handler`, in a thread, while the block runs."""
+    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 @pytest.fixture(scope='module')
 def server():
-    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), RefusingHandler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f'http://127.0.0.1:{httpd.server_address[1]}'
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(RefusingHandler) as httpd:
+        yield f'http://127.0.0.1:{httpd.server_address[1]}'
 
 
 def test_refused_download_is_one_line_naming_url_and_answer(tmp_path, server):
     data = write_image_folder(tmp_path / 'data', n_train=1, n_val=1)
     cfg = write_config(tmp_path / 'tiny.yaml')
-
-    def evaluate(path):
-        url = server + path
-        return url, run_main(tmp_path, ['--cfg', cfg, '--data-path', data, '--eval',
-                                        '--output', str(tmp_path / 'out'), '--resume', url])
-
-    # the three runs are mostly interpreter start-up: run them side by side
-    with concurrent.futures.ThreadPoolExecutor(len(ANSWERS)) as pool:
-        outcomes = dict(zip(ANSWERS, pool.map(evaluate, ANSWERS)))
-    for path, (url, result) in outcomes.items():
+    results = run_main_together(tmp_path, {path: ['--cfg', cfg, '--data-path', data, '--eval', '--output',
+                                                  str(tmp_path / 'out'), '--resume', server + path]
+                                           for path in ANSWERS})
+    for path, result in results.items():
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, result.stderr[-2000:]
-        assert lines == [f"error: cannot download checkpoint {url}: the server answered "
+        assert lines == [f"error: cannot download checkpoint {server + path}: the server answered "
                          f"{ANSWERS[path][2]}"], result.stderr[-2000:]
     cache = tmp_path / 'torch_home' / 'hub' / 'checkpoints'  # TORCH_HOME of helpers.run_main
     assert not os.path.isdir(cache) or os.listdir(cache) == []
@@ -103,21 +105,16 @@ def two_hosts(tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch_home'))
     trained = FocalTransformer(**TINY_KWARGS).state_dict()
     zeroed = dict(trained, **{'head.weight': torch.zeros_like(trained['head.weight'])})
-    hosts, servers = [], []
-    for name, weights in (('first', trained), ('second', zeroed)):
-        folder = tmp_path / name
-        folder.mkdir()
-        torch.save({'model': weights}, folder / 'ckpt_best.pth')
-        httpd = http.server.ThreadingHTTPServer(
-            ('127.0.0.1', 0), functools.partial(FolderHandler, directory=str(folder)))
-        httpd.requests = []
-        threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        servers.append(httpd)
-        hosts.append((f'http://127.0.0.1:{httpd.server_address[1]}/ckpt_best.pth', weights, httpd))
-    yield hosts
-    for httpd in servers:
-        httpd.shutdown()
-        httpd.server_close()
+    with contextlib.ExitStack() as servers:
+        hosts = []
+        for name, weights in (('first', trained), ('second', zeroed)):
+            folder = tmp_path / name
+            folder.mkdir()
+            torch.save({'model': weights}, folder / 'ckpt_best.pth')
+            httpd = servers.enter_context(serving(functools.partial(FolderHandler, directory=str(folder))))
+            httpd.requests = []
+            hosts.append((f'http://127.0.0.1:{httpd.server_address[1]}/ckpt_best.pth', weights, httpd))
+        yield hosts
 
 
 def recorded_logger():

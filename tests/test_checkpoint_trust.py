@@ -3,11 +3,9 @@
 with one line naming the file and the refused object, and the marker never appears. The original
 repository's training checkpoints (weights, optimizer, scheduler, epoch, a pickled CfgNode) still
 evaluate and fine-tune."""
-import concurrent.futures
 import logging
 import os
 import pickle
-import subprocess
 
 import numpy as np
 import pytest
@@ -17,8 +15,8 @@ from yacs.config import CfgNode
 
 import main
 import utils
-from helpers import (TIMM_NAME, TIMM_TINY_ARCH, TINY_KWARGS, REPO, main_command, run_dir,
-                     subprocess_env, write_config, write_image_folder)
+from helpers import (TIMM_NAME, TIMM_TINY_ARCH, TINY_KWARGS, run_dir, run_main_together, write_config,
+                     write_image_folder)
 from models.backbone import load_backbone_checkpoint
 from models.checkpoint import CheckpointError
 from models.detection import focal_fpn_backbone
@@ -156,14 +154,10 @@ def main_arguments(workspace, name):
 
 @pytest.fixture(scope='module')
 def subprocess_outcomes(workspace):
-    def run(name):
-        args, output = main_arguments(workspace, name)
-        result = subprocess.run(main_command(args), cwd=REPO, env=subprocess_env(workspace['root']),
-                                capture_output=True, text=True, timeout=180)
-        return name, (result.returncode, result.stdout, result.stderr, output)
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(IN_A_SUBPROCESS)) as pool:
-        return dict(pool.map(run, IN_A_SUBPROCESS))
+    cases = {name: main_arguments(workspace, name) for name in IN_A_SUBPROCESS}
+    results = run_main_together(workspace['root'], {name: args for name, (args, _) in cases.items()})
+    return {name: (result.returncode, result.stdout, result.stderr, cases[name][1])
+            for name, result in results.items()}
 
 
 def run_main_case(workspace, subprocess_outcomes, name, capsys):

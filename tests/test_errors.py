@@ -1,17 +1,14 @@
 """Bad input (issue 6): one `error: ...` line on stderr naming the bad thing, exit status 2, no
 traceback, and no run folder or checkpoint left behind."""
-import concurrent.futures
 import glob
 import os
 import shutil
-import subprocess
 
 import pytest
 import torch
 
 import main
-from helpers import (REPO, TINY_KWARGS, main_command, run_dir, subprocess_env, write_config,
-                     write_image_folder)
+from helpers import TINY_KWARGS, run_dir, run_main_together, write_config, write_image_folder
 from models.focal_transformer import FocalTransformer
 
 
@@ -100,15 +97,11 @@ def arguments(workspace, name):
 
 @pytest.fixture(scope='module')
 def subprocess_outcomes(workspace):
-    """The subprocess cases, run together (each is mostly interpreter start-up)."""
-    def run(name):
-        args, output = arguments(workspace, name)
-        result = subprocess.run(main_command(args), cwd=REPO, env=subprocess_env(workspace['root']),
-                                capture_output=True, text=True, timeout=120)
-        return name, (result.returncode, result.stdout, result.stderr, output)
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(IN_A_SUBPROCESS)) as pool:
-        return dict(pool.map(run, IN_A_SUBPROCESS))
+    """The subprocess cases, run together."""
+    cases = {name: arguments(workspace, name) for name in IN_A_SUBPROCESS}
+    results = run_main_together(workspace['root'], {name: args for name, (args, _) in cases.items()}, timeout=120)
+    return {name: (result.returncode, result.stdout, result.stderr, cases[name][1])
+            for name, result in results.items()}
 
 
 @pytest.mark.parametrize('name', list(CASES))
