@@ -41,8 +41,10 @@ WRAPPER_PREFIXES = ('module.', '_orig_mod.')
 KEYS_SHOWN = 4
 # How much of an HTTP error's body is read for an error code.
 MAX_ERROR_BODY = 64 * 1024
-# The first bytes of torch.save's legacy (non-zip) format: its magic number, pickled.
-LEGACY_TORCH_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]
+# torch.save's legacy (non-zip) format begins with a pickle of its magic number: the opcode and
+# bytes of that integer, found within a file's first bytes whatever the pickle protocol.
+LEGACY_TORCH_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:-1]
+HEAD_BYTES = 32
 ZIP_MAGIC = b'PK\x03\x04'
 # How torch's restricted unpickler begins its error, and where it says what it refused.
 WEIGHTS_ONLY_FAILURE = 'Weights only load failed'
@@ -147,8 +149,8 @@ def read_checkpoint(location):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     with open(path, 'rb') as f:
-        head = f.read(len(LEGACY_TORCH_MAGIC))
-    if head.startswith(ZIP_MAGIC) or head == LEGACY_TORCH_MAGIC:
+        head = f.read(HEAD_BYTES)
+    if head.startswith(ZIP_MAGIC) or LEGACY_TORCH_MAGIC in head:
         contents = _read_torch(path)
     elif head[8:9] == b'{':  # safetensors: an 8-byte header length, then the JSON header
         contents = _read_safetensors(path)
