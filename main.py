@@ -57,14 +57,15 @@ from torch.utils.tensorboard import SummaryWriter
 
 from config import ConfigError, get_config
 from data import DataError, UnreadableImages, build_loader
-from logger import create_logger
+from distributed import is_distributed, reduce_sum, round_namespace
+from logger import create_logger, release_log_file
 from lr_scheduler import build_scheduler
 from models import build_model
+from models.checkpoint import CheckpointError, atomic_write, error_line
 from optimizer import build_optimizer
-from utils import (BEST_CHECKPOINT, CheckpointWriteError, InputError, TrainingState,
-                   atomic_write, auto_resume_helper, is_distributed, load_checkpoint,
-                   load_pretrained, parse_checkpoint_name, prune_checkpoints, reduce_sum,
-                   round_namespace, save_checkpoint)
+from utils import (BEST_CHECKPOINT, CheckpointWriteError, TrainingState, auto_resume_helper,
+                   load_checkpoint, load_pretrained, parse_checkpoint_name, prune_checkpoints,
+                   save_checkpoint)
 
 EXIT_TRAINING_FAILED = 1
 EXIT_BAD_INPUT = 2
@@ -73,10 +74,16 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL of sysexits.h: temporary failure, run me agai
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # torchrun's store key under which a failed attempt leaves its exit status and message
 FAILURE_KEY = 'focal_transformer/training_failed'
-BAD_INPUT_ERRORS = (ConfigError, DataError, InputError)
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 # --throughput: forward passes before timing, then timed forward passes (as the original).
 THROUGHPUT_WARMUP, THROUGHPUT_TIMED = 50, 30
+
+
+class OutputFolderError(Exception):
+    """The output folder cannot be created or written; the message is one line."""
+
+
+BAD_INPUT_ERRORS = (ConfigError, DataError, CheckpointError, OutputFolderError)
 
 
 class NonFiniteLossError(Exception):
@@ -165,7 +172,7 @@ def scale_learning_rates(config, world_size):
 
 
 def prepare_output_dir(path):
-    """Create the run folder and prove it can be written, or raise a one-line InputError."""
+    """Create the run folder and prove it can be written, or raise a one-line OutputFolderError."""
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f'.write_test.{os.getpid()}')
@@ -173,7 +180,7 @@ def prepare_output_dir(path):
             f.write('ok')
         os.remove(probe)
     except OSError as err:
-        raise InputError(f"output folder {path} cannot be written: {err.strerror or err}") from None
+        raise OutputFolderError(f"output folder {path} cannot be written: {err.strerror or err}") from None
 
 
 def seed_step(seed, epoch, step, rank):
@@ -349,7 +356,9 @@ def build_and_run(config, rank, world_size, device, stop):
 
     output_existed = os.path.isdir(config.OUTPUT)
     prepare_output_dir(config.OUTPUT)
-    logger = create_logger(output_dir=config.OUTPUT, dist_rank=rank, name=config.MODEL.NAME)
+    # the log file is written once the weights are known to fit (run)
+    logger = create_logger(output_dir=config.OUTPUT, dist_rank=rank, name=config.MODEL.NAME,
+                           hold_file=True)
     try:
         return run(config, logger, rank, world_size, device, model,
                    data_loader_train, data_loader_val, mixup_fn, stop)
@@ -365,11 +374,7 @@ def build_and_run(config, rank, world_size, device, stop):
 def run(config, logger, rank, world_size, device, model, data_loader_train, data_loader_val,
         mixup_fn, stop):
     # --- build ---
-    if rank == 0:
-        atomic_write(os.path.join(config.OUTPUT, 'config.yaml'),
-                     lambda f: f.write(config.dump().encode()))
-    logger.info(f"{world_size} process(es) on {device}; full config saved to "
-                f"{os.path.join(config.OUTPUT, 'config.yaml')}")
+    logger.info(f"{world_size} process(es) on {device}")
     logger.debug(config.dump())
 
     model.to(device)
@@ -417,6 +422,12 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
                           UnreadableImages(config.DATA.MAX_BAD_SAMPLES, device), model_ema)
     if config.MODEL.RESUME:
         load_checkpoint(config, state, logger, steps_per_epoch)
+    # The weights fit: from here on the run writes to its folder.
+    release_log_file(logger)
+    if rank == 0:
+        atomic_write(os.path.join(config.OUTPUT, 'config.yaml'),
+                     lambda f: f.write(config.dump().encode()))
+    logger.info(f"full config saved to {os.path.join(config.OUTPUT, 'config.yaml')}")
     if state.unreadable.paths:
         logger.info(f"unreadable training images met before this checkpoint: "
                     f"{len(state.unreadable)} (DATA.MAX_BAD_SAMPLES "
@@ -671,15 +682,6 @@ def throughput(data_loader, model, device, autocast, logger):
                 f"images/s")
 
 
-def first_line(err):
-    """The message of `err` on one line; a DataLoader worker's error carries the worker's whole
-    traceback, whose last line is the original message."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    return lines[-1] if lines[0].startswith('Caught ') else lines[0]
-
-
 def cli(argv=None):
     def report(line):  # every process stops for the same reason: say it once
         if not is_distributed() or dist.get_rank() == 0:
@@ -688,14 +690,14 @@ def cli(argv=None):
     try:
         _, config = parse_option(argv)
     except BAD_INPUT_ERRORS as err:
-        print(f"error: {first_line(err)}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
     with StopSignals() if training else contextlib.nullcontext() as stop:
         try:
             return main(config, stop)
         except BAD_INPUT_ERRORS as err:
-            print(f"error: {first_line(err)}", file=sys.stderr)
+            print(f"error: {error_line(err)}", file=sys.stderr)
             return EXIT_BAD_INPUT
         except NonFiniteLossError as err:
             report(f"error: {err}; stopped, the checkpoints saved before it are kept")

@@ -1,55 +1,39 @@
 # --------------------------------------------------------
-# Focal Transformer: checkpoints and small distributed helpers
+# Focal Transformer: training checkpoints
 # Licensed under The MIT License [see LICENSE for details]
 # --------------------------------------------------------
-"""Reading, writing and finding checkpoints, and the few distributed helpers main.py needs.
+"""Training checkpoints: writing them, finding the newest complete one, resuming and
+fine-tuning from any checkpoint `models.checkpoint` reads.
 
-A checkpoint file is one of
+A checkpoint file given to --resume or --pretrained is one of
   * a training checkpoint written by `save_checkpoint`: a `TrainingState.state_dict()` (model,
     optimizer, lr_scheduler, scaler, epoch, step, max_accuracy, bad_samples, and the EMA weights
     when EMA is on) and the config;
-  * a released model as distributed: a raw state dict that still carries the reference's
-    integer index buffers;
-  * a `{'model': state_dict}` dict (the original repository's and Swin's layout).
-Every way a checkpoint can be unusable raises `CheckpointError` with a one-line message naming
-the file, and for an architecture mismatch the offending keys; a checkpoint that cannot be
-written raises `CheckpointWriteError` naming the folder and the OS error.
+  * the original repository's training checkpoint (with its pickled yacs config) or a released
+    model as distributed: a raw state dict that still carries the reference's integer index buffers;
+  * a `{'model': state_dict}` dict (the original repository's and Swin's layout);
+  * a PaddleViT `.pdparams` or a `.safetensors` file, which hold weights only.
+Every way a checkpoint can be unusable raises `models.checkpoint.CheckpointError` with a one-line
+message naming the file, and for an architecture mismatch the offending keys; a checkpoint that
+cannot be written raises `CheckpointWriteError` naming the folder and the OS error.
 """
 import errno
 import os
-import pickle
 import re
-import time
 import typing
-import urllib.error
-import urllib.parse
-import uuid
-from xml.etree import ElementTree
 
 import torch
-import torch.distributed as dist
 
+from models.checkpoint import (CheckpointError, atomic_write, check_fits, error_line, model_weights,
+                               read_checkpoint, resolve)
 from models.focal_transformer import checkpoint_filter_fn
 from models.pretrained import transfer_weights
-from models.unwrap import unwrap_state_dict
-
-
-class InputError(Exception):
-    """Bad input the user can fix (a file, a folder, a value); the message is one line."""
-
-
-class CheckpointError(InputError):
-    """A checkpoint that is missing, unreadable, incomplete or made for another model."""
 
 
 # ckpt_epoch_{E}.pth is written after epoch E; ckpt_epoch_{E}_step_{S}.pth after S batches of it.
 CHECKPOINT_NAME = re.compile(r'^ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth$')
 BEST_CHECKPOINT = 'ckpt_best.pth'
 TRAINING_STATE_KEYS = ('model', 'optimizer', 'lr_scheduler', 'epoch', 'max_accuracy')
-# How many offending keys an architecture-mismatch message lists before "(+N more)".
-KEYS_SHOWN = 4
-# How much of an HTTP error's body is read for an error code.
-MAX_ERROR_BODY = 64 * 1024
 
 
 def epoch_checkpoint_name(epoch, step=None):
@@ -80,123 +64,18 @@ def parse_checkpoint_name(name):
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
-def resolve_checkpoint_path(location):
-    """A local path as given; an http(s):// or file:// URL is downloaded once into the torch hub
-    cache (`torch.hub.get_dir()/checkpoints`) and the cached path returned."""
-    scheme = urllib.parse.urlparse(location).scheme
-    if scheme not in ('http', 'https', 'file'):
-        return location
-    cache_dir = os.path.join(torch.hub.get_dir(), 'checkpoints')
-    filename = os.path.basename(urllib.parse.urlparse(location).path)
-    if not filename:
-        raise CheckpointError(f"checkpoint URL {location} does not end in a file name")
-    cached = os.path.join(cache_dir, filename)
-    if not os.path.exists(cached):
-        os.makedirs(cache_dir, exist_ok=True)
-        try:  # writes a temporary file and renames it: an interrupted download leaves no file
-            torch.hub.download_url_to_file(location, cached, progress=False)
-        except urllib.error.HTTPError as err:
-            raise CheckpointError(f"cannot download checkpoint {location}: the server answered "
-                                  f"{_http_failure(err)}") from None
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, 'reason', err)
-            raise CheckpointError(f"cannot download checkpoint {location}: {reason}") from None
-    return cached
-
-
-def _http_failure(err):
-    """'HTTP <code> <reason>', followed by the error code and message of an Azure/S3-style XML
-    body (<Error><Code>PublicAccessNotPermitted</Code><Message>...</Message></Error>)."""
-    failure = f"HTTP {err.code} {err.reason}"
-    try:
-        error = ElementTree.fromstring(err.read(MAX_ERROR_BODY))
-    except (ElementTree.ParseError, OSError, ValueError):
-        return failure
-    code = (error.findtext('Code') or '').strip()
-    message = (error.findtext('Message') or '').strip().splitlines()
-    if code:
-        failure += f": {code}" + (f" ({message[0].strip()})" if message else '')
-    return failure
-
-
-def _torch_load(path):
-    """torch.load restricted to tensors and plain containers. The one exception: the original
-    repository's training checkpoints pickle their yacs config, which the restricted loader
-    cannot rebuild; those (and only those) are loaded unrestricted, as the original did."""
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as err:
-        if 'CfgNode' not in str(err):
-            raise
-        return torch.load(path, map_location='cpu', weights_only=False)
-
-
-def _load_failure(err):
-    """The informative part of torch.load's error, on one short line."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for index, line in enumerate(lines):
-        # the restricted unpickler wraps its finding in a paragraph of advice
-        if line.endswith('WeightsUnpickler error:') and index + 1 < len(lines):
-            return lines[index + 1]
-    first = lines[0].split('. ')[0] if lines else ''
-    return f"{type(err).__name__}: {first}" if first else type(err).__name__
-
-
-def read_checkpoint(location):
-    """Load a checkpoint file (or URL) onto the CPU; any failure is a one-line CheckpointError."""
-    path = resolve_checkpoint_path(location)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = _torch_load(path)
-    except Exception as err:  # torch raises many types for a truncated or foreign file
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated, damaged "
-                              f"or another format): {_load_failure(err)}") from None
-    if not isinstance(checkpoint, dict) or not checkpoint:
-        raise CheckpointError(f"{path} is not a checkpoint: it holds a "
-                              f"{type(checkpoint).__name__}, not a dict of tensors")
-    return checkpoint
-
-
-def model_state_dict(checkpoint, path):
-    """The plain model weights of any accepted layout (see models.unwrap.unwrap_state_dict)."""
-    try:
-        return unwrap_state_dict(checkpoint)
-    except ValueError as err:
-        raise CheckpointError(f"{path} is not a model checkpoint ({err}): expected a state dict of "
-                              f"tensors or a dict with a 'model' state dict") from None
-
-
-def _listed(keys):
-    keys = sorted(keys)
-    shown = ', '.join(keys[:KEYS_SHOWN])
-    return shown + (f' (+{len(keys) - KEYS_SHOWN} more)' if len(keys) > KEYS_SHOWN else '')
-
-
-def check_fits_model(state_dict, model, path):
-    """Raise a CheckpointError naming the missing, unexpected and wrong-shape keys, if any."""
-    expected = model.state_dict()
-    missing = expected.keys() - state_dict.keys()
-    unexpected = state_dict.keys() - expected.keys()
-    wrong_shape = [f'{key} {tuple(state_dict[key].shape)} vs {tuple(expected[key].shape)}'
-                   for key in sorted(expected.keys() & state_dict.keys())
-                   if state_dict[key].shape != expected[key].shape]
-    problems = []
-    if missing:
-        problems.append(f'missing keys: {_listed(missing)}')
-    if unexpected:
-        problems.append(f'unexpected keys: {_listed(unexpected)}')
-    if wrong_shape:
-        problems.append(f'wrong shape (checkpoint vs model): {_listed(wrong_shape)}')
-    if problems:
-        raise CheckpointError(f"{path} does not fit this model (another architecture?): "
-                              + '; '.join(problems))
+def read_logged(location, logger):
+    """read_checkpoint, the local file a URL was cached as named in the log."""
+    path = resolve(location)
+    if path != location:
+        logger.info(f"{location} is read from {path}")
+    return read_checkpoint(path)
 
 
 def load_model_weights(model, checkpoint, path):
     """Load the weights of `checkpoint` into `model` strictly, whatever the accepted layout."""
-    state_dict = checkpoint_filter_fn(model_state_dict(checkpoint, path), model)
-    check_fits_model(state_dict, model, path)
+    state_dict = checkpoint_filter_fn(model_weights(checkpoint, path), model)
+    check_fits(state_dict, model.state_dict(), path)
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -285,7 +164,7 @@ def load_checkpoint(config, state, logger, steps_per_epoch=None):
     weights-only file just sets the weights (training then starts at epoch 0)."""
     path = config.MODEL.RESUME
     logger.info(f"==> Resuming from {path}")
-    checkpoint = read_checkpoint(path)
+    checkpoint = read_logged(path, logger)
     load_model_weights(state.model, checkpoint, path)
     if config.EVAL_MODE or config.THROUGHPUT_MODE:
         return
@@ -294,14 +173,14 @@ def load_checkpoint(config, state, logger, steps_per_epoch=None):
         return
     if state.model_ema is not None:
         if 'model_ema' in checkpoint:
-            check_fits_model(checkpoint['model_ema'], state.model_ema.module, path)
+            check_fits(checkpoint['model_ema'], state.model_ema.module.state_dict(), path)
         else:
             logger.info(f"{path} has no EMA weights: EMA restarts from the resumed model")
     try:
         state.load_state_dict(checkpoint, steps_per_epoch)
     except (ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: cannot restore the training state: "
-                              f"{str(err).strip().splitlines()[0]}") from None
+                              f"{error_line(err)}") from None
     logger.info(f"=> resumed {path}: continuing at epoch {state.epoch} step {state.step}, "
                 f"best Acc@1 so far {state.max_accuracy:.3f}")
 
@@ -311,12 +190,7 @@ def load_pretrained(config, model, logger):
     the focal tables to a new window, starts new tensors (e.g. another head) fresh, and reports."""
     path = config.MODEL.PRETRAINED
     logger.info(f"==> Loading pretrained weights from {path}")
-    state_dict = model_state_dict(read_checkpoint(path), path)
-    try:
-        state_dict, report = transfer_weights(state_dict, model)
-    except ValueError as err:
-        raise CheckpointError(f"{path}: {str(err).strip().splitlines()[0]}") from None
-    check_fits_model(state_dict, model, path)
+    state_dict, report = transfer_weights(model_weights(read_logged(path, logger), path), model, path)
     model.load_state_dict(state_dict, strict=True)
     logger.info(f"=> {path}: {report.summary()}")
     for line in report.details():
@@ -348,28 +222,6 @@ def auto_resume_helper(output_dir, logger=None):
 # ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
-def atomic_write(path, write):
-    """Call `write(f)` on a temporary binary file in the same folder, flush it to disk, then
-    rename it to `path`: a kill at any instant leaves either the previous file or the complete
-    new one under `path`, never a truncated one."""
-    folder, name = os.path.split(path)
-    tmp_path = os.path.join(folder, f'.{name}.{os.getpid()}.tmp')
-    try:
-        with open(tmp_path, 'wb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-    dir_fd = os.open(folder or '.', os.O_RDONLY)
-    try:  # make the rename itself durable
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class CheckpointWriteError(Exception):
     """A checkpoint could not be written (disk full, I/O error); the message is one line."""
 
@@ -426,51 +278,3 @@ def prune_checkpoints(output_dir, keep, logger):
     for name in doomed:
         os.remove(os.path.join(output_dir, name))
         logger.info(f"removed old checkpoint {name}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Distributed helpers
-# ---------------------------------------------------------------------------------------------
-def is_distributed():
-    return dist.is_available() and dist.is_initialized()
-
-
-def round_namespace(store, rank, world_size, poll_interval=0.01):
-    """A name that every process of this start of the group agrees on and no earlier start used,
-    for the keys a process group writes into `store`.
-
-    torchrun's agent store outlives the restarts of `--max-restarts`, so a restarted process could
-    read the keys (gloo/NCCL addresses, barrier counts) of a dead one. TORCHELASTIC_RESTART_COUNT
-    does not tell starts apart across nodes: an agent that restarts because a peer node failed does
-    not count a restart, the failed node's agent does. So rank 0 draws a fresh name and hands it
-    to each rank in answer to that rank's own fresh request; a stale request is answered too, and
-    harmlessly, and rank 0 waits until every rank has acknowledged this name.
-    """
-    if world_size == 1:
-        return uuid.uuid4().hex
-    deadline = time.monotonic() + store.timeout.total_seconds()
-    if rank == 0:
-        name = uuid.uuid4().hex
-        pending = set(range(1, world_size))
-        while pending:
-            for peer in sorted(pending):
-                if store.check([f'ack/{name}/{peer}']):
-                    pending.discard(peer)
-                elif store.check([f'request/{peer}']):
-                    store.set(f'answer/{store.get(f"request/{peer}").decode()}', name)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"ranks {sorted(pending)} did not join the process group")
-            time.sleep(poll_interval)
-        return name
-    request = uuid.uuid4().hex
-    store.set(f'request/{rank}', request)
-    name = store.get(f'answer/{request}').decode()  # waits up to the store's timeout
-    store.set(f'ack/{name}/{rank}', b'1')
-    return name
-
-
-def reduce_sum(tensor):
-    """Sum `tensor` over all processes in place (a no-op in a single process); returns it."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor

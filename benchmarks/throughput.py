@@ -113,7 +113,8 @@ def top_operators(fn, steps: int, device: torch.device, rows: int = 15) -> str:
 
 def measure_detector(name: str, args) -> dict:
     import timm
-    from models.focal_transformer import FocalTransformer, clear_attention_table_cache
+    from models.attention_tables import clear_attention_table_cache
+    from models.focal_transformer import FocalTransformer
 
     device = torch.device(args.device)
     torch.manual_seed(0)

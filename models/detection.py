@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 
-from .dense import find_focal, load_backbone_checkpoint, no_weight_decay_names
+from .backbone import find_focal, load_backbone_checkpoint, no_weight_decay_names
 
 __all__ = ['FocalFPN', 'focal_fpn_backbone']
 
@@ -101,8 +101,8 @@ def focal_fpn_backbone(model_name: str = 'focal_tiny_patch4_window7_224', pretra
     default: four stages and a max-pooled fifth level) or RetinaNet / FCOS (`returned_stages=(1, 2, 3)`,
     `extra_blocks=LastLevelP6P7(out_channels, out_channels)`).
 
-    `pretrained`: path of a released-format classification checkpoint, loaded strictly into the
-    stages (`models.dense.load_backbone_checkpoint`). `drop_path_rate` and `model_kwargs` (any
+    `pretrained`: path or URL of a classification checkpoint (released, training, .pdparams or
+    safetensors), loaded strictly into the stages (`models.backbone.load_backbone_checkpoint`). `drop_path_rate` and `model_kwargs` (any
     architecture argument of FocalTransformer) go to `timm.create_model`.
     """
     body = timm.create_model(model_name, num_classes=0, drop_path_rate=drop_path_rate, **model_kwargs)

@@ -14,6 +14,7 @@ A block projects its map's tokens and pooled cells together into rows of q, k, v
 of `attention_tables` say which rows each window's queries and key slots read, and
 `window_attention` attends them.
 """
+import dataclasses
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -22,11 +23,12 @@ import torch.nn.functional as F
 import torch.fx.experimental._config
 import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, resample_abs_pos_embed, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function
+from timm.models import (build_model_with_cfg, generate_default_cfgs, register_model, register_notrace_function,
+                         resolve_pretrained_cfg)
 from timm.models._features import feature_take_indices
 
 from .attention_tables import block_attention_tables, neighbour_key_positions, relative_position_index
-from .unwrap import unwrap_state_dict
+from .checkpoint import read_checkpoint, unwrap_state_dict
 from .window_attention import window_attention
 
 __all__ = ['FocalTransformer', 'checkpoint_filter_fn', 'POOL_METHODS', 'EXPAND_LAYERS']
@@ -721,11 +723,24 @@ def checkpoint_filter_fn(state_dict: dict, model: FocalTransformer) -> dict:
 
 
 def _create_focal(variant: str, pretrained: bool = False, **kwargs) -> FocalTransformer:
-    return build_model_with_cfg(
+    if pretrained:
+        # timm would read the file or URL with torch.load; models.checkpoint reads it instead (every format
+        # it accepts, nothing unpickled unrestricted, a cache entry per URL) and timm is given the weights.
+        pretrained_cfg = resolve_pretrained_cfg(variant, kwargs.pop('pretrained_cfg', None),
+                                                kwargs.pop('pretrained_cfg_overlay', None))
+        location = pretrained_cfg.file or pretrained_cfg.url
+        if pretrained_cfg.state_dict is None and location:
+            weights = unwrap_state_dict(read_checkpoint(location))
+            pretrained_cfg = dataclasses.replace(pretrained_cfg, state_dict=weights)
+        kwargs['pretrained_cfg'] = pretrained_cfg
+    model = build_model_with_cfg(
         FocalTransformer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
         **kwargs)
+    for built in (model, getattr(model, 'model', None)):  # a feature wrapper holds the network as .model
+        getattr(built, 'pretrained_cfg', {}).pop('state_dict', None)  # the weights are loaded: keep no copy
+    return model
 
 
 def _cfg(file_name: str, **kwargs) -> dict:

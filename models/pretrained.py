@@ -25,7 +25,7 @@ classes. Each model tensor is
 Checkpoint tensors the model lacks are ignored when they are a neighbour table (the block has no
 neighbour keys at the new geometry) or the classifier (the model has none); the reference's integer
 index buffers are dropped. Anything else that does not fit is a different architecture: a
-ValueError names the keys.
+CheckpointError names the keys.
 """
 import functools
 import math
@@ -35,15 +35,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .focal_transformer import checkpoint_filter_fn, neighbour_key_positions
-from .unwrap import unwrap_state_dict
+from .attention_tables import neighbour_key_positions
+from .checkpoint import CheckpointError, key_mismatch, unwrap_state_dict
+from .focal_transformer import checkpoint_filter_fn
 
 RELATIVE_TABLE = re.compile(r'\.attn\.relative_position_bias_table$')
 WINDOWS_TABLE = re.compile(r'\.attn\.relative_position_bias_table_to_windows\.\d+$')
 NEIGHBOURS_TABLE = re.compile(r'\.attn\.relative_position_bias_table_to_neighbors$')
 POOL_WEIGHT = re.compile(r'\.pool_layers\.\d+\.weight$')
 HEAD = ('head.weight', 'head.bias')
-MAX_NAMED_PROBLEMS = 8
 
 
 @dataclass
@@ -94,19 +94,20 @@ class TransferReport:
         return lines
 
 
-def transfer_weights(state_dict, model):
+def transfer_weights(state_dict, model, source='the checkpoint'):
     """Adapt `state_dict` (raw, `{'model': ...}`, released layout or ours) to `model`.
 
     Returns (state dict that `model.load_state_dict(..., strict=True)` accepts, TransferReport).
     Tensors that start fresh are clones of the model's current (freshly initialised) ones.
-    Raises ValueError naming the keys when the checkpoint is of another architecture.
+    Raises a CheckpointError naming `source` and the keys when the checkpoint is of another
+    architecture.
     """
     unwrapped = unwrap_state_dict(state_dict)
     checkpoint = checkpoint_filter_fn(unwrapped, model)  # drops the reference's index buffers
     target = model.state_dict()
     report = TransferReport()
     report.dropped_buffers = len(unwrapped) - len(checkpoint)
-    problems = []
+    missing, unexpected, wrong_shape = [], [], []
     result = {}
 
     for key, fresh in target.items():
@@ -117,7 +118,7 @@ def transfer_weights(state_dict, model):
                 why = 'no classifier' if key in HEAD else 'no neighbour keys in this block'
                 report.add(key, None, tuple(fresh.shape), 'fresh', f'the checkpoint has {why}')
             else:
-                problems.append(f'{key} missing from the checkpoint')
+                missing.append(key)
             continue
         if old.shape == fresh.shape:
             result[key] = old
@@ -126,8 +127,7 @@ def transfer_weights(state_dict, model):
         try:  # on the CPU: the model may already sit on a GPU, the checkpoint not
             result[key], action, note = _adapt(key, old.cpu(), fresh.cpu())
         except _Mismatch as mismatch:
-            problems.append(f'{key} {_shape_text(tuple(old.shape))} in the checkpoint, '
-                            f'{_shape_text(tuple(fresh.shape))} in the model{mismatch.why}')
+            wrong_shape.append(f'{key} {tuple(old.shape)} vs {tuple(fresh.shape)}{mismatch.why}')
             continue
         report.add(key, tuple(old.shape), tuple(fresh.shape), action, note)
 
@@ -140,14 +140,11 @@ def transfer_weights(state_dict, model):
         elif key in HEAD:
             report.add(key, tuple(old.shape), None, 'ignored', 'the model has no classifier')
         else:
-            problems.append(f'{key} in the checkpoint is not in the model')
+            unexpected.append(key)
 
-    if problems:
-        named = '; '.join(problems[:MAX_NAMED_PROBLEMS])
-        more = len(problems) - MAX_NAMED_PROBLEMS
-        suffix = f'; and {more} more' if more > 0 else ''
-        raise ValueError(f'checkpoint does not fit the model architecture ({len(problems)} keys): '
-                         f'{named}{suffix}')
+    report_line = key_mismatch(missing, unexpected, wrong_shape)
+    if report_line:
+        raise CheckpointError(f'{source} does not fit this model (another architecture?): {report_line}')
     return result, report
 
 

@@ -1,5 +1,6 @@
 """Shared pieces of the main.py tests: a small image folder, a tiny focal config, and running
 main.py as users do (python or torchrun) in a subprocess with a timeout."""
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -120,6 +121,14 @@ def run_main(tmp_path, args, nproc=1, torchrun_args=(), timeout=180):
     return subprocess.run(main_command(args, nproc, torchrun_args), cwd=REPO,
                           env=subprocess_env(tmp_path), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def run_main_together(tmp_path, argument_lists, timeout=180):
+    """main.py once for each {name: arguments} of `argument_lists`, side by side (each run is mostly
+    interpreter start-up); returns {name: CompletedProcess}."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(argument_lists)) as pool:
+        results = pool.map(lambda args: run_main(tmp_path, args, timeout=timeout), argument_lists.values())
+        return dict(zip(argument_lists, results))
 
 
 def start_main(tmp_path, args, nproc=1, torchrun_args=(), log_path=None, new_session=False):

@@ -1,4 +1,5 @@
-"""benchmarks/: ab.py (two checkouts' models side by side in one process) and throughput.py."""
+"""benchmarks/: ab.py (two checkouts' models side by side in one process), throughput.py, ceiling.py and
+checkpoint_read.py."""
 import re
 import shutil
 import subprocess
@@ -87,3 +88,15 @@ def test_ceiling_bound_is_the_time_without_attention_plus_the_products():
         assert rows['Focal-T'][mode] > 0 and rows['Swin-T'][mode] > 0
     assert re.search(r'^train: Focal-T / Swin-T now \d+\.\d\dx, at most \d+\.\d\dx on this CPU, '
                      r'\d+\.\d\dx over distinct keys only$', out, re.MULTILINE)
+
+
+def test_checkpoint_read_times_a_released_size_pdparams():
+    """checkpoint_read.py end to end on Focal-T's layout: a line with its tensor count, the
+    .pdparams size and the three times."""
+    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'checkpoint_read.py'),
+                             '--model', 'focal_tiny_patch4_window7_224', '--rounds', '1'],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.fullmatch(r'focal_tiny_patch4_window7_224: 256 tensors, 1\d\d MiB \.pdparams; read \d+\.\d\d s, '
+                        r'convert to safetensors \d+\.\d\d s, read the safetensors \d+\.\d\d s \(best of 1\)\n',
+                        result.stdout), result.stdout

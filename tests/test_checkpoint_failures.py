@@ -12,6 +12,7 @@ import pytest
 
 import main
 import utils
+from models.checkpoint import read_checkpoint
 from helpers import (REPO, assert_ok, main_command, run_dir, run_main, subprocess_env, write_config,
                      write_image_folder)
 
@@ -45,7 +46,7 @@ def assert_complete_checkpoints_only(run):
     assert not [name for name in names if name.endswith('.tmp')], names
     for name in names:
         if utils.parse_checkpoint_name(name) or name == utils.BEST_CHECKPOINT:
-            assert utils.is_training_checkpoint(utils.read_checkpoint(os.path.join(run, name)))
+            assert utils.is_training_checkpoint(read_checkpoint(os.path.join(run, name)))
 
 
 def test_a_failed_checkpoint_write_stops_with_one_line_and_keeps_the_earlier_ones(workspace):

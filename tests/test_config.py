@@ -220,9 +220,32 @@ def test_logger_console_on_rank_0_file_per_rank_no_duplicate_handlers(tmp_path, 
     assert console.count('visible everywhere') == 1 and 'file only' not in console
     log_text = (tmp_path / 'log_rank0.txt').read_text()
     assert 'visible everywhere' in log_text and 'file only' in log_text
-    assert not (tmp_path / 'first' / 'log_rank0.txt').read_text()
+    assert not (tmp_path / 'first' / 'log_rank0.txt').exists()  # replaced before it wrote a line
 
     worker = create_logger(str(tmp_path), dist_rank=1, name='focal_test_rank1')
     worker.info('from rank 1')
     assert 'from rank 1' not in capsys.readouterr().out
     assert 'from rank 1' in (tmp_path / 'log_rank1.txt').read_text()
+
+
+def test_a_held_log_file_is_written_only_once_released(tmp_path, capsys):
+    """main.py holds the log file's lines until the weights fit: released, they are written in
+    order before later ones; never released (the run stopped), nothing is written, not even at exit."""
+    from logger import create_logger, release_log_file
+    logger = create_logger(str(tmp_path / 'released'), dist_rank=0, name='focal_held', hold_file=True)
+    logger.info('before')
+    logger.debug('details before')
+    assert 'before' in capsys.readouterr().out  # the console is not held
+    assert os.listdir(tmp_path / 'released') == []
+    release_log_file(logger)
+    logger.info('after')
+    lines = (tmp_path / 'released' / 'log_rank0.txt').read_text().splitlines()
+    assert [line.rsplit(' ', 1)[-1] for line in lines] == ['before', 'before', 'after']
+    assert len(logger.handlers) == 2
+
+    stopped = create_logger(str(tmp_path / 'stopped'), dist_rank=0, name='focal_held_stopped',
+                            hold_file=True)
+    stopped.info('a checkpoint that does not fit')
+    for handler in stopped.handlers:  # what logging.shutdown does at exit
+        handler.flush()
+    assert os.listdir(tmp_path / 'stopped') == []

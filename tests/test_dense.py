@@ -14,7 +14,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import models  # noqa: F401  (registers the focal models with timm)
 from helpers import TIMM_NAME, TIMM_TINY_ARCH
-from models.dense import load_backbone_checkpoint, no_weight_decay_names
+from models.backbone import load_backbone_checkpoint, no_weight_decay_names
 from models.detection import focal_fpn_backbone
 from optimizer import parameter_groups
 
@@ -125,16 +125,16 @@ def test_released_checkpoint_loads_into_upernet_encoder(tmp_path):
 def test_checkpoint_of_another_architecture_names_keys(tmp_path):
     path = tmp_path / 'wider.pth'
     released_format_checkpoint(path, **{**TIMM_TINY_ARCH, 'embed_dim': 24})
-    with pytest.raises(ValueError, match=r'patch_embed\.proj\.weight \(24, 3, 4, 4\) in the checkpoint, '
-                                         r'\(16, 3, 4, 4\) in the model'):
+    with pytest.raises(ValueError, match=r'wider\.pth does not fit the Focal backbone .*wrong shape \(checkpoint '
+                                         r'vs model\): .*patch_embed\.proj\.weight \(24, 3, 4, 4\) vs \(16, 3, 4, 4\)'):
         load_backbone_checkpoint(upernet(), path)
 
     deeper = tmp_path / 'deeper.pth'
     released_format_checkpoint(deeper, **{**TIMM_TINY_ARCH, 'depths': (1, 1, 2, 1)})
-    with pytest.raises(ValueError, match=r'unexpected layers\.2\.blocks\.1\.'):
+    with pytest.raises(ValueError, match=r'unexpected keys: layers\.2\.blocks\.1\.'):
         load_backbone_checkpoint(upernet(), deeper)
 
-    with pytest.raises(ValueError, match=r'cannot read checkpoint .*absent\.pth'):
+    with pytest.raises(ValueError, match=r'checkpoint not found: .*absent\.pth'):
         load_backbone_checkpoint(upernet(), tmp_path / 'absent.pth')
 
 

@@ -1,0 +1,55 @@
+# --------------------------------------------------------
+# Focal Transformer: distributed helpers
+# Licensed under The MIT License [see LICENSE for details]
+# --------------------------------------------------------
+"""The few distributed helpers main.py needs: whether this process is one of a group, a name
+for this start of the group, and a sum over all processes."""
+import time
+import uuid
+
+import torch.distributed as dist
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def round_namespace(store, rank, world_size, poll_interval=0.01):
+    """A name that every process of this start of the group agrees on and no earlier start used,
+    for the keys a process group writes into `store`.
+
+    torchrun's agent store outlives the restarts of `--max-restarts`, so a restarted process could
+    read the keys (gloo/NCCL addresses, barrier counts) of a dead one. TORCHELASTIC_RESTART_COUNT
+    does not tell starts apart across nodes: an agent that restarts because a peer node failed does
+    not count a restart, the failed node's agent does. So rank 0 draws a fresh name and hands it
+    to each rank in answer to that rank's own fresh request; a stale request is answered too, and
+    harmlessly, and rank 0 waits until every rank has acknowledged this name.
+    """
+    if world_size == 1:
+        return uuid.uuid4().hex
+    deadline = time.monotonic() + store.timeout.total_seconds()
+    if rank == 0:
+        name = uuid.uuid4().hex
+        pending = set(range(1, world_size))
+        while pending:
+            for peer in sorted(pending):
+                if store.check([f'ack/{name}/{peer}']):
+                    pending.discard(peer)
+                elif store.check([f'request/{peer}']):
+                    store.set(f'answer/{store.get(f"request/{peer}").decode()}', name)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ranks {sorted(pending)} did not join the process group")
+            time.sleep(poll_interval)
+        return name
+    request = uuid.uuid4().hex
+    store.set(f'request/{rank}', request)
+    name = store.get(f'answer/{request}').decode()  # waits up to the store's timeout
+    store.set(f'ack/{name}/{rank}', b'1')
+    return name
+
+
+def reduce_sum(tensor):
+    """Sum `tensor` over all processes in place (a no-op in a single process); returns it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
