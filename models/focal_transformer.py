@@ -69,23 +69,6 @@ def crop_to(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
     return x[:, :H, :W]
 
 
-@torch.jit.unused
-def _exporting() -> bool:
-    return torch.compiler.is_exporting()
-
-
-@torch.jit.unused
-def _window_counts_of_any_size():
-    """While exporting: sizes reasoned about for any value, as torch.export does for the input's own.
-
-    A stage's window counts derive from the input size and are 1 at some sizes and more at others
-    (Focal-T at 224 px: one window at the last stage, four at the third). Otherwise each size test of
-    the attention's tables, pooling and reshapes (a broadcast, a contiguity check) would be settled at
-    the example's counts and fix the exported input size to the sizes that give those counts.
-    """
-    return torch.fx.experimental._config.patch(backed_size_oblivious=True)
-
-
 class FocalAttention(nn.Module):
     """Attention of one block's windows to their own tokens, neighbour tokens and pooled levels.
 
@@ -273,11 +256,7 @@ class FocalTransformerBlock(nn.Module):
         return crop_to(out, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and _exporting():
-            with _window_counts_of_any_size():
-                attn = self.attention_branch(x)
-        else:
-            attn = self.attention_branch(x)
+        attn = self.attention_branch(x)
         if self.gamma_1 is not None:
             attn = self.gamma_1 * attn
         x = x + self.drop_path(attn)
@@ -435,6 +414,25 @@ def add_position_embedding(x: torch.Tensor, pos_embed: torch.Tensor, grid: Tuple
     return x + pos_embed.view(1, H, W, pos_embed.shape[-1])
 
 
+@torch.jit.unused
+def _exporting() -> bool:
+    return torch.compiler.is_exporting()
+
+
+@torch.jit.unused
+def _window_counts_of_any_size():
+    """While exporting the stages (after the stem): sizes reasoned about for any value, as torch.export
+    does for the input's own dimensions.
+
+    A stage's map and window counts derive from the input size and are 1 at some sizes and more at
+    others (Focal-T at 224 px: one window at the last stage, four at the third; below 64 px a 1x1 last
+    map). Otherwise each size test of the tables, pooling, reshapes, norms and convolutions (a
+    broadcast, a contiguity check) would be settled at the example's sizes and fix the exported input
+    size to the sizes that give them.
+    """
+    return torch.fx.experimental._config.patch(backed_size_oblivious=True)
+
+
 class FocalTransformer(nn.Module):
     """Focal Transformer image classifier (keyword arguments as the reference implementation's).
 
@@ -455,8 +453,8 @@ class FocalTransformer(nn.Module):
     forward_intermediates/features_only the stage maps, torch.fx, TorchScript and torch.export work.
 
     torch.export with a dynamic batch, height and width works from an example of any size, the built
-    one included, and covers every size from the minimum up (the blocks' window counts are not fixed
-    to the example's): e.g. `torch.export.export(model, (torch.randn(2, 3, 224, 224),),
+    one included, and covers every size from the minimum up (the stages' map and window counts are not
+    fixed to the example's): e.g. `torch.export.export(model, (torch.randn(2, 3, 224, 224),),
     dynamic_shapes={'x': {0: Dim('batch', min=1, max=64), 2: Dim('height', min=64, max=2048),
     3: Dim('width', min=64, max=2048)}})`. The example batch must be at least 2, as torch.export
     fixes a dimension it sees as 1.
@@ -637,6 +635,12 @@ class FocalTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> normalized last-stage map (B, H_last, W_last, C_last)."""
         x = self._embed(x)
+        if not torch.jit.is_scripting() and _exporting():
+            with _window_counts_of_any_size():
+                return self._forward_stages(x)
+        return self._forward_stages(x)
+
+    def _forward_stages(self, x: torch.Tensor) -> torch.Tensor:
         for stage in self.layers:
             x = stage(x)
         return self.norm(x)
@@ -665,6 +669,15 @@ class FocalTransformer(nn.Module):
         take_indices, max_index = feature_take_indices(num_stages, indices)
         last = max_index if stop_early else num_stages - 1
         x = self._embed(x)
+        if not torch.jit.is_scripting() and _exporting():
+            with _window_counts_of_any_size():
+                return self._forward_intermediate_stages(x, take_indices, last, norm, output_fmt, intermediates_only)
+        return self._forward_intermediate_stages(x, take_indices, last, norm, output_fmt, intermediates_only)
+
+    def _forward_intermediate_stages(self, x: torch.Tensor, take_indices: List[int], last: int, norm: bool,
+                                     output_fmt: str, intermediates_only: bool
+                                     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        num_stages = len(self.layers)
         intermediates: List[torch.Tensor] = []
         for i, stage in enumerate(self.layers):
             if i <= last:

@@ -59,21 +59,22 @@ def test_onnxruntime_matches_eager(exported, shape):
 # embedding, at a small width and one block per stage.
 SMALL_WIDTH = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
 REGISTERED = timm.list_models('focal_*')
-# (batch, height, width): the example's size, the smallest the dimensions allow (every stage one
-# window), non-square and odd (one window at the last stage's height, two at its width), and large.
-EXPORT_CHECKS = [(2, 224, 224), (1, 64, 64), (3, 233, 301), (1, 1024, 1024)]
+# (batch, height, width): the example's size, the model's minimum (every stage one window, the last
+# map 1x1), non-square and odd (one window at the last stage's height, two at its width), and large.
+EXPORT_CHECKS = [(2, 224, 224), (1, 32, 32), (3, 233, 301), (1, 1024, 1024)]
 
 
 @pytest.mark.parametrize('name', REGISTERED)
-def test_torch_export_from_the_models_own_size_covers_64_to_2048(name):
+def test_torch_export_from_the_models_own_size_covers_its_minimum_to_2048(name):
     """torch.export from a 224 px example, where the last stage is one window and the third four:
     the exported program must take any batch, height and width in the dimensions' ranges and
     match eager PyTorch."""
     assert len(REGISTERED) == 6
     torch.manual_seed(0)
     model = timm.create_model(name, **SMALL_WIDTH).eval()
-    dynamic = {'x': {0: Dim('batch', min=1, max=64), 2: Dim('height', min=64, max=2048),
-                     3: Dim('width', min=64, max=2048)}}
+    assert model.min_img_size == 32
+    dynamic = {'x': {0: Dim('batch', min=1, max=64), 2: Dim('height', min=32, max=2048),
+                     3: Dim('width', min=32, max=2048)}}
     program = torch.export.export(model, (torch.randn(EXAMPLE_SHAPE),), dynamic_shapes=dynamic).module()
     for batch, height, width in EXPORT_CHECKS:
         images = torch.randn(batch, 3, height, width)
