@@ -38,7 +38,10 @@ _C.DATA.BATCH_SIZE = 128
 # (ImageFolder layout), or train.zip, train_map.txt, val.zip, val_map.txt in zip mode.
 # For 'digits': where the demo images are written ('' = ~/.cache/focal_transformer/digits).
 _C.DATA.DATA_PATH = ''
-# Dataset name: 'imagenet' (any ImageFolder or zipped folder) or 'digits' (built-in demo)
+# Dataset name: 'imagenet' (any ImageFolder or zipped folder), 'coco' (detection: train2017/,
+# val2017/, annotations/instances_{train,val}2017.json), 'ade20k' (segmentation:
+# ADEChallengeData2016's images/ and annotations/), or 'digits', the built-in demo of every task
+# (digit images, or scenes of digits written in the COCO or ADE20K layout)
 _C.DATA.DATASET = 'imagenet'
 # Input image size
 _C.DATA.IMG_SIZE = 224
@@ -59,6 +62,13 @@ _C.DATA.NUM_WORKERS = 8
 # (train/bad_samples); the run stops when more than this many different files failed. Validation
 # images are never replaced: a bad one always stops the run.
 _C.DATA.MAX_BAD_SAMPLES = 0
+# (added, detection) shorter sides of the training images, one drawn per image (the
+# multi-scale range of the recipes; [800] trains at one scale)
+_C.DATA.MIN_SIZES = [800]
+# (added, detection) shorter side of the images at evaluation
+_C.DATA.TEST_MIN_SIZE = 800
+# (added, detection) cap on the longer side, in training and at evaluation
+_C.DATA.MAX_SIZE = 1333
 
 # -----------------------------------------------------------------------------
 # Model settings
@@ -81,6 +91,20 @@ _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1
 # Label smoothing
 _C.MODEL.LABEL_SMOOTHING = 0.1
+
+# (added) detection: a torchvision detector on the Focal FPN backbone (models.detection); the
+# defaults are torchvision's, which the recipes keep
+_C.MODEL.DETECTION = CN()
+# 'mask_rcnn' (stages 0-3, max-pooled P6) or 'retinanet' (stages 1-3, P6 and P7 from P5)
+_C.MODEL.DETECTION.DETECTOR = 'mask_rcnn'
+# Channels of the feature pyramid and of the heads' convolutions
+_C.MODEL.DETECTION.FPN_CHANNELS = 256
+# Mask R-CNN: width of the box head's two fully connected layers
+_C.MODEL.DETECTION.BOX_HEAD_WIDTH = 1024
+# Mask R-CNN: convolutions of the mask head
+_C.MODEL.DETECTION.MASK_HEAD_LAYERS = 4
+# Mask R-CNN: proposals sampled per image for the box and mask losses
+_C.MODEL.DETECTION.ROI_SAMPLES = 512
 
 # Focal Transformer parameters; the first ones are shared with Swin (but no shift by default)
 _C.MODEL.FOCAL = CN()
@@ -137,16 +161,25 @@ _C.MODEL.FOCAL.USE_PRE_NORM = False
 _C.TRAIN = CN()
 # Training epochs
 _C.TRAIN.EPOCHS = 300
+# (added) batches per epoch: 0 = one pass over the training data; N > 0 = N batches drawn from
+# the data repeated, reshuffled at each pass (iteration schedules: 160k = 10 epochs x 16000)
+_C.TRAIN.STEPS_PER_EPOCH = 0
 # Epochs of linear warmup from WARMUP_LR (stepped per optimizer step)
 _C.TRAIN.WARMUP_EPOCHS = 20
+# (added) optimizer steps of linear warmup; above 0 it replaces WARMUP_EPOCHS
+_C.TRAIN.WARMUP_STEPS = 0
 # Weight decay (not applied to norms, biases and the model's no_weight_decay names)
 _C.TRAIN.WEIGHT_DECAY = 0.05
-# Peak learning rate for a total batch of 512 images; main.py scales BASE_LR, WARMUP_LR and
-# MIN_LR linearly by (batch size x processes x accumulation steps) / 512, as the original does.
+# Peak learning rate for a total batch of BASE_BATCH_SIZE images; main.py scales BASE_LR,
+# WARMUP_LR and MIN_LR linearly by (batch size x processes x accumulation steps) / BASE_BATCH_SIZE,
+# as the original does.
 _C.TRAIN.BASE_LR = 5e-4
-# Learning rate at the first warmup step (per 512 images, as BASE_LR)
+# (added) the total batch the learning rates are given for: the original's 512; the dense
+# recipes give theirs for 16
+_C.TRAIN.BASE_BATCH_SIZE = 512
+# Learning rate at the first warmup step (per BASE_BATCH_SIZE images, as BASE_LR)
 _C.TRAIN.WARMUP_LR = 5e-7
-# Final learning rate of the cosine and linear schedules (per 512 images, as BASE_LR)
+# Final learning rate of the cosine, linear and poly schedules (per BASE_BATCH_SIZE images)
 _C.TRAIN.MIN_LR = 5e-6
 # Clip the gradient norm to this value (0 = no clipping)
 _C.TRAIN.CLIP_GRAD = 5.0
@@ -167,12 +200,16 @@ _C.TRAIN.CHANNELS_LAST = False
 
 # LR scheduler, stepped every optimizer step
 _C.TRAIN.LR_SCHEDULER = CN()
-# 'cosine', 'linear' or 'step'
+# 'cosine', 'linear', 'step', 'multistep' or 'poly'
 _C.TRAIN.LR_SCHEDULER.NAME = 'cosine'
 # Epoch interval to decay LR, used by the 'step' scheduler
 _C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
-# LR decay rate, used by the 'step' scheduler
+# LR decay rate, used by the 'step' and 'multistep' schedulers
 _C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
+# (added) epochs after which 'multistep' multiplies the rate by DECAY_RATE (detection 1x: [8, 11])
+_C.TRAIN.LR_SCHEDULER.MILESTONES = [30, 60, 90]
+# (added) exponent of the 'poly' schedule, which decays from BASE_LR to MIN_LR over the whole run
+_C.TRAIN.LR_SCHEDULER.POWER = 1.0
 # (added, from later Swin) False: warmup steps count inside the schedule, as the original;
 # True: the schedule starts after the warmup.
 _C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = False
@@ -234,6 +271,8 @@ _C.TEST.CROP = True
 # -----------------------------------------------------------------------------
 # Misc
 # -----------------------------------------------------------------------------
+# (added) what the run trains: 'classification', 'detection' or 'segmentation' (tasks/)
+_C.TASK = 'classification'
 # (added) mixed precision with native torch.amp; --amp sets it
 _C.AMP_ENABLE = False
 # (added) autocast dtype: 'bf16' or 'fp16' (fp16 uses a gradient scaler)
@@ -258,13 +297,15 @@ _C.THROUGHPUT_MODE = False
 
 # Allowed values of the keys that take one of a few strings.
 _CHOICES = {
-    'DATA.DATASET': ('imagenet', 'digits'),
+    'DATA.DATASET': ('imagenet', 'digits', 'coco', 'ade20k'),
+    'TASK': ('classification', 'detection', 'segmentation'),
+    'MODEL.DETECTION.DETECTOR': ('mask_rcnn', 'retinanet'),
     'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic'),
     'DATA.CACHE_MODE': ('no', 'part', 'full'),
     'MODEL.TYPE': ('focal',),
     'MODEL.FOCAL.FOCAL_POOL': ('none', 'fc', 'mean', 'max', 'conv'),
     'MODEL.FOCAL.EXPAND_LAYER': ('all', 'even', 'odd'),
-    'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step'),
+    'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep', 'poly'),
     'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
     'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
     'AMP_DTYPE': ('bf16', 'fp16'),
@@ -392,6 +433,7 @@ def _check_values(config):
         'DATA.BATCH_SIZE': config.DATA.BATCH_SIZE,
         'DATA.IMG_SIZE': config.DATA.IMG_SIZE,
         'TRAIN.EPOCHS': config.TRAIN.EPOCHS,
+        'TRAIN.BASE_BATCH_SIZE': config.TRAIN.BASE_BATCH_SIZE,
         'SAVE_FREQ': config.SAVE_FREQ,
         'PRINT_FREQ': config.PRINT_FREQ,
     }
@@ -403,6 +445,8 @@ def _check_values(config):
         'DATA.MAX_BAD_SAMPLES': config.DATA.MAX_BAD_SAMPLES,
         'MODEL.NUM_CLASSES': config.MODEL.NUM_CLASSES,
         'TRAIN.WARMUP_EPOCHS': config.TRAIN.WARMUP_EPOCHS,
+        'TRAIN.WARMUP_STEPS': config.TRAIN.WARMUP_STEPS,
+        'TRAIN.STEPS_PER_EPOCH': config.TRAIN.STEPS_PER_EPOCH,
         'TRAIN.ACCUMULATION_STEPS': config.TRAIN.ACCUMULATION_STEPS,
         'TRAIN.KEEP_CHECKPOINTS': config.TRAIN.KEEP_CHECKPOINTS,
         'TRAIN.SAVE_EVERY_STEPS': config.TRAIN.SAVE_EVERY_STEPS,
@@ -410,6 +454,9 @@ def _check_values(config):
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must not be negative, got {value}")
+    if config.THROUGHPUT_MODE and config.TASK != 'classification':
+        raise ConfigError(f"--throughput measures classification models; for TASK {config.TASK!r} "
+                          f"use benchmarks/throughput.py")
 
 
 # argparse attribute of a flag -> the config key it sets when given

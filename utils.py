@@ -19,6 +19,7 @@ import errno
 import os
 import pickle
 import re
+import resource
 import time
 import typing
 import urllib.error
@@ -474,3 +475,10 @@ def reduce_sum(tensor):
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def memory_mb(device):
+    """Peak memory of this process so far: CUDA allocations on a GPU, resident set on the CPU."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, kB on Linux
