@@ -69,6 +69,10 @@ _C.DATA.MIN_SIZES = [800]
 _C.DATA.TEST_MIN_SIZE = 800
 # (added, detection) cap on the longer side, in training and at evaluation
 _C.DATA.MAX_SIZE = 1333
+# (added, segmentation) (long, short) scale of the training rescale, drawn times a ratio in
+# SEG_RATIO_RANGE keeping the aspect (DATA.IMG_SIZE is the crop); evaluation resizes to fit it
+_C.DATA.SEG_SCALE = [2048, 512]
+_C.DATA.SEG_RATIO_RANGE = [0.5, 2.0]
 
 # -----------------------------------------------------------------------------
 # Model settings
@@ -105,6 +109,18 @@ _C.MODEL.DETECTION.BOX_HEAD_WIDTH = 1024
 _C.MODEL.DETECTION.MASK_HEAD_LAYERS = 4
 # Mask R-CNN: proposals sampled per image for the box and mask losses
 _C.MODEL.DETECTION.ROI_SAMPLES = 512
+
+# (added) segmentation: smp's UPerNet on the Focal encoder with an auxiliary FCN head on stage 3
+# (models.segmentation); the defaults are Swin's UPerNet setting
+_C.MODEL.SEGMENTATION = CN()
+# Channels of UPerNet's pyramid and fusion convolutions
+_C.MODEL.SEGMENTATION.DECODER_CHANNELS = 512
+# Channels of the auxiliary head's convolution (0 = no auxiliary head)
+_C.MODEL.SEGMENTATION.AUX_CHANNELS = 256
+# Weight of the auxiliary head's loss
+_C.MODEL.SEGMENTATION.AUX_LOSS_WEIGHT = 0.4
+# Dropout before both heads' classifiers
+_C.MODEL.SEGMENTATION.DROPOUT = 0.1
 
 # Focal Transformer parameters; the first ones are shared with Swin (but no shift by default)
 _C.MODEL.FOCAL = CN()
@@ -260,6 +276,12 @@ _C.AUG.MIXUP_SWITCH_PROB = 0.5
 _C.AUG.MIXUP_MODE = 'batch'
 # (added) horizontal flip probability; the digits demo sets 0 (a flipped digit is another digit)
 _C.AUG.HFLIP = 0.5
+# (added, segmentation) a training crop is drawn again (up to 10 times) while one class covers
+# this share of its labelled pixels or more (1.0 = any crop)
+_C.AUG.CAT_MAX_RATIO = 0.75
+# (added, segmentation) random brightness, contrast, saturation and hue (mmseg's photometric
+# distortion)
+_C.AUG.PHOTOMETRIC = True
 
 # -----------------------------------------------------------------------------
 # Testing settings
@@ -267,6 +289,11 @@ _C.AUG.HFLIP = 0.5
 _C.TEST = CN()
 # Evaluate on a centre crop after resizing to 256/224 of the input size
 _C.TEST.CROP = True
+# (added, segmentation) also score the sum over these ratios of DATA.SEG_SCALE (each with its
+# horizontal flip when SEG_FLIP), the multi-scale column: ' * mIoU(MS)'
+_C.TEST.MULTI_SCALE = False
+_C.TEST.SEG_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+_C.TEST.SEG_FLIP = True
 
 # -----------------------------------------------------------------------------
 # Misc
