@@ -99,7 +99,7 @@ _C.MODEL.LABEL_SMOOTHING = 0.1
 # (added) detection: a torchvision detector on the Focal FPN backbone (models.detection); the
 # defaults are torchvision's, which the recipes keep
 _C.MODEL.DETECTION = CN()
-# 'mask_rcnn' (stages 0-3, max-pooled P6) or 'retinanet' (stages 1-3, P6 and P7 from P5)
+# 'mask_rcnn' (stages 0-3, max-pooled P6) or 'retinanet' (stages 1-3, P6 and P7 from stage 3)
 _C.MODEL.DETECTION.DETECTOR = 'mask_rcnn'
 # Channels of the feature pyramid and of the heads' convolutions
 _C.MODEL.DETECTION.FPN_CHANNELS = 256
@@ -109,6 +109,13 @@ _C.MODEL.DETECTION.BOX_HEAD_WIDTH = 1024
 _C.MODEL.DETECTION.MASK_HEAD_LAYERS = 4
 # Mask R-CNN: proposals sampled per image for the box and mask losses
 _C.MODEL.DETECTION.ROI_SAMPLES = 512
+# Mask R-CNN: proposals kept per image after the RPN's NMS, in training and at evaluation
+_C.MODEL.DETECTION.PROPOSALS = [2000, 1000]
+# Side of the anchors of each pyramid level (Mask R-CNN: P2-P6; RetinaNet's three octaves per
+# level start at these on P3-P7)
+_C.MODEL.DETECTION.ANCHOR_SIZES = [32, 64, 128, 256, 512]
+# Detections kept per image at evaluation (COCO's AP counts 100)
+_C.MODEL.DETECTION.DETECTIONS_PER_IMAGE = 100
 
 # (added) segmentation: smp's UPerNet on the Focal encoder with an auxiliary FCN head on stage 3
 # (models.segmentation); the defaults are Swin's UPerNet setting

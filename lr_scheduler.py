@@ -41,7 +41,9 @@ def build_scheduler(config, optimizer, n_iter_per_epoch):
         return StepLRScheduler(optimizer, decay_t=max(int(sched.DECAY_EPOCHS * n_iter_per_epoch), 1),
                                decay_rate=sched.DECAY_RATE, warmup_prefix=sched.WARMUP_PREFIX, **warmup)
     if sched.NAME == 'multistep':
-        return MultiStepLRScheduler(optimizer, decay_t=[int(epoch * n_iter_per_epoch)
+        # timm decays once t + 1 passes a milestone; t counts the updates done, so the first
+        # update after MILESTONES epochs is the first at the decayed rate, as mmdetection steps
+        return MultiStepLRScheduler(optimizer, decay_t=[int(epoch * n_iter_per_epoch) + 1
                                                         for epoch in sched.MILESTONES],
                                     decay_rate=sched.DECAY_RATE,
                                     warmup_prefix=sched.WARMUP_PREFIX, **warmup)
