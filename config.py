@@ -69,9 +69,10 @@ _C.DATA.MIN_SIZES = [800]
 _C.DATA.TEST_MIN_SIZE = 800
 # (added, detection) cap on the longer side, in training and at evaluation
 _C.DATA.MAX_SIZE = 1333
-# (added, segmentation) (long, short) scale of the training rescale, drawn times a ratio in
-# SEG_RATIO_RANGE keeping the aspect (DATA.IMG_SIZE is the crop); evaluation resizes to fit it
+# (added, segmentation) (long, short) scale of the images, kept in aspect: evaluation resizes
+# each image to fit it, training to fit it times a ratio drawn from SEG_RATIO_RANGE
 _C.DATA.SEG_SCALE = [2048, 512]
+# (added, segmentation) range of that training ratio; DATA.IMG_SIZE is the training crop
 _C.DATA.SEG_RATIO_RANGE = [0.5, 2.0]
 
 # -----------------------------------------------------------------------------
@@ -296,10 +297,12 @@ _C.AUG.PHOTOMETRIC = True
 _C.TEST = CN()
 # Evaluate on a centre crop after resizing to 256/224 of the input size
 _C.TEST.CROP = True
-# (added, segmentation) also score the sum over these ratios of DATA.SEG_SCALE (each with its
-# horizontal flip when SEG_FLIP), the multi-scale column: ' * mIoU(MS)'
+# (added, segmentation) also score the multi-scale column, ' * mIoU(MS)': the softmax summed
+# over the ratios SEG_SCALES of DATA.SEG_SCALE
 _C.TEST.MULTI_SCALE = False
+# (added, segmentation) the multi-scale ratios of DATA.SEG_SCALE
 _C.TEST.SEG_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+# (added, segmentation) the multi-scale column adds each ratio's horizontal flip
 _C.TEST.SEG_FLIP = True
 
 # -----------------------------------------------------------------------------
