@@ -272,21 +272,26 @@ SUMMARY = re.compile(r' \* mIoU (\d+\.\d\d) aAcc (\d+\.\d\d)')
 SUMMARY_MS = re.compile(r' \* mIoU\(MS\) (\d+\.\d\d) aAcc\(MS\) (\d+\.\d\d)')
 
 
-def test_two_process_evaluation_equals_one_process(tmp_path):
-    # 7 validation images: two processes split them 4 + 3. The model is the seeded initial one,
-    # the same in every launch; its predictions vary from pixel to pixel.
-    data = write_ade_folder(tmp_path / 'ade', counts=(('validation', 7),))
+def test_trains_under_main_and_two_process_evaluation_equals_one_process(tmp_path):
+    # main.py trains 3 iterations and saves; its checkpoint evaluated by one process and by two
+    # (7 validation images: 4 + 3) gives the same figures, those the training run printed.
+    data = write_ade_folder(tmp_path / 'ade', counts=(('training', 4), ('validation', 7)))
     cfg = tmp_path / 'tiny.yaml'
     cfg.write_text(TINY_SEGMENTATION)
+    common = ['--cfg', str(cfg), '--data-path', data, '--output', str(tmp_path / 'out')]
+    trained = run_main(tmp_path, common)
+    assert_ok(trained)
+    assert re.search(r'Train: \[0/1\]\[2/3\].*loss \d+\.\d+', trained.stdout), trained.stdout[-2000:]
+    checkpoint = os.path.join(str(tmp_path / 'out'), 'tiny_upernet', 'default', 'ckpt_epoch_0.pth')
     figures = {}
     for nproc in (1, 2):
-        result = run_main(tmp_path, ['--cfg', str(cfg), '--data-path', data, '--output', str(tmp_path / 'out'),
-                                     '--eval', '--tag', f'eval{nproc}'], nproc=nproc)
+        result = run_main(tmp_path, [*common, '--eval', '--resume', checkpoint, '--tag', f'eval{nproc}'],
+                          nproc=nproc)
         assert_ok(result)
         figures[nproc] = (SUMMARY.findall(result.stdout), SUMMARY_MS.findall(result.stdout))
     assert len(figures[1][0]) == len(figures[1][1]) == 1, figures
     assert figures[1] == figures[2]
-    assert 0 < float(figures[1][0][0][0]) < 100 and figures[1][0] != figures[1][1]
+    assert figures[1][0] == SUMMARY.findall(trained.stdout) and figures[1][0] != figures[1][1]
 
 
 def test_class_count_that_does_not_fit_is_one_line(tmp_path):
