@@ -299,7 +299,7 @@ def test_class_count_that_does_not_fit_is_one_line(tmp_path):
     cfg = tmp_path / 'tiny.yaml'
     cfg.write_text(TINY_SEGMENTATION.replace('NUM_CLASSES: 11', 'NUM_CLASSES: 5'))
     result = run_main(tmp_path, ['--cfg', str(cfg), '--data-path', data, '--output', str(tmp_path / 'out'),
-                                 '--eval'])
+                                 '--eval', '--opts', 'TRAIN.EPOCHS', '2'])
     assert result.returncode == 2
     line = result.stderr.strip()
     assert re.fullmatch(r"error: ADE20K label .*/annotations/validation/ADE_validation_0000000\d\.png holds "
