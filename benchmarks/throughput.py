@@ -195,7 +195,6 @@ def measure_detector(name: str, args) -> dict:
            'infer_img_s': 1 / infer_time, 'forward_ms': infer_time * 1e3}
     if isinstance(model, FocalTransformer):
         row['table_build_ms'] = (timed(new_size_step, args.steps, args.repeats, device) - infer_time) * 1e3
-    del model
     detector, train_step = mask_rcnn_training_step(name, args)
     torch.manual_seed(0)  # the same proposals sampled for both backbones
     for _ in range(args.warmup):

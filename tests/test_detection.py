@@ -3,7 +3,6 @@ Mask R-CNN on the Focal FPN, COCO AP from pycocotools gathered over every proces
 SIGKILL, one-line errors for bad COCO input, and the recipes' models at the paper's sizes."""
 import argparse
 import contextlib
-import glob
 import io
 import json
 import logging
@@ -378,3 +377,31 @@ def test_recipe_optimizer_skips_the_focal_no_weight_decay_names():
         rates.append(optimizer.param_groups[0]['lr'])
     assert rates[0] < 1e-6 and rates[1] == pytest.approx(0.5e-4, rel=0.01)
     assert rates[2:5] == pytest.approx([1e-4, 1e-4, 1e-5]) and rates[5:] == pytest.approx([1e-5, 1e-6])
+
+
+def test_pretrained_classifier_weights_load_into_the_backbone(workspace, tmp_path):
+    """--pretrained: a released-format classification checkpoint (under 'model', with its head)
+    of the backbone's architecture fills the Focal stages exactly; one of another width is
+    refused in one line naming the file."""
+    import timm
+    from models.build import focal_arguments
+    from utils import CheckpointError
+    _, data, cfg = workspace
+    config = load_config(cfg, data)
+    arguments = dict(focal_arguments(config), num_classes=7)
+    classifier = timm.create_model('focal_tiny_patch4_window7_224', **arguments)
+    path = str(tmp_path / 'classifier.pth')
+    torch.save({'model': classifier.state_dict()}, path)
+    task = Detection(config)
+    detector = task.build_model(config)
+    task.load_pretrained(load_config(cfg, data, pretrained=path), detector, logging.getLogger('test'))
+    body = detector.backbone.body.state_dict()
+    for key, value in classifier.state_dict().items():
+        if key in body:
+            assert torch.equal(body[key], value), key
+    assert sum(key in body for key in classifier.state_dict()) > 10
+
+    torch.save({'model': timm.create_model('focal_tiny_patch4_window7_224',
+                                           **dict(arguments, embed_dim=16)).state_dict()}, path)
+    with pytest.raises(CheckpointError, match=r'classifier\.pth: checkpoint does not fit the Focal backbone'):
+        task.load_pretrained(load_config(cfg, data, pretrained=path), detector, logging.getLogger('test'))
