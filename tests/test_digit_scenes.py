@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 
 from data import DataError
-from data.digit_scenes import (ADE_BACKGROUND, ADE_CLASSES, ADE_DIR, ADE_IGNORED, COCO_DIR, MASK_INK,
+from data.digit_scenes import (ADE_BACKGROUND, ADE_CLASSES, ADE_DIR, ADE_IGNORED, COCO_DIR,
                                NUM_SCENES, draw_scene, ensure_digit_scenes)
 from data.digits import COMPLETE_MARKER
 

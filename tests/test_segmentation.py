@@ -317,7 +317,8 @@ RECIPES = {'tiny': 61, 'small': 83, 'base': 124}
 
 @pytest.mark.parametrize('size', sorted(RECIPES))
 def test_recipe_builds_its_upernet_with_the_counted_parameters(size):
-    _, config = main.parse_option(['--cfg', os.path.join(REPO, 'configs', 'segmentation', f'upernet_focal_{size}_160k.yaml')])
+    recipe = os.path.join(REPO, 'configs', 'segmentation', f'upernet_focal_{size}_160k.yaml')
+    _, config = main.parse_option(['--cfg', recipe])
     config.defrost()
     config.MODEL.NUM_CLASSES = 150  # what the ADE20K data fills in
     model = build_segmenter(config)
