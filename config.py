@@ -40,7 +40,10 @@ _C.DATA.BATCH_SIZE = 128
 # (ImageFolder layout), or train.zip, train_map.txt, val.zip, val_map.txt in zip mode.
 # For 'digits': where the demo images are written ('' = ~/.cache/focal_transformer/digits).
 _C.DATA.DATA_PATH = ''
-# Dataset name: 'imagenet' (any ImageFolder or zipped folder) or 'digits' (built-in demo)
+# Dataset name: 'imagenet' (any ImageFolder or zipped folder), 'coco' (detection: train2017/,
+# val2017/, annotations/instances_{train,val}2017.json), 'ade20k' (segmentation:
+# ADEChallengeData2016's images/ and annotations/), or 'digits', the built-in demo of every task
+# (digit images, or scenes of digits written in the COCO or ADE20K layout)
 _C.DATA.DATASET = 'imagenet'
 # Input image size
 _C.DATA.IMG_SIZE = 224
@@ -61,6 +64,18 @@ _C.DATA.NUM_WORKERS = 8
 # (train/bad_samples); the run stops when more than this many different files failed. Validation
 # images are never replaced: a bad one always stops the run.
 _C.DATA.MAX_BAD_SAMPLES = 0
+# (added, detection) shorter sides of the training images, one drawn per image (the
+# multi-scale range of the recipes; [800] trains at one scale)
+_C.DATA.MIN_SIZES = [800]
+# (added, detection) shorter side of the images at evaluation
+_C.DATA.TEST_MIN_SIZE = 800
+# (added, detection) cap on the longer side, in training and at evaluation
+_C.DATA.MAX_SIZE = 1333
+# (added, segmentation) (long, short) scale of the images, kept in aspect: evaluation resizes
+# each image to fit it, training to fit it times a ratio drawn from SEG_RATIO_RANGE
+_C.DATA.SEG_SCALE = [2048, 512]
+# (added, segmentation) range of that training ratio; DATA.IMG_SIZE is the training crop
+_C.DATA.SEG_RATIO_RANGE = [0.5, 2.0]
 
 # -----------------------------------------------------------------------------
 # Model settings
@@ -83,6 +98,39 @@ _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.1
 # Label smoothing
 _C.MODEL.LABEL_SMOOTHING = 0.1
+
+# (added) detection: a torchvision detector on the Focal FPN backbone (models.detection); the
+# defaults are torchvision's, which the recipes keep
+_C.MODEL.DETECTION = CN()
+# 'mask_rcnn' (stages 0-3, max-pooled P6) or 'retinanet' (stages 1-3, P6 and P7 from stage 3)
+_C.MODEL.DETECTION.DETECTOR = 'mask_rcnn'
+# Channels of the feature pyramid and of the heads' convolutions
+_C.MODEL.DETECTION.FPN_CHANNELS = 256
+# Mask R-CNN: width of the box head's two fully connected layers
+_C.MODEL.DETECTION.BOX_HEAD_WIDTH = 1024
+# Mask R-CNN: convolutions of the mask head
+_C.MODEL.DETECTION.MASK_HEAD_LAYERS = 4
+# Mask R-CNN: proposals sampled per image for the box and mask losses
+_C.MODEL.DETECTION.ROI_SAMPLES = 512
+# Mask R-CNN: proposals kept per image after the RPN's NMS, in training and at evaluation
+_C.MODEL.DETECTION.PROPOSALS = [2000, 1000]
+# Side of the anchors of each pyramid level (Mask R-CNN: P2-P6; RetinaNet's three octaves per
+# level start at these on P3-P7)
+_C.MODEL.DETECTION.ANCHOR_SIZES = [32, 64, 128, 256, 512]
+# Detections kept per image at evaluation (COCO's AP counts 100)
+_C.MODEL.DETECTION.DETECTIONS_PER_IMAGE = 100
+
+# (added) segmentation: smp's UPerNet on the Focal encoder with an auxiliary FCN head on stage 3
+# (models.segmentation); the defaults are Swin's UPerNet setting
+_C.MODEL.SEGMENTATION = CN()
+# Channels of UPerNet's pyramid and fusion convolutions
+_C.MODEL.SEGMENTATION.DECODER_CHANNELS = 512
+# Channels of the auxiliary head's convolution (0 = no auxiliary head)
+_C.MODEL.SEGMENTATION.AUX_CHANNELS = 256
+# Weight of the auxiliary head's loss
+_C.MODEL.SEGMENTATION.AUX_LOSS_WEIGHT = 0.4
+# Dropout before both heads' classifiers
+_C.MODEL.SEGMENTATION.DROPOUT = 0.1
 
 # Focal Transformer parameters; the first ones are shared with Swin (but no shift by default)
 _C.MODEL.FOCAL = CN()
@@ -139,16 +187,25 @@ _C.MODEL.FOCAL.USE_PRE_NORM = False
 _C.TRAIN = CN()
 # Training epochs
 _C.TRAIN.EPOCHS = 300
+# (added) batches per epoch: 0 = one pass over the training data; N > 0 = N batches drawn from
+# the data repeated, reshuffled at each pass (iteration schedules: 160k = 10 epochs x 16000)
+_C.TRAIN.STEPS_PER_EPOCH = 0
 # Epochs of linear warmup from WARMUP_LR (stepped per optimizer step)
 _C.TRAIN.WARMUP_EPOCHS = 20
+# (added) optimizer steps of linear warmup; above 0 it replaces WARMUP_EPOCHS
+_C.TRAIN.WARMUP_STEPS = 0
 # Weight decay (not applied to norms, biases and the model's no_weight_decay names)
 _C.TRAIN.WEIGHT_DECAY = 0.05
-# Peak learning rate for a total batch of 512 images; main.py scales BASE_LR, WARMUP_LR and
-# MIN_LR linearly by (batch size x processes x accumulation steps) / 512, as the original does.
+# Peak learning rate for a total batch of BASE_BATCH_SIZE images; main.py scales BASE_LR,
+# WARMUP_LR and MIN_LR linearly by (batch size x processes x accumulation steps) / BASE_BATCH_SIZE,
+# as the original does.
 _C.TRAIN.BASE_LR = 5e-4
-# Learning rate at the first warmup step (per 512 images, as BASE_LR)
+# (added) the total batch the learning rates are given for: the original's 512; the dense
+# recipes give theirs for 16
+_C.TRAIN.BASE_BATCH_SIZE = 512
+# Learning rate at the first warmup step (per BASE_BATCH_SIZE images, as BASE_LR)
 _C.TRAIN.WARMUP_LR = 5e-7
-# Final learning rate of the cosine and linear schedules (per 512 images, as BASE_LR)
+# Final learning rate of the cosine, linear and poly schedules (per BASE_BATCH_SIZE images)
 _C.TRAIN.MIN_LR = 5e-6
 # Clip the gradient norm to this value (0 = no clipping)
 _C.TRAIN.CLIP_GRAD = 5.0
@@ -169,12 +226,16 @@ _C.TRAIN.CHANNELS_LAST = False
 
 # LR scheduler, stepped every optimizer step
 _C.TRAIN.LR_SCHEDULER = CN()
-# 'cosine', 'linear' or 'step'
+# 'cosine', 'linear', 'step', 'multistep' or 'poly'
 _C.TRAIN.LR_SCHEDULER.NAME = 'cosine'
 # Epoch interval to decay LR, used by the 'step' scheduler
 _C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
-# LR decay rate, used by the 'step' scheduler
+# LR decay rate, used by the 'step' and 'multistep' schedulers
 _C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
+# (added) epochs after which 'multistep' multiplies the rate by DECAY_RATE (detection 1x: [8, 11])
+_C.TRAIN.LR_SCHEDULER.MILESTONES = [30, 60, 90]
+# (added) exponent of the 'poly' schedule, which decays from BASE_LR to MIN_LR over the whole run
+_C.TRAIN.LR_SCHEDULER.POWER = 1.0
 # (added, from later Swin) False: warmup steps count inside the schedule, as the original;
 # True: the schedule starts after the warmup.
 _C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = False
@@ -225,6 +286,12 @@ _C.AUG.MIXUP_SWITCH_PROB = 0.5
 _C.AUG.MIXUP_MODE = 'batch'
 # (added) horizontal flip probability; the digits demo sets 0 (a flipped digit is another digit)
 _C.AUG.HFLIP = 0.5
+# (added, segmentation) a training crop is drawn again (up to 10 times) while one class covers
+# this share of its labelled pixels or more (1.0 = any crop)
+_C.AUG.CAT_MAX_RATIO = 0.75
+# (added, segmentation) random brightness, contrast, saturation and hue (mmseg's photometric
+# distortion)
+_C.AUG.PHOTOMETRIC = True
 
 # -----------------------------------------------------------------------------
 # Testing settings
@@ -232,10 +299,19 @@ _C.AUG.HFLIP = 0.5
 _C.TEST = CN()
 # Evaluate on a centre crop after resizing to 256/224 of the input size
 _C.TEST.CROP = True
+# (added, segmentation) also score the multi-scale column, ' * mIoU(MS)': the softmax summed
+# over the ratios SEG_SCALES of DATA.SEG_SCALE
+_C.TEST.MULTI_SCALE = False
+# (added, segmentation) the multi-scale ratios of DATA.SEG_SCALE
+_C.TEST.SEG_SCALES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+# (added, segmentation) the multi-scale column adds each ratio's horizontal flip
+_C.TEST.SEG_FLIP = True
 
 # -----------------------------------------------------------------------------
 # Misc
 # -----------------------------------------------------------------------------
+# (added) what the run trains: 'classification', 'detection' or 'segmentation' (tasks/)
+_C.TASK = 'classification'
 # (added) mixed precision with native torch.amp; --amp sets it
 _C.AMP_ENABLE = False
 # (added) autocast dtype: 'bf16' or 'fp16' (fp16 uses a gradient scaler)
@@ -260,13 +336,15 @@ _C.THROUGHPUT_MODE = False
 
 # Allowed values of the keys that take one of a few strings.
 _CHOICES = {
-    'DATA.DATASET': ('imagenet', 'digits'),
+    'DATA.DATASET': ('imagenet', 'digits', 'coco', 'ade20k'),
+    'TASK': ('classification', 'detection', 'segmentation'),
+    'MODEL.DETECTION.DETECTOR': ('mask_rcnn', 'retinanet'),
     'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic'),
     'DATA.CACHE_MODE': ('no', 'part', 'full'),
     'MODEL.TYPE': ('focal',),
     'MODEL.FOCAL.FOCAL_POOL': POOL_METHODS,
     'MODEL.FOCAL.EXPAND_LAYER': EXPAND_LAYERS,
-    'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step'),
+    'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep', 'poly'),
     'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
     'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
     'AMP_DTYPE': ('bf16', 'fp16'),
@@ -394,6 +472,7 @@ def _check_values(config):
         'DATA.BATCH_SIZE': config.DATA.BATCH_SIZE,
         'DATA.IMG_SIZE': config.DATA.IMG_SIZE,
         'TRAIN.EPOCHS': config.TRAIN.EPOCHS,
+        'TRAIN.BASE_BATCH_SIZE': config.TRAIN.BASE_BATCH_SIZE,
         'SAVE_FREQ': config.SAVE_FREQ,
         'PRINT_FREQ': config.PRINT_FREQ,
     }
@@ -405,6 +484,8 @@ def _check_values(config):
         'DATA.MAX_BAD_SAMPLES': config.DATA.MAX_BAD_SAMPLES,
         'MODEL.NUM_CLASSES': config.MODEL.NUM_CLASSES,
         'TRAIN.WARMUP_EPOCHS': config.TRAIN.WARMUP_EPOCHS,
+        'TRAIN.WARMUP_STEPS': config.TRAIN.WARMUP_STEPS,
+        'TRAIN.STEPS_PER_EPOCH': config.TRAIN.STEPS_PER_EPOCH,
         'TRAIN.ACCUMULATION_STEPS': config.TRAIN.ACCUMULATION_STEPS,
         'TRAIN.KEEP_CHECKPOINTS': config.TRAIN.KEEP_CHECKPOINTS,
         'TRAIN.SAVE_EVERY_STEPS': config.TRAIN.SAVE_EVERY_STEPS,
@@ -412,6 +493,9 @@ def _check_values(config):
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must not be negative, got {value}")
+    if config.THROUGHPUT_MODE and config.TASK != 'classification':
+        raise ConfigError(f"--throughput measures classification models; for TASK {config.TASK!r} "
+                          f"use benchmarks/throughput.py")
 
 
 # argparse attribute of a flag -> the config key it sets when given

@@ -2,8 +2,8 @@
 # Focal Transformer: distributed helpers
 # Licensed under The MIT License [see LICENSE for details]
 # --------------------------------------------------------
-"""The few distributed helpers main.py needs: whether this process is one of a group, a name
-for this start of the group, and a sum over all processes."""
+"""The few distributed helpers the training loop and the tasks need: whether this process is one of
+a group and its rank, a name for this start of the group, and a sum over all processes."""
 import time
 import uuid
 
@@ -12,6 +12,13 @@ import torch.distributed as dist
 
 def is_distributed():
     return dist.is_available() and dist.is_initialized()
+
+
+def rank_and_world_size():
+    """(rank, number of processes) of this process; (0, 1) outside a process group."""
+    if is_distributed():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def round_namespace(store, rank, world_size, poll_interval=0.01):

@@ -7,8 +7,10 @@
 import logging
 import logging.handlers
 import os
+import resource
 import sys
 
+import torch
 from termcolor import colored
 
 _FORMAT = '[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(message)s'
@@ -64,3 +66,11 @@ def release_log_file(logger):
         for record in held.buffer:
             held.log_file.handle(record)
         held.close()
+
+
+def memory_mb(device):
+    """Peak memory of this process so far, for the log: CUDA allocations on a GPU, resident set on
+    the CPU."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, kB on Linux

@@ -2,13 +2,19 @@
 # Focal Transformer: training and evaluation
 # Licensed under The MIT License [see LICENSE for details]
 # --------------------------------------------------------
-"""Train or evaluate a Focal Transformer from a YAML config.
+"""Train or evaluate a Focal Transformer (a classifier, or the backbone of a detector or a
+segmenter) from a YAML config.
 
     python main.py --cfg configs/focal_tiny_patch4_window7_224.yaml --data-path /imagenet
     torchrun --nproc_per_node 8 main.py --cfg configs/focal_tiny_patch4_window7_224.yaml \
         --data-path /imagenet --batch-size 128
     python main.py --cfg configs/focal_tiny_patch4_window7_224.yaml --data-path /imagenet \
         --eval --resume focal-tiny-is224-ws7.pth
+    torchrun --nproc_per_node 8 main.py --cfg configs/detection/mask_rcnn_focal_tiny_1x.yaml \
+        --data-path /coco --pretrained focal-tiny-is224-ws7.pth
+
+One loop trains every task (config.TASK); the task (tasks/) supplies the model, the data, the
+loss and the evaluation, whose headline metric (Acc@1, bbox AP, mIoU) decides ckpt_best.pth.
 
 Everything a run writes goes to OUTPUT/MODEL.NAME/TAG/: config.yaml, log_rank*.txt,
 tensorboard/, ckpt_epoch_*.pth and ckpt_best.pth. A run started again with the same command
@@ -41,7 +47,6 @@ import functools
 import math
 import os
 import random
-import resource
 import shutil
 import signal
 import sys
@@ -50,21 +55,20 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import AverageMeter, ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from config import ConfigError, get_config
-from data import DataError, UnreadableImages, build_loader
+from data import DataError, UnreadableImages
 from distributed import is_distributed, reduce_sum, round_namespace
-from logger import create_logger, release_log_file
+from logger import create_logger, memory_mb, release_log_file
 from lr_scheduler import build_scheduler
-from models import build_model
 from models.checkpoint import CheckpointError, atomic_write, error_line
 from optimizer import build_optimizer
+from tasks import build_task
 from utils import (BEST_CHECKPOINT, CheckpointWriteError, TrainingState, auto_resume_helper,
-                   load_checkpoint, load_pretrained, parse_checkpoint_name, prune_checkpoints,
+                   load_checkpoint, parse_checkpoint_name, prune_checkpoints,
                    save_checkpoint)
 
 EXIT_TRAINING_FAILED = 1
@@ -161,9 +165,10 @@ def init_distributed():
 
 
 def scale_learning_rates(config, world_size):
-    """The config's rates are for 512 images per optimizer step; scale them to ours."""
+    """The config's rates are for TRAIN.BASE_BATCH_SIZE images per optimizer step; scale them to
+    ours."""
     accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
-    factor = config.DATA.BATCH_SIZE * world_size * accumulation / 512.0
+    factor = config.DATA.BATCH_SIZE * world_size * accumulation / float(config.TRAIN.BASE_BATCH_SIZE)
     config.defrost()
     config.TRAIN.BASE_LR *= factor
     config.TRAIN.WARMUP_LR *= factor
@@ -191,12 +196,6 @@ def seed_step(seed, epoch, step, rank):
     random.seed(state)
     np.random.seed(state)
     torch.manual_seed(state)
-
-
-def memory_mb(device):
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, kB on Linux
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,16 +274,18 @@ def check_earlier_failure(store):
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
-class TrainingLoop:
-    """What the training loop uses besides the TrainingState; none of it is saved."""
+class RunContext:
+    """What the training loop uses besides the TrainingState (what a checkpoint saves): the
+    task, the models, the process, the logs and the stop signals."""
 
-    def __init__(self, config, logger, device, rank, model, ddp_model, train_model, criterion,
-                 mixup_fn, autocast, writer, stop):
+    def __init__(self, config, logger, device, rank, task, model, ddp_model, train_model,
+                 autocast, writer, stop):
         self.config, self.logger, self.device, self.rank = config, logger, device, rank
+        self.task = task  # model, data, loss and evaluation of config.TASK
         self.model = model  # the bare model (clipping, EMA, evaluation)
         self.ddp_model = ddp_model  # for no_sync() during gradient accumulation; None alone
         self.train_model = train_model  # what the forward pass runs: DDP and/or compiled
-        self.criterion, self.mixup_fn, self.autocast = criterion, mixup_fn, autocast
+        self.autocast = autocast
         self.writer = writer  # TensorBoard, rank 0 only
         self.stop = stop
 
@@ -344,13 +345,14 @@ def build_and_run(config, rank, world_size, device, stop):
         torch.backends.cudnn.benchmark = True
 
     # Validate the data and the model before anything is written.
-    _, _, data_loader_train, data_loader_val, mixup_fn = build_loader(config)
+    task = build_task(config)
+    data_loader_train, data_loader_val = task.build_loaders(config)
     if stop is not None:
         for loader in (data_loader_train, data_loader_val):
             loader.worker_init_fn = functools.partial(ignore_stop_signals,
                                                       then=loader.worker_init_fn)
     try:
-        model = build_model(config)
+        model = task.build_model(config)
     except ValueError as err:
         raise ConfigError(f"invalid model configuration: {err}") from None
 
@@ -360,8 +362,8 @@ def build_and_run(config, rank, world_size, device, stop):
     logger = create_logger(output_dir=config.OUTPUT, dist_rank=rank, name=config.MODEL.NAME,
                            hold_file=True)
     try:
-        return run(config, logger, rank, world_size, device, model,
-                   data_loader_train, data_loader_val, mixup_fn, stop)
+        return run(config, logger, rank, world_size, device, task, model,
+                   data_loader_train, data_loader_val, stop)
     except BAD_INPUT_ERRORS:
         # a run stopped by bad input before its first checkpoint leaves no folder behind
         if rank == 0 and not output_existed and not any(
@@ -371,8 +373,8 @@ def build_and_run(config, rank, world_size, device, stop):
         raise
 
 
-def run(config, logger, rank, world_size, device, model, data_loader_train, data_loader_val,
-        mixup_fn, stop):
+def run(config, logger, rank, world_size, device, task, model, data_loader_train,
+        data_loader_val, stop):
     # --- build ---
     logger.info(f"{world_size} process(es) on {device}")
     logger.debug(config.dump())
@@ -380,9 +382,7 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
     model.to(device)
     if config.TRAIN.CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
-    n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info(f"model {config.MODEL.NAME}: {n_parameters / 1e6:.2f} M parameters, "
-                f"{model.flops() / 1e9:.2f} GFLOPs")
+    logger.info(task.describe(model))
 
     amp_dtype = AMP_DTYPES[config.AMP_DTYPE]
     use_scaler = config.AMP_ENABLE and amp_dtype == torch.float16 and device.type == 'cuda'
@@ -393,7 +393,7 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
     autocast = functools.partial(torch.autocast, device.type, dtype=amp_dtype,
                                  enabled=config.AMP_ENABLE)
 
-    optimizer = build_optimizer(config, model)
+    optimizer = build_optimizer(config, model, *task.no_weight_decay(model))
     accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
     steps_per_epoch = len(data_loader_train) if data_loader_train is not None else None
     updates_per_epoch = math.ceil(steps_per_epoch / accumulation) if steps_per_epoch else 1
@@ -416,7 +416,7 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
         else:
             logger.info(f"no checkpoint found in {config.OUTPUT}, ignoring auto resume")
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-        load_pretrained(config, model, logger)
+        task.load_pretrained(config, model, logger)
     model_ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
     state = TrainingState(model, optimizer, lr_scheduler, loss_scaler,
                           UnreadableImages(config.DATA.MAX_BAD_SAMPLES, device), model_ema)
@@ -437,9 +437,9 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
         throughput(data_loader_val, model, device, autocast, logger)
         return 0
     if config.EVAL_MODE:
-        acc1, _, _ = validate(config, data_loader_val, model, device, autocast, logger)
-        logger.info(f"Accuracy of the network on the {len(data_loader_val.dataset)} test images: "
-                    f"{acc1:.3f}%")
+        _, headline = task.evaluate(config, model, data_loader_val, device, autocast, logger)
+        logger.info(f"{task.HEADLINE} of the network on the {len(data_loader_val.dataset)} test "
+                    f"images: {headline:.3f}%")
         return 0
 
     # --- train ---
@@ -451,82 +451,74 @@ def run(config, logger, rank, world_size, device, model, data_loader_train, data
     if config.TRAIN.COMPILE:
         train_model = torch.compile(train_model)
 
-    if mixup_fn is not None:
-        criterion = SoftTargetCrossEntropy()  # Mixup/CutMix give soft, already smoothed targets
-    elif config.MODEL.LABEL_SMOOTHING > 0.:
-        criterion = LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
-    else:
-        criterion = torch.nn.CrossEntropyLoss()
-
     writer = None
     if rank == 0:  # purge what a killed run logged after the point we resume from
         writer = SummaryWriter(os.path.join(config.OUTPUT, 'tensorboard'),
                                purge_step=state.epoch * steps_per_epoch + state.step)
-    loop = TrainingLoop(config, logger, device, rank, model, ddp_model, train_model, criterion,
-                        mixup_fn, autocast, writer, stop)
+    context = RunContext(config, logger, device, rank, task, model, ddp_model, train_model,
+                         autocast, writer, stop)
     try:
-        train(loop, state, data_loader_train, data_loader_val)
+        train(context, state, data_loader_train, data_loader_val)
     finally:
         if writer is not None:
             writer.close()
     return 0
 
 
-def train(loop, state, data_loader_train, data_loader_val):
+def train(context, state, data_loader_train, data_loader_val):
     """Epochs from the state's position to TRAIN.EPOCHS: train, evaluate, save. Raises
     Preempted, after saving the state, when a process received a stop signal."""
-    config, logger = loop.config, loop.logger
+    config, logger, task = context.config, context.logger, context.task
     # before the first step: the state is what was resumed, nothing to save
-    if state.epoch < config.TRAIN.EPOCHS and loop.stop_requested()[0]:
-        raise loop.preempted(state, saved=None)
+    if state.epoch < config.TRAIN.EPOCHS and context.stop_requested()[0]:
+        raise context.preempted(state, saved=None)
     logger.info("Start training")
     start_time = time.time()
     while state.epoch < config.TRAIN.EPOCHS:
         epoch = state.epoch
         data_loader_train.sampler.set_epoch(epoch, state.step)
-        train_one_epoch(loop, state, data_loader_train)
+        train_one_epoch(context, state, data_loader_train)
 
         # the bare model: val shards differ in size, and a DDP forward would wait for peers
-        acc1, acc5, val_loss = validate(config, data_loader_val, loop.model, loop.device,
-                                        loop.autocast, logger)
+        metrics, headline = task.evaluate(config, context.model, data_loader_val, context.device,
+                                          context.autocast, logger)
         if state.model_ema is not None:
             logger.info("EMA weights:")
-            validate(config, data_loader_val, state.model_ema.module, loop.device, loop.autocast,
-                     logger)
-        is_best = acc1 > state.max_accuracy
-        state.max_accuracy = max(state.max_accuracy, acc1)
+            task.evaluate(config, state.model_ema.module, data_loader_val, context.device,
+                          context.autocast, logger)
+        is_best = headline > state.max_accuracy
+        state.max_accuracy = max(state.max_accuracy, headline)
         state.epoch, state.step = epoch + 1, 0
         # a signal during the evaluation: the epoch is complete, save it and stop
-        stopping = loop.stop_requested()[0] and state.epoch < config.TRAIN.EPOCHS
+        stopping = context.stop_requested()[0] and state.epoch < config.TRAIN.EPOCHS
         # the best first: a run killed between the two redoes this epoch and saves both
         if is_best:
-            loop.save(state, BEST_CHECKPOINT)
+            context.save(state, BEST_CHECKPOINT)
         saved = None
         if epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1 or stopping:
-            saved = loop.save(state)
-        if loop.writer is not None:
-            loop.writer.add_scalar('val/loss', val_loss, epoch)
-            loop.writer.add_scalar('val/acc1', acc1, epoch)
-            loop.writer.add_scalar('val/acc5', acc5, epoch)
-        logger.info(f"Accuracy of the network on the {len(data_loader_val.dataset)} test "
-                    f"images: {acc1:.3f}%")
-        logger.info(f"Max accuracy: {state.max_accuracy:.3f}%")
+            saved = context.save(state)
+        if context.writer is not None:
+            for name, value in metrics.items():
+                context.writer.add_scalar(f'val/{name}', value, epoch)
+        logger.info(f"{task.HEADLINE} of the network on the {len(data_loader_val.dataset)} test "
+                    f"images: {headline:.3f}%")
+        logger.info(f"Max {task.HEADLINE}: {state.max_accuracy:.3f}%")
         if stopping:
-            raise loop.preempted(state, saved)
+            raise context.preempted(state, saved)
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     logger.info(f"Training time {total_time}")
-    logger.info(f"Best Acc@1 {state.max_accuracy:.3f}%. Checkpoints: {config.OUTPUT} "
+    logger.info(f"Best {task.HEADLINE} {state.max_accuracy:.3f}%. Checkpoints: {config.OUTPUT} "
                 f"(best: {BEST_CHECKPOINT}); logs: {config.OUTPUT}/log_rank*.txt; "
                 f"TensorBoard: tensorboard --logdir {os.path.join(config.OUTPUT, 'tensorboard')}")
 
 
-def train_one_epoch(loop, state, data_loader):
+def train_one_epoch(context, state, data_loader):
     """Train epoch `state.epoch` from batch `state.step` on, advancing the state batch by batch.
     A stop signal ends it after the next optimizer step, with that step saved."""
-    config, logger, device, writer = loop.config, loop.logger, loop.device, loop.writer
+    config, logger, device, writer = context.config, context.logger, context.device, context.writer
     epoch, optimizer, loss_scaler = state.epoch, state.optimizer, state.loss_scaler
-    loop.train_model.train()
+    context.train_model.train()
     optimizer.zero_grad(set_to_none=True)
     num_steps = len(data_loader)
     accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
@@ -543,27 +535,20 @@ def train_one_epoch(loop, state, data_loader):
             logger.warning(f"{error}; replaced by the next readable training image")
         if writer is not None and new_unreadable:
             writer.add_scalar('train/bad_samples', len(state.unreadable), epoch * num_steps + step)
-        seed_step(config.SEED, epoch, step, loop.rank)
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if config.TRAIN.CHANNELS_LAST:
-            samples = samples.contiguous(memory_format=torch.channels_last)
-        if loop.mixup_fn is not None:
-            samples, targets = loop.mixup_fn(samples, targets)
+        seed_step(config.SEED, epoch, step, context.rank)
 
         # Step the optimizer every `accumulation` batches and at the end of the epoch, so that no
         # gradient crosses an epoch boundary (and a checkpoint never holds a partial sum).
         is_update = (step + 1) % accumulation == 0 or step + 1 == num_steps
-        no_sync = loop.ddp_model.no_sync() if loop.ddp_model is not None and not is_update \
+        no_sync = context.ddp_model.no_sync() if context.ddp_model is not None and not is_update \
             else contextlib.nullcontext()
         with no_sync:
-            with loop.autocast():
-                outputs = loop.train_model(samples)
-                loss = loop.criterion(outputs, targets)
+            with context.autocast():
+                loss = context.task.training_loss(context.train_model, samples, targets, device)
             loss_value = loss.item()
             # one all-reduce decides both: stop on a bad loss anywhere, or after this update
             # when any process was signalled
-            stopping, non_finite = loop.stop_requested(not math.isfinite(loss_value))
+            stopping, non_finite = context.stop_requested(not math.isfinite(loss_value))
             stopping = stopping and is_update
             if non_finite:
                 here = f" ({loss_value})" if not math.isfinite(loss_value) else " on another process"
@@ -573,7 +558,7 @@ def train_one_epoch(loop, state, data_loader):
 
         if is_update:
             loss_scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(loop.model.parameters(), clip).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(context.model.parameters(), clip).item()
             # with fp16 an overflow only makes the scaler skip this step, as usual
             if not math.isfinite(grad_norm) and not loss_scaler.is_enabled():
                 raise NonFiniteLossError(f"non-finite gradient norm ({grad_norm}) at epoch {epoch} "
@@ -584,13 +569,13 @@ def train_one_epoch(loop, state, data_loader):
             updates_done = epoch * updates_per_epoch + step // accumulation + 1
             state.lr_scheduler.step_update(updates_done)
             if state.model_ema is not None:
-                state.model_ema.update(loop.model, step=updates_done)
+                state.model_ema.update(context.model, step=updates_done)
             norm_meter.update(grad_norm)
             if writer is not None:
                 writer.add_scalar('train/grad_norm', grad_norm, epoch * num_steps + step)
         state.step = step + 1
 
-        loss_meter.update(loss_value, targets.size(0))
+        loss_meter.update(loss_value, len(samples))
         batch_time.update(time.time() - end)
         end = time.time()
         lr = optimizer.param_groups[0]['lr']
@@ -608,55 +593,16 @@ def train_one_epoch(loop, state, data_loader):
                 f"mem {memory_mb(device):.0f}MB")
 
         if stopping:  # the last batch too: then the epoch is trained but not evaluated
-            raise loop.preempted(state, loop.save(state))
+            raise context.preempted(state, context.save(state))
         updates_in_epoch = step // accumulation + 1
         if (is_update and config.TRAIN.SAVE_EVERY_STEPS and step + 1 < num_steps
                 and updates_in_epoch % config.TRAIN.SAVE_EVERY_STEPS == 0):
-            loop.save(state)
+            context.save(state)
 
     epoch_time = time.time() - epoch_start
     if writer is not None:
         writer.add_scalar('train/epoch_time', epoch_time, epoch)
     logger.info(f"EPOCH {epoch} training takes {datetime.timedelta(seconds=int(epoch_time))}")
-
-
-@torch.no_grad()
-def validate(config, data_loader, model, device, autocast, logger):
-    """Loss, top-1 and top-5 over the whole val set: each process scores its shard and the sums
-    are added up, so the result is exact for any number of processes."""
-    model.eval()
-    criterion = torch.nn.CrossEntropyLoss(reduction='sum')
-    # loss sum, top-1 hits, top-5 hits, images
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
-    batch_time = AverageMeter()
-    end = time.time()
-    for step, (images, targets) in enumerate(data_loader):
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if config.TRAIN.CHANNELS_LAST:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            outputs = model(images)
-        outputs = outputs.float()
-        top = outputs.topk(min(5, outputs.size(1)), dim=1).indices
-        hits = top.eq(targets[:, None])
-        totals += torch.stack([criterion(outputs, targets), hits[:, :1].sum(), hits.sum(),
-                               torch.tensor(targets.size(0), device=device)]).double()
-        batch_time.update(time.time() - end)
-        end = time.time()
-        if step % config.PRINT_FREQ == 0:
-            seen = totals[3].clamp(min=1)
-            logger.info(f"Test: [{step}/{len(data_loader)}]\t"
-                        f"time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
-                        f"loss {totals[0] / seen:.4f}\tAcc@1 {100 * totals[1] / seen:.3f}\t"
-                        f"Acc@5 {100 * totals[2] / seen:.3f}\tmem {memory_mb(device):.0f}MB")
-    reduce_sum(totals)
-    loss_sum, top1, top5, count = totals.tolist()
-    count = max(count, 1)
-    acc1, acc5, loss = 100 * top1 / count, 100 * top5 / count, loss_sum / count
-    logger.info(f" * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}")
-    logger.info(f" * loss {loss:.6f} over {int(count)} images")
-    return acc1, acc5, loss
 
 
 @torch.no_grad()

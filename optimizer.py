@@ -6,16 +6,19 @@
 from torch import optim
 
 
-def build_optimizer(config, model):
+def build_optimizer(config, model, skip_names=None, skip_keywords=None):
     """The optimizer named by TRAIN.OPTIMIZER.NAME at learning rate TRAIN.BASE_LR.
 
     Pass the bare model (not the DDP / compiled wrapper) so that parameter names match the
-    model's ``no_weight_decay()`` names and ``no_weight_decay_keywords()`` substrings, which go
-    without weight decay together with every 1-D parameter and bias.
+    names ``skip_names`` and substrings ``skip_keywords`` (by default the model's
+    ``no_weight_decay()`` and ``no_weight_decay_keywords()``), which go without weight decay
+    together with every 1-D parameter and bias.
     """
-    skip_names = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else set()
-    skip_keywords = (model.no_weight_decay_keywords()
-                     if hasattr(model, 'no_weight_decay_keywords') else set())
+    if skip_names is None:
+        skip_names = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else set()
+    if skip_keywords is None:
+        skip_keywords = (model.no_weight_decay_keywords()
+                         if hasattr(model, 'no_weight_decay_keywords') else set())
     param_groups = parameter_groups(model, config.TRAIN.WEIGHT_DECAY, skip_names, skip_keywords)
 
     name = config.TRAIN.OPTIMIZER.NAME.lower()

@@ -24,6 +24,7 @@ import typing
 
 import torch
 
+from models.backbone import load_backbone_checkpoint
 from models.checkpoint import (CheckpointError, atomic_write, check_fits, error_line, model_weights,
                                read_checkpoint, resolve)
 from models.focal_transformer import checkpoint_filter_fn
@@ -195,6 +196,15 @@ def load_pretrained(config, model, logger):
     logger.info(f"=> {path}: {report.summary()}")
     for line in report.details():
         logger.debug(line)
+
+
+def load_backbone_pretrained(config, model, logger):
+    """--pretrained for a detector or segmenter: the classification weights of MODEL.PRETRAINED
+    into the Focal Transformer inside `model`, strictly (models.backbone.load_backbone_checkpoint)."""
+    path = config.MODEL.PRETRAINED
+    logger.info(f"==> Loading the backbone from classification weights {path}")
+    left_out = load_backbone_checkpoint(model, path)
+    logger.info(f"=> {path}: backbone loaded, left out {', '.join(left_out) or 'nothing'}")
 
 
 def auto_resume_helper(output_dir, logger=None):

@@ -18,9 +18,12 @@ reported, since the compiler's own memory would be counted.
     python benchmarks/throughput.py --detector           # one 800x1216 image, inference only
 
 `--detector` measures what a detection backbone sees: batch 1 at `--detector-size` (800x1216 by
-default), inference only, Swin-T created with `dynamic_img_size=True` so that it takes that size;
-for the focal model it also times a forward at a size whose index tables are not cached yet (the
-cache is cleared before each), and the difference to a cached forward is the time to build them.
+default), Swin-T created with `dynamic_img_size=True` so that it takes that size: a backbone
+inference row, and a training row of torchvision's Mask R-CNN with the same FPN on each backbone
+(its stage maps, each LayerNormed, into torchvision's FeaturePyramidNetwork; one image with three
+boxes and masks, AdamW); for the focal model it also times a forward at a size whose index tables
+are not cached yet (the cache is cleared before each), and the difference to a cached forward is
+the time to build them.
 
 `--profile N` then says where the time goes: after timing, each model runs N more training steps
 and N inference passes under `torch.profiler`, and the operators with the most self time (CPU
@@ -111,6 +114,58 @@ def top_operators(fn, steps: int, device: torch.device, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
 
 
+class TimmFPN(torch.nn.Module):
+    """A timm `features_only` model's four stage maps (NHWC), each LayerNormed as Swin's detection
+    backbone does, into torchvision's FeaturePyramidNetwork with the max-pooled fifth level: the
+    same neck `models.detection.FocalFPN` puts on the focal stages."""
+
+    def __init__(self, name: str):
+        import timm
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+        super().__init__()
+        self.body = timm.create_model(name, features_only=True, dynamic_img_size=True)
+        widths = self.body.feature_info.channels()
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(width) for width in widths)
+        self.fpn = FeaturePyramidNetwork(widths, 256, extra_blocks=LastLevelMaxPool())
+        self.out_channels = 256
+
+    def forward(self, images):
+        from collections import OrderedDict
+        maps = OrderedDict((str(index), norm(stage_map).permute(0, 3, 1, 2))
+                           for index, (norm, stage_map) in enumerate(zip(self.norms, self.body(images))))
+        return self.fpn(maps)
+
+
+def mask_rcnn_training_step(name: str, args):
+    """A Mask R-CNN training step (forward, backward, AdamW) on `name`'s FPN backbone."""
+    from torchvision.models.detection import MaskRCNN
+    from models.detection import focal_fpn_backbone
+
+    device = torch.device(args.device)
+    backbone = focal_fpn_backbone(name) if name.startswith('focal') else TimmFPN(name)
+    height, width = args.detector_size
+    detector = MaskRCNN(backbone, 91, min_size=height, max_size=max(height, width),
+                        _skip_resize=True).to(device).train()
+    optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-4, weight_decay=0.05)
+    images = [torch.rand(3, height, width, device=device)]
+    boxes = torch.tensor([[100., 120., 400., 500.], [600., 200., 900., 700.], [300., 400., 1100., 780.]])
+    masks = torch.zeros(3, height, width, dtype=torch.uint8)
+    for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+        mask[y1:y2, x1:x2] = 1
+    targets = [{'boxes': boxes.to(device), 'labels': torch.tensor([1, 2, 3], device=device),
+                'masks': masks.to(device)}]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+
+    def train_step():
+        with autocast:
+            loss = sum(detector(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return detector, train_step
+
+
 def measure_detector(name: str, args) -> dict:
     import timm
     from models.attention_tables import clear_attention_table_cache
@@ -138,6 +193,13 @@ def measure_detector(name: str, args) -> dict:
            'infer_img_s': 1 / infer_time, 'forward_ms': infer_time * 1e3}
     if isinstance(model, FocalTransformer):
         row['table_build_ms'] = (timed(new_size_step, args.steps, args.repeats, device) - infer_time) * 1e3
+    detector, train_step = mask_rcnn_training_step(name, args)
+    torch.manual_seed(0)  # the same proposals sampled for both backbones
+    for _ in range(args.warmup):
+        train_step()
+    train_time = timed(train_step, args.steps, args.repeats, device)
+    row.update(mask_rcnn_params_m=sum(p.numel() for p in detector.parameters()) / 1e6,
+               train_img_s=1 / train_time, train_step_ms=train_time * 1e3)
     return row
 
 
@@ -311,16 +373,19 @@ def main():
 
 def print_detector_rows(rows: list, args, precision: str):
     height, width = args.detector_size
-    print(f'device {args.device} ({precision}), batch 1, {height}x{width} px, inference, '
-          f'{args.threads} threads, best of {args.repeats}x{args.steps} steps')
-    header = f'{"model":34s} {"params(M)":>9s} {"forward ms":>11s} {"img/s":>8s} {"table build ms":>15s}'
+    print(f'device {args.device} ({precision}), batch 1, {height}x{width} px, backbone inference and '
+          f'Mask R-CNN training, {args.threads} threads, best of {args.repeats}x{args.steps} steps')
+    header = (f'{"model":34s} {"params(M)":>9s} {"forward ms":>11s} {"img/s":>8s} {"table build ms":>15s} '
+              f'{"Mask R-CNN(M)":>13s} {"train step ms":>14s} {"train img/s":>12s}')
     print(header)
     print('-' * len(header))
     for row in rows:
         build = f'{row["table_build_ms"]:15.1f}' if 'table_build_ms' in row else f'{"-":>15s}'
-        print(f'{row["model"]:34s} {row["params_m"]:9.2f} {row["forward_ms"]:11.1f} {row["infer_img_s"]:8.2f} {build}')
+        print(f'{row["model"]:34s} {row["params_m"]:9.2f} {row["forward_ms"]:11.1f} {row["infer_img_s"]:8.2f} {build} '
+              f'{row["mask_rcnn_params_m"]:13.2f} {row["train_step_ms"]:14.1f} {row["train_img_s"]:12.3f}')
     for row in rows[1:]:
-        print(f'{row["model"]} / {rows[0]["model"]}: inference {row["infer_img_s"] / rows[0]["infer_img_s"]:.2f}x')
+        print(f'{row["model"]} / {rows[0]["model"]}: inference {row["infer_img_s"] / rows[0]["infer_img_s"]:.2f}x, '
+              f'Mask R-CNN training {row["train_img_s"] / rows[0]["train_img_s"]:.2f}x')
 
 
 if __name__ == '__main__':

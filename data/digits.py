@@ -39,22 +39,39 @@ def ensure_digits_imagefolder(root, img_size, is_writer, timeout=600.0, poll_int
     """
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 8:
         raise DataError(f"digits: img_size must be an integer >= 8 (the scans are 8x8), got {img_size!r}")
-    root = os.path.abspath(os.path.expanduser(root))
-    folder = os.path.join(root, f'digits_{img_size}')
+    folder = os.path.join(os.path.abspath(os.path.expanduser(root)), f'digits_{img_size}')
+    return build_once(folder, lambda partial: _write_split_images(partial, img_size), is_writer,
+                      timeout, poll_interval)
+
+
+def build_once(folder, write, is_writer, timeout=600.0, poll_interval=0.5):
+    """Return `folder` complete, built on first use by `write(partial_folder) -> marker dict`.
+
+    The writer fills a temporary folder beside `folder`, writes the marker (COMPLETE_MARKER,
+    the dict as JSON) last and renames the folder into place; a process with `is_writer=False`
+    only waits, up to `timeout` seconds, for the marker to appear.
+    """
     if _is_complete(folder):
         return folder
     if is_writer:
-        _write_locked(root, folder, img_size)
+        _write_locked(folder, write)
     else:
         _wait_for(folder, timeout, poll_interval)
     return folder
+
+
+def train_val_scans(digits):
+    """(training, validation) indices into `load_digits()`: the fixed stratified split."""
+    indices = np.arange(len(digits.target))
+    return train_test_split(indices, test_size=NUM_VAL, stratify=digits.target, random_state=SPLIT_SEED)
 
 
 def _is_complete(folder):
     return os.path.isfile(os.path.join(folder, COMPLETE_MARKER))
 
 
-def _write_locked(root, folder, img_size):
+def _write_locked(folder, write):
+    root = os.path.dirname(folder)
     try:
         os.makedirs(root, exist_ok=True)
         with open(folder + '.lock', 'w') as lock_file:
@@ -66,7 +83,10 @@ def _write_locked(root, folder, img_size):
                 return
             partial = folder + '.partial'
             shutil.rmtree(partial, ignore_errors=True)
-            _write_split_images(partial, img_size)
+            os.makedirs(partial)
+            marker = write(partial)
+            with open(os.path.join(partial, COMPLETE_MARKER), 'w') as f:
+                json.dump(marker, f)
             # A folder under the final name without the marker was not written by this code (the
             # rename is atomic): a hand-made or truncated copy, replaced rather than trusted.
             shutil.rmtree(folder, ignore_errors=True)
@@ -77,19 +97,15 @@ def _write_locked(root, folder, img_size):
 
 def _write_split_images(folder, img_size):
     digits = load_digits()
-    indices = np.arange(len(digits.target))
-    train_indices, val_indices = train_test_split(
-        indices, test_size=NUM_VAL, stratify=digits.target, random_state=SPLIT_SEED)
+    train_indices, val_indices = train_val_scans(digits)
     for split, split_indices in (('train', train_indices), ('val', val_indices)):
         for label in np.unique(digits.target):
             os.makedirs(os.path.join(folder, split, str(label)))
         for index in sorted(split_indices):
             image = _upsampled_rgb(digits.images[index], img_size)
             image.save(os.path.join(folder, split, str(digits.target[index]), f'{index}.png'))
-    marker = {'img_size': img_size, 'train': len(train_indices), 'val': len(val_indices),
-              'split_seed': SPLIT_SEED}
-    with open(os.path.join(folder, COMPLETE_MARKER), 'w') as f:
-        json.dump(marker, f)
+    return {'img_size': img_size, 'train': len(train_indices), 'val': len(val_indices),
+            'split_seed': SPLIT_SEED}
 
 
 def _upsampled_rgb(scan, img_size):

@@ -66,12 +66,15 @@ class ResumableDistributedSampler(Sampler):
     ``(epoch, index)`` pairs for ``SeededSamples``.
 
     ``shard_first=True`` gives each process the fixed shard ``rank::num_replicas`` and shuffles
-    only within it (for a per-process image cache). ``set_epoch(epoch, start_step)`` selects the
-    epoch and skips its first ``start_step`` batches of ``batch_size`` without loading them;
-    ``len()`` stays the full epoch.
+    only within it (for a per-process image cache). ``steps_per_epoch`` > 0 makes an epoch that
+    many batches per process instead (iteration schedules): the permutations of passes 0, 1, ...
+    (pass 0 the one above, pass k drawn from ``(seed, epoch, k)``) are chained to the length
+    needed. ``set_epoch(epoch, start_step)`` selects the epoch and skips its first ``start_step``
+    batches of ``batch_size`` without loading them; ``len()`` stays the full epoch.
     """
 
-    def __init__(self, dataset_size, batch_size, num_replicas=1, rank=0, seed=0, shard_first=False):
+    def __init__(self, dataset_size, batch_size, num_replicas=1, rank=0, seed=0, shard_first=False,
+                 steps_per_epoch=0):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
         self.dataset_size = dataset_size
@@ -80,7 +83,9 @@ class ResumableDistributedSampler(Sampler):
         self.rank = rank
         self.seed = seed
         self.shard_first = shard_first
-        self.num_samples = math.ceil(dataset_size / num_replicas)
+        self.steps_per_epoch = steps_per_epoch
+        self.num_samples = (steps_per_epoch * batch_size if steps_per_epoch > 0
+                            else math.ceil(dataset_size / num_replicas))
         self.epoch = 0
         self.start_step = 0
 
@@ -90,14 +95,23 @@ class ResumableDistributedSampler(Sampler):
 
     def epoch_indices(self):
         """This process's indices for the whole current epoch, in order."""
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
         if self.shard_first:
             shard = torch.arange(self.rank, self.dataset_size, self.num_replicas)
-            shard = shard[torch.randperm(len(shard), generator=generator)]
-            return _repeat_to_length(shard, self.num_samples).tolist()
-        order = torch.randperm(self.dataset_size, generator=generator)
-        order = _repeat_to_length(order, self.num_samples * self.num_replicas)
+            order = self._passes(len(shard), self.num_samples)
+            return shard[order].tolist()
+        order = self._passes(self.dataset_size, self.num_samples * self.num_replicas)
         return order[self.rank::self.num_replicas].tolist()
+
+    def _passes(self, size, length):
+        """`length` indices into range(size): the epoch's first permutation, repeated to the
+        length, or, when the length needs more than one pass, a fresh permutation per pass."""
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        order = torch.randperm(size, generator=generator)
+        if length <= size or self.steps_per_epoch <= 0:
+            return _repeat_to_length(order, length)
+        passes = [order] + [torch.randperm(size, generator=torch.Generator().manual_seed(
+            derive_seed(self.seed, self.epoch, k))) for k in range(1, math.ceil(length / size))]
+        return torch.cat(passes)[:length]
 
     def __iter__(self):
         indices = self.epoch_indices()[self.start_step * self.batch_size:]

@@ -3,10 +3,15 @@ from .focal_transformer import FocalTransformer
 
 
 def build_model(config) -> FocalTransformer:
+    return FocalTransformer(**focal_arguments(config))
+
+
+def focal_arguments(config) -> dict:
+    """The FocalTransformer keyword arguments of the config (also the backbone of a detector)."""
     if config.MODEL.TYPE != 'focal':
         raise ValueError(f"unknown MODEL.TYPE {config.MODEL.TYPE!r}: this codebase builds 'focal'")
     focal = config.MODEL.FOCAL
-    return FocalTransformer(
+    return dict(
         img_size=config.DATA.IMG_SIZE,
         patch_size=focal.PATCH_SIZE,
         in_chans=focal.IN_CHANS,

@@ -69,10 +69,10 @@ def test_unknown_optimizer_and_scheduler_names():
     config = make_config()
     config.defrost()
     config.TRAIN.OPTIMIZER.NAME = 'lamb'
-    config.TRAIN.LR_SCHEDULER.NAME = 'poly'
+    config.TRAIN.LR_SCHEDULER.NAME = 'plateau'
     with pytest.raises(ValueError, match="'lamb'"):
         build_optimizer(config, TinyNet())
-    with pytest.raises(ValueError, match="'poly'"):
+    with pytest.raises(ValueError, match="'plateau'"):
         build_scheduler(config, torch.optim.SGD(TinyNet().parameters(), lr=0.1), STEPS_PER_EPOCH)
 
 

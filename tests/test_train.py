@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import main
+import tasks.classification
 from config import get_config
 from helpers import assert_ok, run_dir, run_main, write_config, write_image_folder, zip_dataset
 
@@ -147,8 +148,8 @@ def test_amp_channels_last_and_ema_are_what_runs(workspace, monkeypatch, capsys)
     def after_step(optimizer, args, kwargs):
         updates.append({name: p.detach().double().clone() for name, p in built[0].named_parameters()})
 
-    real_build_model = main.build_model
-    monkeypatch.setattr(main, 'build_model', build_and_watch)
+    real_build_model = tasks.classification.build_model
+    monkeypatch.setattr(tasks.classification, 'build_model', build_and_watch)
     for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
         monkeypatch.delenv(name, raising=False)
     out = str(root / 'options')
@@ -191,8 +192,8 @@ def test_accumulation_steps_at_the_end_of_every_epoch(workspace, monkeypatch, ca
             0, batches_seen[0] + module.training))
         return model
 
-    real_build_model = main.build_model
-    monkeypatch.setattr(main, 'build_model', build_and_count)
+    real_build_model = tasks.classification.build_model
+    monkeypatch.setattr(tasks.classification, 'build_model', build_and_count)
     for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
         monkeypatch.delenv(name, raising=False)
     hook = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: updates.append(batches_seen[0]))
@@ -206,7 +207,7 @@ def test_accumulation_steps_at_the_end_of_every_epoch(workspace, monkeypatch, ca
 
 
 def test_validate_scores_the_whole_set_exactly(caplog):
-    """main.validate on a stand-in model with known logits, 7 images in batches of 3, 3 and 1:
+    """tasks.classification.validate on a stand-in model with known logits, 7 images in batches of 3, 3 and 1:
     top-1, top-5 and the mean loss are those of the whole set at once, not means of batch means."""
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(7, 8, generator=generator)
@@ -223,7 +224,7 @@ def test_validate_scores_the_whole_set_exactly(caplog):
 
     config = types.SimpleNamespace(TRAIN=types.SimpleNamespace(CHANNELS_LAST=False), PRINT_FREQ=1)
     with caplog.at_level(logging.INFO, logger='test_validate'):
-        acc1, acc5, loss = main.validate(config, batches, KnownLogits(), torch.device('cpu'),
+        acc1, acc5, loss = tasks.classification.validate(config, batches, KnownLogits(), torch.device('cpu'),
                                          contextlib.nullcontext, logging.getLogger('test_validate'))
     top5 = logits.topk(5, dim=1).indices
     expected_acc1 = 100 * (logits.argmax(1) == targets).double().mean().item()

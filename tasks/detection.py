@@ -1,0 +1,281 @@
+"""COCO object detection and instance segmentation: torchvision's Mask R-CNN or RetinaNet on the
+Focal FPN backbone, COCO box and mask AP from pycocotools.
+
+Training images are resized in the data pipeline (DATA.MIN_SIZES, DATA.MAX_SIZE, flip), so the
+detector's own transform only normalises and batches them (`_skip_resize`, as torchvision's
+references train multi-scale); at evaluation it resizes each image to DATA.TEST_MIN_SIZE (longer
+side at most DATA.MAX_SIZE) and maps the detections back to the image as stored, which is what
+COCOeval scores. Evaluation runs one image per forward pass: a batch pads its images to the
+largest, and the padding reaches the attention windows, so only then are the detections the
+same for any number of processes.
+"""
+import contextlib
+import io
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pycocotools import mask as coco_mask
+from pycocotools.cocoeval import COCOeval
+from timm.utils import AverageMeter
+from torch.utils.data import DataLoader
+from torchvision.models.detection import MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from data import DataError
+from data.bad_samples import ReplaceUnreadable
+from data.coco import (check_images_exist, collate_detection_eval, collate_detection_training,
+                       detection_transform, keep_trainable_images, num_classes_needed, read_coco,
+                       wrap_for_transforms)
+from data.samplers import ResumableDistributedSampler, SeededSamples, ShardSampler
+from distributed import is_distributed, rank_and_world_size
+from logger import memory_mb
+from models.backbone import no_weight_decay_names
+from models.build import focal_arguments
+from models.detection import focal_fpn_backbone
+from utils import load_backbone_pretrained
+
+DIGIT_SCENES_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'focal_transformer')
+ASPECT_RATIOS = [(0.5, 1.0, 2.0)]  # of every level's anchors, torchvision's
+# (image folder, annotation file) of each split under the COCO 2017 root
+COCO_SPLITS = {'train': ('train2017', os.path.join('annotations', 'instances_train2017.json')),
+               'val': ('val2017', os.path.join('annotations', 'instances_val2017.json'))}
+
+
+def coco_root(config, rank):
+    """The COCO-layout folder: DATA.DATA_PATH, or the digit scenes written on first use."""
+    if config.DATA.DATASET == 'digits':
+        from data.digit_scenes import ensure_digit_scenes  # only the demo needs scikit-learn
+        folder = ensure_digit_scenes(config.DATA.DATA_PATH or DIGIT_SCENES_CACHE,
+                                     config.DATA.IMG_SIZE, is_writer=rank == 0)
+        return os.path.join(folder, 'coco')
+    if config.DATA.DATASET != 'coco':
+        raise DataError(f"TASK detection reads DATA.DATASET 'coco' or 'digits', "
+                        f"not {config.DATA.DATASET!r}")
+    if not config.DATA.DATA_PATH:
+        raise DataError("DATA.DATA_PATH is not set: pass --data-path (the COCO 2017 folder)")
+    if not os.path.isdir(config.DATA.DATA_PATH):
+        raise DataError(f"data folder not found: {config.DATA.DATA_PATH}")
+    return config.DATA.DATA_PATH
+
+
+def build_detector(config, num_classes):
+    """Mask R-CNN (four stages, max-pooled P6) or RetinaNet (stages 1-3, P6 and P7) on
+    the Focal FPN backbone that MODEL.FOCAL describes, with the heads of MODEL.DETECTION."""
+    arguments = focal_arguments(config)
+    for unused in ('num_classes', 'drop_path_rate'):
+        arguments.pop(unused)
+    detection = config.MODEL.DETECTION
+    width, levels = detection.FPN_CHANNELS, len(detection.ANCHOR_SIZES)
+    common = dict(min_size=config.DATA.TEST_MIN_SIZE, max_size=config.DATA.MAX_SIZE,
+                  _skip_resize=True, detections_per_img=detection.DETECTIONS_PER_IMAGE)
+    if detection.DETECTOR == 'retinanet':
+        # P6 from the last stage's map, not from P5, as mmdetection's RetinaNet configs for
+        # transformer backbones (add_extra_convs='on_input') that the paper's figures come from
+        last_stage_width = arguments['embed_dim'] * 2 ** (len(arguments['depths']) - 1)
+        backbone = focal_fpn_backbone(drop_path_rate=config.MODEL.DROP_PATH_RATE,
+                                      returned_stages=(1, 2, 3), out_channels=width,
+                                      extra_blocks=LastLevelP6P7(last_stage_width, width),
+                                      **arguments)
+        # torchvision's RetinaNet anchors: three octaves and three aspect ratios per level
+        anchors = AnchorGenerator([(size, int(size * 2 ** (1 / 3)), int(size * 2 ** (2 / 3)))
+                                   for size in detection.ANCHOR_SIZES], ASPECT_RATIOS * levels)
+        return RetinaNet(backbone, num_classes, anchor_generator=anchors, **common)
+    backbone = focal_fpn_backbone(drop_path_rate=config.MODEL.DROP_PATH_RATE, out_channels=width,
+                                  **arguments)
+    roi_size = 7  # torchvision's MultiScaleRoIAlign output for the box head
+    # the predictors say the number of classes (MaskRCNN refuses it twice)
+    train_proposals, test_proposals = detection.PROPOSALS
+    return MaskRCNN(backbone, None,
+                    rpn_anchor_generator=AnchorGenerator([(size,) for size in detection.ANCHOR_SIZES],
+                                                         ASPECT_RATIOS * levels),
+                    rpn_post_nms_top_n_train=train_proposals, rpn_post_nms_top_n_test=test_proposals,
+                    box_head=TwoMLPHead(width * roi_size ** 2, detection.BOX_HEAD_WIDTH),
+                    box_predictor=FastRCNNPredictor(detection.BOX_HEAD_WIDTH, num_classes),
+                    box_batch_size_per_image=detection.ROI_SAMPLES,
+                    mask_head=MaskRCNNHeads(width, [width] * detection.MASK_HEAD_LAYERS, 1),
+                    mask_predictor=MaskRCNNPredictor(width, width, num_classes),
+                    box_detections_per_img=common.pop('detections_per_img'), **common)
+
+
+class Detection:
+    HEADLINE = 'bbox AP'
+
+    def __init__(self, config):
+        self.config = config
+        self.coco_val = None  # pycocotools COCO of the val annotations, the ground truth
+
+    def build_loaders(self, config):
+        rank, world_size = rank_and_world_size()
+        root = coco_root(config, rank)
+        with_masks = config.MODEL.DETECTION.DETECTOR == 'mask_rcnn'
+        splits = ['val'] if config.EVAL_MODE else ['train', 'val']
+        datasets = {}
+        for split in splits:
+            folder, annotations = (os.path.join(root, part) for part in COCO_SPLITS[split])
+            datasets[split] = read_coco(annotations, folder, with_masks)
+            # a missing validation image always stops; training tolerates DATA.MAX_BAD_SAMPLES
+            check_images_exist(datasets[split], annotations,
+                               config.DATA.MAX_BAD_SAMPLES if split == 'train' else 0)
+        self._set_num_classes(config, datasets)
+        self.coco_val = datasets['val'].coco
+        generator = torch.Generator().manual_seed(config.SEED)
+        pin_memory = config.DATA.PIN_MEMORY and torch.cuda.is_available()
+
+        val_set = wrap_for_transforms(datasets['val'], detection_transform(
+            False, config.DATA.MIN_SIZES, config.DATA.MAX_SIZE, 0.0), target_keys=('image_id',))
+        data_loader_val = DataLoader(
+            val_set, sampler=ShardSampler(len(val_set), world_size, rank), batch_size=1,
+            num_workers=config.DATA.NUM_WORKERS, collate_fn=collate_detection_eval,
+            pin_memory=pin_memory, generator=generator)
+        if config.EVAL_MODE:
+            return None, data_loader_val
+
+        target_keys = ('image_id', 'boxes', 'labels') + (('masks',) if with_masks else ())
+        train_set = wrap_for_transforms(keep_trainable_images(datasets['train']), detection_transform(
+            True, config.DATA.MIN_SIZES, config.DATA.MAX_SIZE, config.AUG.HFLIP), target_keys)
+        if len(train_set) == 0:
+            raise DataError(f"{os.path.join(root, COCO_SPLITS['train'][1])} has no image with a box "
+                            f"to train on")
+        sampler = ResumableDistributedSampler(len(train_set), config.DATA.BATCH_SIZE, world_size,
+                                              rank, config.SEED,
+                                              steps_per_epoch=config.TRAIN.STEPS_PER_EPOCH)
+        data_loader_train = DataLoader(
+            SeededSamples(ReplaceUnreadable(train_set, config.DATA.MAX_BAD_SAMPLES), config.SEED),
+            sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
+            collate_fn=collate_detection_training, pin_memory=pin_memory, drop_last=True,
+            generator=generator)
+        if len(data_loader_train) == 0:
+            raise DataError(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is larger than the "
+                            f"{len(sampler)} training images of each of {world_size} process(es) "
+                            f"in {root}")
+        return data_loader_train, data_loader_val
+
+    @staticmethod
+    def _set_num_classes(config, datasets):
+        """MODEL.NUM_CLASSES 0 becomes the classes the categories need (ids and background);
+        a set value must have a class for every category id."""
+        needed = {split: num_classes_needed(dataset) for split, dataset in datasets.items()}
+        if config.MODEL.NUM_CLASSES == 0:
+            config.defrost()
+            config.MODEL.NUM_CLASSES = max(needed.values())
+            config.freeze()
+            return
+        for split, count in needed.items():
+            if count > config.MODEL.NUM_CLASSES:
+                annotations = os.path.join(datasets[split].root, '..', COCO_SPLITS[split][1])
+                raise DataError(f"{os.path.normpath(annotations)} has category id {count - 1}, "
+                                f"beyond MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES} (ids "
+                                f"1..{config.MODEL.NUM_CLASSES - 1}, 0 the background)")
+
+    def build_model(self, config):
+        return build_detector(config, config.MODEL.NUM_CLASSES)
+
+    def describe(self, model):
+        n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return (f"model {self.config.MODEL.NAME}: {type(model).__name__} on the Focal FPN, "
+                f"{n_parameters / 1e6:.2f} M parameters, {self.config.MODEL.NUM_CLASSES} classes")
+
+    def no_weight_decay(self, model):
+        return no_weight_decay_names(model), ()
+
+    def load_pretrained(self, config, model, logger):
+        load_backbone_pretrained(config, model, logger)
+
+    def training_loss(self, model, samples, targets, device):
+        images = [image.to(device, non_blocking=True) for image in samples]
+        targets = [{key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+                    for key, value in target.items()} for target in targets]
+        losses = model(images, targets)
+        return sum(losses.values())
+
+    @torch.no_grad()
+    def evaluate(self, config, model, data_loader, device, autocast, logger):
+        model.eval()
+        with_masks = config.MODEL.DETECTION.DETECTOR == 'mask_rcnn'
+        results = {'bbox': [], 'segm': []}
+        batch_time, end = AverageMeter(), time.time()
+        for step, (images, targets) in enumerate(data_loader):
+            with autocast():
+                outputs = model([image.to(device, non_blocking=True) for image in images])
+            for target, output in zip(targets, outputs):
+                for kind, found in coco_results(target['image_id'], output, with_masks).items():
+                    results[kind] += found
+            batch_time.update(time.time() - end)
+            end = time.time()
+            if step % config.PRINT_FREQ == 0:
+                logger.info(f"Test: [{step}/{len(data_loader)}]\ttime {batch_time.val:.3f} "
+                            f"({batch_time.avg:.3f})\tmem {memory_mb(device):.0f}MB")
+        kinds = ['bbox', 'segm'] if with_masks else ['bbox']
+        metrics = score_on_rank_0({kind: results[kind] for kind in kinds}, self.coco_val, logger)
+        logger.info(' * ' + ' '.join(f"{kind} AP {metrics[f'{kind}_ap']:.3f}" for kind in kinds))
+        return metrics, metrics['bbox_ap']
+
+
+def coco_results(image_id, output, with_masks):
+    """One image's detections as COCO results: boxes [x, y, w, h], and masks (the detector's
+    probabilities thresholded at 0.5) as RLE."""
+    boxes = output['boxes'].float().cpu()
+    boxes[:, 2:] -= boxes[:, :2]
+    scores, labels = output['scores'].float().cpu().tolist(), output['labels'].cpu().tolist()
+    found = {'bbox': [{'image_id': image_id, 'category_id': label, 'bbox': box, 'score': score}
+                      for box, label, score in zip(boxes.tolist(), labels, scores)]}
+    if with_masks:
+        masks = (output['masks'][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+        rles = coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+        found['segm'] = [{'image_id': image_id, 'category_id': label, 'score': score,
+                          'segmentation': {'size': rle['size'], 'counts': rle['counts'].decode()}}
+                         for rle, label, score in zip(rles, labels, scores)]
+    return found
+
+
+def gather_results(results):
+    """Every process's results, on every process, ordered by image (stable within one)."""
+    if is_distributed():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, results)  # Python objects: works on gloo and NCCL
+        results = {kind: [found for part in gathered for found in part[kind]] for kind in results}
+    return {kind: sorted(found, key=lambda result: result['image_id'])
+            for kind, found in results.items()}
+
+
+def score_on_rank_0(results, coco_gt, logger):
+    """COCOeval of each kind of result over the whole validation set: rank 0 scores and logs
+    the summary table, every process gets the figures. Metrics in percent: '<kind>_ap',
+    '<kind>_ap50', '<kind>_ap75'."""
+    results = gather_results(results)
+    metrics = {}
+    if not is_distributed() or dist.get_rank() == 0:
+        for kind, found in results.items():
+            stats = coco_summary(coco_gt, found, kind, logger)
+            metrics.update({f'{kind}_ap': 100 * stats[0], f'{kind}_ap50': 100 * stats[1],
+                            f'{kind}_ap75': 100 * stats[2]})
+    if is_distributed():
+        shared = [metrics]
+        dist.broadcast_object_list(shared, src=0)
+        metrics = shared[0]
+    return metrics
+
+
+def coco_summary(coco_gt, found, kind, logger):
+    """pycocotools' 12 summary figures (fractions) of `found` results of `kind`, logging the
+    table; no detection at all scores 0."""
+    if not found:
+        logger.info(f"no {kind} detections: AP 0")
+        return [0.0] * 12
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        coco_dt = coco_gt.loadRes(found)
+        evaluator = COCOeval(coco_gt, coco_dt, iouType=kind)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    table = [line for line in printed.getvalue().splitlines() if line.startswith(' Average')]
+    images = len({result['image_id'] for result in found})
+    logger.info(f"COCO {kind}: {len(found)} detections on {images} images\n" + '\n'.join(table))
+    return [float(value) for value in evaluator.stats]

@@ -1,0 +1,407 @@
+"""Detection through main.py (TASK detection): COCO files read by torchvision's CocoDetection,
+Mask R-CNN on the Focal FPN, COCO AP from pycocotools gathered over every process, resume after
+SIGKILL, one-line errors for bad COCO input, and the recipes' models at the paper's sizes."""
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as coco_mask
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+import main
+from config import get_config
+from lr_scheduler import build_scheduler
+from optimizer import build_optimizer
+from helpers import (REPO, assert_ok, assert_same_training_state, run_main, start_main, wait_for)
+from tasks import build_task
+from tasks.detection import Detection
+
+# A micro Mask R-CNN for 32 px images: four one-block stages, a 16-channel pyramid, small heads.
+TINY_DETECTION = """\
+TASK: detection
+DATA:
+  DATASET: coco
+  IMG_SIZE: 32
+  MIN_SIZES: [28, 32]
+  TEST_MIN_SIZE: 32
+  MAX_SIZE: 40
+  BATCH_SIZE: 2
+  NUM_WORKERS: 0
+  PIN_MEMORY: False
+MODEL:
+  NAME: tiny_mask_rcnn
+  DROP_PATH_RATE: 0.1
+  DETECTION:
+    FPN_CHANNELS: 16
+    BOX_HEAD_WIDTH: 32
+    MASK_HEAD_LAYERS: 1
+    ROI_SAMPLES: 16
+    PROPOSALS: [50, 30]
+    ANCHOR_SIZES: [8, 16, 32, 64, 128]
+  FOCAL:
+    EMBED_DIM: 8
+    DEPTHS: [1, 1, 1, 1]
+    NUM_HEADS: [1, 1, 2, 2]
+    WINDOW_SIZE: 2
+    FOCAL_POOL: fc
+    FOCAL_LEVELS: [2, 2, 2, 2]
+    FOCAL_WINDOWS: [3, 1, 1, 1]
+    EXPAND_SIZES: [1, 1, 1, 1]
+TRAIN:
+  EPOCHS: 2
+  BASE_BATCH_SIZE: 16
+  BASE_LR: 1e-2
+  WARMUP_STEPS: 2
+  WARMUP_LR: 1e-4
+  LR_SCHEDULER:
+    NAME: multistep
+    MILESTONES: [1]
+AUG:
+  HFLIP: 0.5
+PRINT_FREQ: 2
+"""
+CATEGORIES = [{'id': 1, 'name': 'disc'}, {'id': 3, 'name': 'square'}]  # ids need not be dense
+COLOURS = {1: (220, 60, 40), 3: (40, 200, 60)}
+
+
+def scene(size, rng):
+    """(RGB image, [(category id, mask)]): one or two large shapes on noise, not overlapping."""
+    image = rng.integers(0, 80, (size, size, 3))
+    rows, cols = np.mgrid[:size, :size]
+    objects = []
+    for index in range(int(rng.integers(1, 3))):
+        category = CATEGORIES[int(rng.integers(0, 2))]['id']
+        half = size // 4
+        row, col = size // 4 + 2, size // 4 + 2 + index * (size // 2 - 2)
+        row += int(rng.integers(-2, 3))
+        if category == 1:
+            inside = (rows - row - half // 2) ** 2 + (cols - col) ** 2 < (half * 0.9) ** 2
+        else:
+            inside = (abs(rows - row - half // 2) < half * 0.8) & (abs(cols - col) < half * 0.8)
+        image[inside] = COLOURS[category]
+        objects.append((category, inside))
+    return image.astype(np.uint8), objects
+
+
+def write_coco(root, splits=(('train', 8), ('val', 5)), size=32, seed=0):
+    """root/{train2017,val2017}/*.png and root/annotations/instances_*.json (RLE masks)."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, 'annotations'), exist_ok=True)
+    annotation_id = 1
+    for split, count in splits:
+        folder = os.path.join(root, f'{split}2017')
+        os.makedirs(folder, exist_ok=True)
+        images, annotations = [], []
+        for image_id in range(1, count + 1):
+            image, objects = scene(size, rng)
+            name = f'{image_id:06d}.png'
+            Image.fromarray(image).save(os.path.join(folder, name))
+            images.append({'id': image_id, 'file_name': name, 'height': size, 'width': size})
+            for category, mask in objects:
+                rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
+                x, y, w, h = coco_mask.toBbox(rle).tolist()
+                annotations.append({'id': annotation_id, 'image_id': image_id, 'category_id': category,
+                                    'bbox': [x, y, w, h], 'area': float(coco_mask.area(rle)),
+                                    'iscrowd': 0, 'segmentation': {'size': rle['size'],
+                                                                   'counts': rle['counts'].decode()}})
+                annotation_id += 1
+        with open(os.path.join(root, 'annotations', f'instances_{split}2017.json'), 'w') as f:
+            json.dump({'images': images, 'annotations': annotations, 'categories': CATEGORIES}, f)
+    return str(root)
+
+
+@pytest.fixture(scope='module')
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp('detection')
+    cfg = root / 'tiny_detection.yaml'
+    cfg.write_text(TINY_DETECTION)
+    return root, write_coco(root / 'coco'), str(cfg)
+
+
+def load_config(cfg, data, *opts, **flags):
+    return get_config(argparse.Namespace(cfg=cfg, data_path=data, opts=list(opts), **flags))
+
+
+def run_folder(output):
+    return os.path.join(output, 'tiny_mask_rcnn', 'default')
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+class KnownDetections(torch.nn.Module):
+    """A stand-in Mask R-CNN that answers each image (by its first pixel) with set detections."""
+
+    def __init__(self, detections):
+        super().__init__()
+        self.detections = detections
+
+    def forward(self, images):
+        return [self.detections[int(round(image[0, 0, 0].item() * 255))] for image in images]
+
+
+def test_ap_of_known_detections_is_pycocotools_own(workspace, tmp_path, caplog):
+    """The evaluation of set detections (exact, shifted, wrong class, spurious) reports the AP
+    that pycocotools computes from the same detections, box and mask, and its summary table."""
+    _, data, cfg = workspace
+    data = shutil.copytree(data, tmp_path / 'coco')
+    gt = COCO(os.path.join(data, 'annotations', 'instances_val2017.json'))
+    detections, results = {}, {'bbox': [], 'segm': []}
+    for image_id in gt.getImgIds():
+        # mark the image so that the stand-in knows which one it is given
+        path = os.path.join(data, 'val2017', gt.loadImgs(image_id)[0]['file_name'])
+        pixels = np.array(Image.open(path))
+        pixels[0, 0] = image_id
+        Image.fromarray(pixels).save(path)
+        boxes, labels, scores, masks = [], [], [], []
+        for n, annotation in enumerate(gt.loadAnns(gt.getAnnIds(imgIds=image_id))):
+            x, y, w, h = annotation['bbox']
+            shift = [0, 0, 0, 2, 5][(image_id + n) % 5]  # some exact, some off by a few pixels
+            label = annotation['category_id'] if (image_id + n) % 4 else 4 - annotation['category_id']
+            boxes.append([x + shift, y, x + w + shift, y + h])
+            labels.append(label)
+            scores.append(0.9 - 0.1 * n)
+            mask = torch.from_numpy(gt.annToMask(annotation)).float().roll(shift, dims=1)
+            masks.append(mask[None])
+        boxes.append([0, 0, 10, 10])  # spurious
+        labels.append(1)
+        scores.append(0.3)
+        masks.append(torch.zeros(1, 32, 32))
+        masks[-1][:, :10, :10] = 1
+        detections[image_id] = {'boxes': torch.tensor(boxes, dtype=torch.float),
+                                'labels': torch.tensor(labels), 'scores': torch.tensor(scores),
+                                'masks': torch.stack(masks)}
+        for box, label, score, mask in zip(boxes, labels, scores, masks):
+            rle = coco_mask.encode(np.asfortranarray((mask[0] > 0.5).numpy().astype(np.uint8)))
+            rle['counts'] = rle['counts'].decode()
+            results['bbox'].append({'image_id': image_id, 'category_id': label, 'score': score,
+                                    'bbox': [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
+            results['segm'].append({'image_id': image_id, 'category_id': label, 'score': score,
+                                    'segmentation': rle})
+    expected = {}
+    for kind in ('bbox', 'segm'):
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator = COCOeval(gt, gt.loadRes(results[kind]), kind)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        expected[kind] = 100 * evaluator.stats[0]
+    assert 20 < expected['bbox'] < 95 and 20 < expected['segm'] < 95  # neither trivial
+
+    config = load_config(cfg, str(data), eval=True)
+    task = Detection(config)
+    _, loader = task.build_loaders(config)
+
+    with caplog.at_level(logging.INFO, logger='test_ap'):
+        metrics, headline = task.evaluate(config, KnownDetections(detections), loader,
+                                          torch.device('cpu'), contextlib.nullcontext,
+                                          logging.getLogger('test_ap'))
+    assert headline == pytest.approx(expected['bbox'], abs=1e-9)
+    assert metrics['segm_ap'] == pytest.approx(expected['segm'], abs=1e-9)
+    assert f" * bbox AP {expected['bbox']:.3f} segm AP {expected['segm']:.3f}" in caplog.text
+    assert caplog.text.count('Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all') == 2
+
+
+def test_two_processes_score_what_one_does(workspace):
+    """--eval --resume of a trained detector under torchrun (2 processes on gloo, 5 val images
+    split 3 + 2) logs the same COCO tables and AP as one process."""
+    root, data, cfg = workspace
+    output = str(root / 'train_for_eval')
+    assert_ok(run_main(root, ['--cfg', cfg, '--data-path', data, '--output', output]))
+    checkpoint = os.path.join(run_folder(output), 'ckpt_epoch_1.pth')
+    summaries = []
+    for nproc in (1, 2):
+        result = run_main(root, ['--cfg', cfg, '--data-path', data, '--eval', '--resume', checkpoint,
+                                 '--output', str(root / f'eval_{nproc}')], nproc=nproc)
+        assert_ok(result)
+        summaries.append([line.split('INFO ')[-1] for line in result.stdout.splitlines()
+                          if 'Average' in line or ' * bbox AP' in line or 'detections on' in line])
+    assert len(summaries[0]) == 2 * 13 + 1 and summaries[0] == summaries[1]
+    # every image's detections reached the scoring, and there are some
+    counts = re.findall(r'COCO (?:bbox|segm): (\d+) detections on (\d+) images', '\n'.join(summaries[0]))
+    assert len(counts) == 2 and all(int(found) > 0 and images == '5' for found, images in counts)
+
+
+def test_a_few_training_steps_on_the_demo_scenes_lower_the_loss(tmp_path):
+    """The demo config's detector (on the smallest digit scenes) trained 6 steps on one batch."""
+    config = load_config(os.path.join(REPO, 'configs', 'detection', 'mask_rcnn_focal_micro_digits.yaml'),
+                         str(tmp_path), 'DATA.IMG_SIZE', '32', 'DATA.MIN_SIZES', '[32]',
+                         'DATA.TEST_MIN_SIZE', '32', 'DATA.MAX_SIZE', '32')
+    task = build_task(config)
+    loader, _ = task.build_loaders(config)
+    torch.manual_seed(0)
+    model = task.build_model(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loader.sampler.set_epoch(0)
+    samples, targets, _ = next(iter(loader))
+    model.train()
+    losses = []
+    for _ in range(6):
+        loss = task.training_loss(model, samples, targets, torch.device('cpu'))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_sigkill_and_restart_end_bit_identical(workspace):
+    """Flip and multi-scale augmentation, drop path, a checkpoint every 2 steps; the run is
+    killed in epoch 1 and restarted with the same command."""
+    root, data, cfg = workspace
+    args = ['--cfg', cfg, '--data-path', data, '--opts', 'TRAIN.SAVE_EVERY_STEPS', '1',
+            'TRAIN.EPOCHS', '3']
+    assert_ok(run_main(root, args + ['--output', str(root / 'straight')]))
+    killed = run_folder(str(root / 'killed'))
+    process = start_main(root, args + ['--output', str(root / 'killed')],
+                         log_path=root / 'killed.log', new_session=True)
+    try:
+        wait_for(lambda: os.path.exists(os.path.join(killed, 'ckpt_epoch_1_step_2.pth')), process)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert not os.path.exists(os.path.join(killed, 'ckpt_epoch_2.pth'))
+    restarted = run_main(root, args + ['--output', str(root / 'killed')])
+    assert_ok(restarted)
+    assert re.search(r'continuing at epoch 1 step [23]', restarted.stdout), restarted.stdout[-2000:]
+    assert_same_training_state(os.path.join(run_folder(str(root / 'straight')), 'ckpt_epoch_2.pth'),
+                               os.path.join(killed, 'ckpt_epoch_2.pth'))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line naming the file, exit status 2, nothing left behind
+# ---------------------------------------------------------------------------------------------
+def broken_copy(data, tmp_path, break_it):
+    copy = shutil.copytree(data, tmp_path / 'broken')
+    break_it(str(copy))
+    return str(copy)
+
+
+def not_json(root):
+    with open(os.path.join(root, 'annotations', 'instances_val2017.json'), 'w') as f:
+        f.write('{"images": [')
+
+
+def not_coco(root):
+    with open(os.path.join(root, 'annotations', 'instances_train2017.json'), 'w') as f:
+        json.dump({'images': [{'id': 1}], 'annotations': [], 'categories': []}, f)
+
+
+def image_missing(root):
+    os.remove(os.path.join(root, 'val2017', '000004.png'))
+
+
+@pytest.mark.parametrize('break_it, opts, message', [
+    (not_json, [], r"instances_val2017\.json is not COCO JSON: Expecting value: line 1"),
+    (not_coco, [], r"instances_train2017\.json: an entry of 'images' has no file_name, height, width"),
+    (image_missing, [], r"1 images listed in .*instances_val2017\.json are missing: .*val2017/000004\.png"),
+    (None, ['MODEL.NUM_CLASSES', '3'], r"instances_train2017\.json has category id 3, beyond "
+                                       r"MODEL\.NUM_CLASSES 3"),
+])
+def test_bad_coco_input_is_one_line_naming_the_file(workspace, tmp_path, capsys, break_it, opts, message):
+    _, data, cfg = workspace
+    if break_it is not None:
+        data = broken_copy(data, tmp_path, break_it)
+    output = str(tmp_path / 'out')
+    status = main.cli(['--cfg', cfg, '--data-path', data, '--output', output, '--opts', *opts]
+                      if opts else ['--cfg', cfg, '--data-path', data, '--output', output])
+    err = capsys.readouterr().err
+    assert status == main.EXIT_BAD_INPUT
+    assert len(err.strip().splitlines()) == 1 and err.startswith('error: '), err
+    assert re.search(message, err), err
+    assert not os.path.exists(output)
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipes
+# ---------------------------------------------------------------------------------------------
+DETECTION_CONFIGS = os.path.join(REPO, 'configs', 'detection')
+# The seed table's parameter counts in millions (the paper's Table 5, as mmdetection counts them).
+PAPER_PARAMETERS = {('mask_rcnn', 'tiny'): 49, ('mask_rcnn', 'small'): 71, ('mask_rcnn', 'base'): 110,
+                    ('retinanet', 'tiny'): 39, ('retinanet', 'small'): 62, ('retinanet', 'base'): 101}
+
+
+def recipe(detector, size, schedule):
+    return load_config(os.path.join(DETECTION_CONFIGS, f'{detector}_focal_{size}_{schedule}.yaml'), '')
+
+
+@pytest.mark.parametrize('detector, size', sorted(PAPER_PARAMETERS))
+def test_recipe_models_have_the_papers_parameter_counts(detector, size):
+    """Each 1x recipe builds its detector at the paper's size; torchvision's heads (91 classes,
+    class-specific boxes) differ from mmdetection's by less than a million parameters. The 3x
+    recipe builds the same model."""
+    config = recipe(detector, size, '1x')
+    assert config.MODEL.DETECTION.DETECTOR == detector
+    model = Detection(config).build_model(config)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count / 1e6 - PAPER_PARAMETERS[detector, size]) < 1.0, count
+    three_x = recipe(detector, size, '3x')
+    assert three_x.MODEL.NAME == config.MODEL.NAME.replace('_1x', '_3x')
+    assert all(three_x.MODEL[key] == config.MODEL[key] for key in config.MODEL if key != 'NAME')
+    assert three_x.TRAIN.EPOCHS == 36
+    assert three_x.TRAIN.LR_SCHEDULER.MILESTONES == [27, 33] and config.TRAIN.LR_SCHEDULER.MILESTONES == [8, 11]
+    assert three_x.DATA.MIN_SIZES == list(range(480, 801, 32)) and config.DATA.MIN_SIZES == [800]
+
+
+def test_recipe_optimizer_skips_the_focal_no_weight_decay_names():
+    """AdamW at 1e-4 per 16 images, weight decay 0.05 except on the Focal position-bias tables,
+    norms and biases; the schedule warms up over 500 steps and divides by 10 at epochs 8 and 11."""
+    config = load_config(os.path.join(DETECTION_CONFIGS, 'mask_rcnn_focal_tiny_1x.yaml'), '',
+                         'MODEL.FOCAL.DEPTHS', '[1, 1, 1, 1]')
+    assert (config.TRAIN.BASE_LR, config.TRAIN.WEIGHT_DECAY, config.TRAIN.BASE_BATCH_SIZE) == (1e-4, 0.05, 16)
+    task = Detection(config)
+    model = task.build_model(config)
+    names, _ = task.no_weight_decay(model)
+    assert 'backbone.body.layers.0.blocks.0.attn.relative_position_bias_table' in names
+    optimizer = build_optimizer(config, model, *task.no_weight_decay(model))
+    no_decay = {id(p) for p in optimizer.param_groups[1]['params']}
+    parameters = dict(model.named_parameters())
+    assert all(id(parameters[name]) in no_decay for name in names)
+    scheduler = build_scheduler(config, optimizer, 100)
+    rates = []
+    for step in (0, 250, 500, 799, 800, 1099, 1100):
+        scheduler.step_update(step)
+        rates.append(optimizer.param_groups[0]['lr'])
+    assert rates[0] < 1e-6 and rates[1] == pytest.approx(0.5e-4, rel=0.01)
+    assert rates[2:5] == pytest.approx([1e-4, 1e-4, 1e-5]) and rates[5:] == pytest.approx([1e-5, 1e-6])
+
+
+def test_pretrained_classifier_weights_load_into_the_backbone(workspace, tmp_path):
+    """--pretrained: a released-format classification checkpoint (under 'model', with its head)
+    of the backbone's architecture fills the Focal stages exactly; one of another width is
+    refused in one line naming the file."""
+    import timm
+    from models.build import focal_arguments
+    from models.checkpoint import CheckpointError
+    _, data, cfg = workspace
+    config = load_config(cfg, data)
+    arguments = dict(focal_arguments(config), num_classes=7)
+    classifier = timm.create_model('focal_tiny_patch4_window7_224', **arguments)
+    path = str(tmp_path / 'classifier.pth')
+    torch.save({'model': classifier.state_dict()}, path)
+    task = Detection(config)
+    detector = task.build_model(config)
+    task.load_pretrained(load_config(cfg, data, pretrained=path), detector, logging.getLogger('test'))
+    body = detector.backbone.body.state_dict()
+    for key, value in classifier.state_dict().items():
+        if key in body:
+            assert torch.equal(body[key], value), key
+    assert sum(key in body for key in classifier.state_dict()) > 10
+
+    torch.save({'model': timm.create_model('focal_tiny_patch4_window7_224',
+                                           **dict(arguments, embed_dim=16)).state_dict()}, path)
+    with pytest.raises(CheckpointError, match=r'classifier\.pth: checkpoint does not fit the Focal backbone'):
+        task.load_pretrained(load_config(cfg, data, pretrained=path), detector, logging.getLogger('test'))
