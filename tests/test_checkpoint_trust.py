@@ -186,7 +186,7 @@ def test_an_original_training_checkpoint_evaluates_and_fine_tunes(workspace, sub
     returncode, stdout, stderr, _ = run_main_case(workspace, subprocess_outcomes,
                                                   'original checkpoint: --eval --resume', capsys)
     assert returncode == 0, stderr[-3000:]
-    assert 'Accuracy of the network on the 6 test images' in stdout
+    assert 'Acc@1 of the network on the 6 test images' in stdout
     returncode, stdout, stderr, output = subprocess_outcomes['original checkpoint: --pretrained']
     assert returncode == 0, stderr[-3000:]
     assert 'pretrained weights: copied' in stdout
