@@ -2,6 +2,6 @@
 unreadable training images."""
 from .bad_samples import UnreadableImages
 from .build import build_loader, build_transform
-from .image_io import DataError
+from .image_io import DataError, dataset_folder
 
-__all__ = ['build_loader', 'build_transform', 'DataError', 'UnreadableImages']
+__all__ = ['build_loader', 'build_transform', 'DataError', 'UnreadableImages', 'dataset_folder']

@@ -14,7 +14,7 @@ from torchvision import datasets, transforms
 
 from .bad_samples import ReplaceUnreadable, collate_training_batch
 from .cached_image_folder import CachedImageFolder
-from .image_io import DataError, load_rgb
+from .image_io import DataError, dataset_folder, load_rgb
 from .samplers import ResumableDistributedSampler, SeededSamples, ShardSampler
 
 DIGITS_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'focal_transformer', 'digits')
@@ -92,11 +92,7 @@ def _data_root(config, rank):
                                          config.DATA.IMG_SIZE, is_writer=rank == 0)
     if config.DATA.DATASET != 'imagenet':
         raise DataError(f"unknown DATA.DATASET {config.DATA.DATASET!r} (use 'imagenet' or 'digits')")
-    if not config.DATA.DATA_PATH:
-        raise DataError("DATA.DATA_PATH is not set: pass --data-path")
-    if not os.path.isdir(config.DATA.DATA_PATH):
-        raise DataError(f"data folder not found: {config.DATA.DATA_PATH}")
-    return config.DATA.DATA_PATH
+    return dataset_folder(config.DATA.DATA_PATH, 'the folder holding train/ and val/')
 
 
 def _build_dataset(split, root, config, rank, world_size):

@@ -4,6 +4,7 @@
 # --------------------------------------------------------
 """Decoding images into RGB, with errors that name the file."""
 import io
+import os
 
 from PIL import Image
 
@@ -20,6 +21,16 @@ class DataError(Exception):
         last_line = str(message).strip().splitlines()[-1] if str(message).strip() else ''
         super().__init__(last_line.split('DataError: ', 1)[-1])
         self.path = path
+
+
+def dataset_folder(path, what):
+    """`path` (DATA.DATA_PATH), checked to be an existing folder; `what` says which folder is
+    expected, for the error when none is given."""
+    if not path:
+        raise DataError(f"DATA.DATA_PATH is not set: pass --data-path ({what})")
+    if not os.path.isdir(path):
+        raise DataError(f"data folder not found: {path}")
+    return path
 
 
 def decode_rgb(source, name):

@@ -27,7 +27,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from data import DataError
+from data import DataError, dataset_folder
 from data.bad_samples import ReplaceUnreadable
 from data.coco import (check_images_exist, collate_detection_eval, collate_detection_training,
                        detection_transform, keep_trainable_images, num_classes_needed, read_coco,
@@ -57,11 +57,7 @@ def coco_root(config, rank):
     if config.DATA.DATASET != 'coco':
         raise DataError(f"TASK detection reads DATA.DATASET 'coco' or 'digits', "
                         f"not {config.DATA.DATASET!r}")
-    if not config.DATA.DATA_PATH:
-        raise DataError("DATA.DATA_PATH is not set: pass --data-path (the COCO 2017 folder)")
-    if not os.path.isdir(config.DATA.DATA_PATH):
-        raise DataError(f"data folder not found: {config.DATA.DATA_PATH}")
-    return config.DATA.DATA_PATH
+    return dataset_folder(config.DATA.DATA_PATH, 'the COCO 2017 folder')
 
 
 def build_detector(config, num_classes):

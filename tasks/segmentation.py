@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.utils import AverageMeter
 from torch.utils.data import DataLoader
 
-from data import DataError
+from data import DataError, dataset_folder
 from data.ade20k import (ADE20K_NUM_CLASSES, IGNORE_INDEX, ADE20KSegmentation, eval_transform,
                          rescaled_size, train_transform)
 from data.bad_samples import ReplaceUnreadable, collate_training_batch
@@ -48,11 +48,7 @@ def ade20k_root(config, rank):
         return os.path.join(folder, ADE_DIR), len(ADE_CLASSES)
     if config.DATA.DATASET != 'ade20k':
         raise DataError(f"TASK segmentation reads DATA.DATASET 'ade20k' or 'digits', not {config.DATA.DATASET!r}")
-    if not config.DATA.DATA_PATH:
-        raise DataError("DATA.DATA_PATH is not set: pass --data-path (the ADEChallengeData2016 folder)")
-    if not os.path.isdir(config.DATA.DATA_PATH):
-        raise DataError(f"data folder not found: {config.DATA.DATA_PATH}")
-    return config.DATA.DATA_PATH, ADE20K_NUM_CLASSES
+    return dataset_folder(config.DATA.DATA_PATH, 'the ADEChallengeData2016 folder'), ADE20K_NUM_CLASSES
 
 
 def build_segmenter(config):
