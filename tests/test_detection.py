@@ -403,5 +403,5 @@ def test_pretrained_classifier_weights_load_into_the_backbone(workspace, tmp_pat
 
     torch.save({'model': timm.create_model('focal_tiny_patch4_window7_224',
                                            **dict(arguments, embed_dim=16)).state_dict()}, path)
-    with pytest.raises(CheckpointError, match=r'classifier\.pth: checkpoint does not fit the Focal backbone'):
+    with pytest.raises(CheckpointError, match=r'classifier\.pth does not fit the Focal backbone'):
         task.load_pretrained(load_config(cfg, data, pretrained=path), detector, logging.getLogger('test'))
