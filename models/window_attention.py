@@ -14,6 +14,7 @@ On the CPU the logits are either materialised between batched matrix products, a
 a time, or left to PyTorch's fused kernel. `set_cpu_attention` chooses which, as timm's
 `set_fused_attn` chooses its kernels.
 """
+import functools
 from typing import Tuple
 
 import torch
@@ -31,6 +32,7 @@ _cpu_kernel = 'auto'
 _chunk_bytes = DEFAULT_CHUNK_BYTES
 
 
+@functools.lru_cache(maxsize=None)  # asked by every bf16 block's forward; the CPU does not change
 def cpu_bf16_instructions() -> Tuple[str, ...]:
     """The bf16 dot-product instruction sets PyTorch found on this CPU ('avx512_bf16', 'amx_bf16');
     without them bf16 products are emulated."""
