@@ -68,7 +68,7 @@ from models.checkpoint import CheckpointError, atomic_write, error_line
 from optimizer import build_optimizer
 from tasks import build_task
 from utils import (BEST_CHECKPOINT, CheckpointWriteError, TrainingState, auto_resume_helper,
-                   load_checkpoint, parse_checkpoint_name, prune_checkpoints,
+                   load_checkpoint, load_pretrained, parse_checkpoint_name, prune_checkpoints,
                    save_checkpoint)
 
 EXIT_TRAINING_FAILED = 1
@@ -416,7 +416,7 @@ def run(config, logger, rank, world_size, device, task, model, data_loader_train
         else:
             logger.info(f"no checkpoint found in {config.OUTPUT}, ignoring auto resume")
     if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
-        task.load_pretrained(config, model, logger)
+        load_pretrained(config, model, logger)  # into the classifier or the task's backbone
     model_ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
     state = TrainingState(model, optimizer, lr_scheduler, loss_scaler,
                           UnreadableImages(config.DATA.MAX_BAD_SAMPLES, device), model_ema)

@@ -28,7 +28,6 @@ from models.backbone import load_backbone_checkpoint
 from models.checkpoint import (CheckpointError, atomic_write, check_fits, error_line, model_weights,
                                read_checkpoint, resolve)
 from models.focal_transformer import checkpoint_filter_fn
-from models.pretrained import transfer_weights
 
 
 # ckpt_epoch_{E}.pth is written after epoch E; ckpt_epoch_{E}_step_{S}.pth after S batches of it.
@@ -187,24 +186,16 @@ def load_checkpoint(config, state, logger, steps_per_epoch=None):
 
 
 def load_pretrained(config, model, logger):
-    """Weights only, for fine-tuning: models.pretrained.transfer_weights copies what fits, resizes
-    the focal tables to a new window, starts new tensors (e.g. another head) fresh, and reports."""
+    """--pretrained: the weights of MODEL.PRETRAINED into the Focal Transformer that `model` is (a
+    classifier) or holds (a detector's or segmenter's backbone), adapted by
+    models.pretrained.transfer_weights: copied where they fit, the focal tables resized to a new
+    window or focal window, new tensors (another head, neighbour keys) fresh; logged."""
     path = config.MODEL.PRETRAINED
     logger.info(f"==> Loading pretrained weights from {path}")
-    state_dict, report = transfer_weights(model_weights(read_logged(path, logger), path), model, path)
-    model.load_state_dict(state_dict, strict=True)
+    report = load_backbone_checkpoint(model, read_logged(path, logger), path)
     logger.info(f"=> {path}: {report.summary()}")
     for line in report.details():
         logger.debug(line)
-
-
-def load_backbone_pretrained(config, model, logger):
-    """--pretrained for a detector or segmenter: the classification weights of MODEL.PRETRAINED
-    into the Focal Transformer inside `model`, strictly (models.backbone.load_backbone_checkpoint)."""
-    path = config.MODEL.PRETRAINED
-    logger.info(f"==> Loading the backbone from classification weights {path}")
-    left_out = load_backbone_checkpoint(model, path)
-    logger.info(f"=> {path}: backbone loaded, left out {', '.join(left_out) or 'nothing'}")
 
 
 def auto_resume_helper(output_dir, logger=None):

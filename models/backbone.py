@@ -5,9 +5,11 @@ torchvision backbone of `models.detection` all hold one `FocalTransformer`. The 
 find it wherever it sits:
 
 - `load_backbone_checkpoint(model, checkpoint)` loads a classification checkpoint (any file or URL
-  `models.checkpoint` reads: released, training, .pdparams, safetensors) into it strictly: only
-  what a backbone has no use for (the classifier, and the final norm where the feature wrapper
-  pruned it) is left out; any other difference is an error naming the keys.
+  `models.checkpoint` reads: released, training, .pdparams, safetensors) into it through
+  `models.pretrained.transfer_weights`: the focal tables follow the backbone's geometry (the
+  detection recipes' larger focal windows, the neighbour keys a stage gains at a segmentation
+  crop size), what a backbone has no use for (the classifier, the final norm where the feature
+  wrapper pruned it) is left out, and any other difference is an error naming the keys.
 - `no_weight_decay_names(model)` names, in `model`'s own parameter names, the Focal parameters that
   train without weight decay (position embedding and relative-position bias tables), for
   `optimizer.parameter_groups(model, weight_decay, skip_names=...)`.
@@ -16,12 +18,9 @@ import os
 
 from torch import nn
 
-from .checkpoint import check_fits, model_weights, read_checkpoint
-from .focal_transformer import FocalTransformer, checkpoint_filter_fn
-
-# What a classification checkpoint has and a backbone may lack: the classifier, and the final norm
-# (timm's feature wrappers prune it when the last map is returned unnormalised).
-CLASSIFIER_ONLY_PREFIXES = ('head.', 'norm.')
+from .checkpoint import model_weights, read_checkpoint
+from .focal_transformer import FocalTransformer
+from .pretrained import TransferReport, transfer_weights
 
 
 def find_focal(model: nn.Module) -> tuple[str, FocalTransformer]:
@@ -34,29 +33,25 @@ def find_focal(model: nn.Module) -> tuple[str, FocalTransformer]:
     return found[0]
 
 
-def load_backbone_checkpoint(model: nn.Module, checkpoint) -> list[str]:
-    """Load a classification checkpoint into the Focal Transformer inside `model`, strictly.
+def load_backbone_checkpoint(model: nn.Module, checkpoint, source: str = 'checkpoint') -> TransferReport:
+    """Load a classification checkpoint into the Focal Transformer inside `model` (or `model` itself).
 
-    `checkpoint`: a file path or URL (read by `models.checkpoint.read_checkpoint`), or a state dict
-    in the released layout (raw or under 'model', DDP / torch.compile prefixes allowed). The
-    reference's index buffers are dropped by `checkpoint_filter_fn`; `head.*` and `norm.*` are
-    dropped only if the backbone lacks them. Every other parameter must match in name and shape,
-    otherwise a CheckpointError (a ValueError) names the keys. Returns the checkpoint keys left out.
+    `checkpoint`: a file path or URL (read by `models.checkpoint.read_checkpoint`), or what such a
+    file holds (`source` names it in errors): a state dict in the released layout, raw or under
+    'model', DDP / torch.compile prefixes allowed. Tensors are copied, or resized where only the
+    geometry differs (window, focal windows, image size: `models.pretrained`); neighbour tables the
+    checkpoint lacks start fresh, and `head.*` and `norm.*` are left out where the model lacks them.
+    Any other difference raises a CheckpointError (a ValueError) naming the keys. Returns the
+    TransferReport: what was copied, resized, started fresh and left out ('ignored').
     """
-    source = 'checkpoint'
     if isinstance(checkpoint, (str, os.PathLike)):
         source = os.fspath(checkpoint)
         checkpoint = read_checkpoint(source)
     _, focal = find_focal(model)
-    state_dict = checkpoint_filter_fn(model_weights(checkpoint, source), focal)
-    expected = focal.state_dict()
-    left_out = sorted(key for key in state_dict
-                      if key not in expected and key.startswith(CLASSIFIER_ONLY_PREFIXES))
-    for key in left_out:
-        del state_dict[key]
-    check_fits(state_dict, expected, source, 'the Focal backbone')
+    target = 'this model' if focal is model else 'the Focal backbone'
+    state_dict, report = transfer_weights(model_weights(checkpoint, source), focal, source, target)
     focal.load_state_dict(state_dict, strict=True)
-    return left_out
+    return report
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:

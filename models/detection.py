@@ -102,8 +102,9 @@ def focal_fpn_backbone(model_name: str = 'focal_tiny_patch4_window7_224', pretra
     `extra_blocks=LastLevelP6P7(out_channels, out_channels)`).
 
     `pretrained`: path or URL of a classification checkpoint (released, training, .pdparams or
-    safetensors), loaded strictly into the stages (`models.backbone.load_backbone_checkpoint`). `drop_path_rate` and `model_kwargs` (any
-    architecture argument of FocalTransformer) go to `timm.create_model`.
+    safetensors), loaded into the stages with the focal tables fitted to their geometry
+    (`models.backbone.load_backbone_checkpoint`). `drop_path_rate` and `model_kwargs` (any
+    architecture argument of FocalTransformer, e.g. `focal_windows`) go to `timm.create_model`.
     """
     body = timm.create_model(model_name, num_classes=0, drop_path_rate=drop_path_rate, **model_kwargs)
     if pretrained is not None:

@@ -1,9 +1,10 @@
-"""Carry a checkpoint's weights into a freshly built Focal Transformer for fine-tuning.
+"""Carry a checkpoint's weights into a freshly built Focal Transformer: fine-tuning, and the
+backbone of a detector or segmenter (`models.backbone.load_backbone_checkpoint`).
 
 `transfer_weights(state_dict, model)` maps every tensor of a checkpoint (a released file with
 the reference's index buffers, a `{'model': ...}` dict or one of our training checkpoints)
-onto the model, which may differ in image size, window size, expand sizes or number of
-classes. Each model tensor is
+onto the model, which may differ in image size, window size, focal windows, expand sizes or
+number of classes. Each model tensor is
 
 - copied when the checkpoint holds it with the same shape;
 - resized when only the geometry changed:
@@ -23,8 +24,8 @@ classes. Each model tensor is
   whose map exceeds the window gains neighbour keys).
 
 Checkpoint tensors the model lacks are ignored when they are a neighbour table (the block has no
-neighbour keys at the new geometry) or the classifier (the model has none); the reference's integer
-index buffers are dropped. Anything else that does not fit is a different architecture: a
+neighbour keys at the new geometry), the classifier or the final norm (a backbone has neither);
+the reference's integer index buffers are dropped. Anything else that does not fit is a different architecture: a
 CheckpointError names the keys.
 """
 import functools
@@ -44,6 +45,10 @@ WINDOWS_TABLE = re.compile(r'\.attn\.relative_position_bias_table_to_windows\.\d
 NEIGHBOURS_TABLE = re.compile(r'\.attn\.relative_position_bias_table_to_neighbors$')
 POOL_WEIGHT = re.compile(r'\.pool_layers\.\d+\.weight$')
 HEAD = ('head.weight', 'head.bias')
+# What a classifier has and a backbone may lack: the classifier, and the final norm (timm's feature
+# wrappers prune it when the last map is returned unnormalised). The reason each is left out:
+CLASSIFIER_ONLY = {'head.weight': 'the model has no classifier', 'head.bias': 'the model has no classifier',
+                   'norm.weight': 'the model has no final norm', 'norm.bias': 'the model has no final norm'}
 
 
 @dataclass
@@ -94,23 +99,23 @@ class TransferReport:
         return lines
 
 
-def transfer_weights(state_dict, model, source='the checkpoint'):
+def transfer_weights(state_dict, model, source='the checkpoint', target='this model'):
     """Adapt `state_dict` (raw, `{'model': ...}`, released layout or ours) to `model`.
 
     Returns (state dict that `model.load_state_dict(..., strict=True)` accepts, TransferReport).
     Tensors that start fresh are clones of the model's current (freshly initialised) ones.
-    Raises a CheckpointError naming `source` and the keys when the checkpoint is of another
-    architecture.
+    Raises a CheckpointError naming `source`, `target` and the keys when the checkpoint is of
+    another architecture.
     """
     unwrapped = unwrap_state_dict(state_dict)
     checkpoint = checkpoint_filter_fn(unwrapped, model)  # drops the reference's index buffers
-    target = model.state_dict()
+    expected = model.state_dict()
     report = TransferReport()
     report.dropped_buffers = len(unwrapped) - len(checkpoint)
     missing, unexpected, wrong_shape = [], [], []
     result = {}
 
-    for key, fresh in target.items():
+    for key, fresh in expected.items():
         old = checkpoint.get(key)
         if old is None:
             if NEIGHBOURS_TABLE.search(key) or key in HEAD:
@@ -132,19 +137,19 @@ def transfer_weights(state_dict, model, source='the checkpoint'):
         report.add(key, tuple(old.shape), tuple(fresh.shape), action, note)
 
     for key, old in checkpoint.items():
-        if key in target:
+        if key in expected:
             continue
         if NEIGHBOURS_TABLE.search(key):
             report.add(key, tuple(old.shape), None, 'ignored',
                        'the model block has no neighbour keys')
-        elif key in HEAD:
-            report.add(key, tuple(old.shape), None, 'ignored', 'the model has no classifier')
+        elif key in CLASSIFIER_ONLY:
+            report.add(key, tuple(old.shape), None, 'ignored', CLASSIFIER_ONLY[key])
         else:
             unexpected.append(key)
 
     report_line = key_mismatch(missing, unexpected, wrong_shape)
     if report_line:
-        raise CheckpointError(f'{source} does not fit this model (another architecture?): {report_line}')
+        raise CheckpointError(f'{source} does not fit {target} (another architecture?): {report_line}')
     return result, report
 
 

@@ -39,9 +39,6 @@ reference):
       Parameter names (and name substrings) trained without weight decay, in `model`'s own
       names (`models.backbone.no_weight_decay_names` for a dense model); 1-D tensors and biases are
       exempt anyway (`optimizer.parameter_groups`).
-  load_pretrained(config, model, logger)
-      --pretrained: load the weights of MODEL.PRETRAINED (a classification checkpoint) into the
-      model or its backbone; a bad file raises `models.checkpoint.CheckpointError` (one line).
   training_loss(model, samples, targets, device) -> scalar tensor
       Move the batch to `device`, run the forward pass of `model` (DDP and/or compiled: call it,
       never its submodules) in training mode and return the loss to minimise. Called inside

@@ -9,7 +9,6 @@ from data import build_loader
 from distributed import reduce_sum
 from logger import memory_mb
 from models import build_model
-from utils import load_pretrained
 
 
 class Classification:
@@ -40,9 +39,6 @@ class Classification:
 
     def no_weight_decay(self, model):
         return model.no_weight_decay(), model.no_weight_decay_keywords()
-
-    def load_pretrained(self, config, model, logger):
-        load_pretrained(config, model, logger)
 
     def training_loss(self, model, samples, targets, device):
         samples = samples.to(device, non_blocking=True)

@@ -38,7 +38,6 @@ from logger import memory_mb
 from models.backbone import no_weight_decay_names
 from models.build import focal_arguments
 from models.detection import focal_fpn_backbone
-from utils import load_backbone_pretrained
 
 DIGIT_SCENES_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'focal_transformer')
 ASPECT_RATIOS = [(0.5, 1.0, 2.0)]  # of every level's anchors, torchvision's
@@ -179,9 +178,6 @@ class Detection:
 
     def no_weight_decay(self, model):
         return no_weight_decay_names(model), ()
-
-    def load_pretrained(self, config, model, logger):
-        load_backbone_pretrained(config, model, logger)
 
     def training_loss(self, model, samples, targets, device):
         images = [image.to(device, non_blocking=True) for image in samples]

@@ -30,7 +30,6 @@ from logger import memory_mb
 from models.backbone import no_weight_decay_names
 from models.build import focal_arguments
 from models.segmentation import FocalUPerNet
-from utils import load_backbone_pretrained
 
 DIGIT_SCENES_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'focal_transformer')
 # Every architecture argument comes from MODEL.FOCAL; the registered name only makes it a timm
@@ -146,9 +145,6 @@ class Segmentation:
 
     def no_weight_decay(self, model):
         return no_weight_decay_names(model), ()
-
-    def load_pretrained(self, config, model, logger):
-        load_backbone_pretrained(config, model, logger)
 
     def training_loss(self, model, samples, targets, device):
         samples = samples.to(device, non_blocking=True)

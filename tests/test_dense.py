@@ -114,8 +114,10 @@ def test_released_checkpoint_loads_into_upernet_encoder(tmp_path):
     path = tmp_path / 'focal-tiny.pth'
     classifier = released_format_checkpoint(path, **TIMM_TINY_ARCH)
     model = upernet()
-    left_out = load_backbone_checkpoint(model, path)
+    report = load_backbone_checkpoint(model, path)
+    left_out = [entry.key for entry in report.entries if entry.action == 'ignored']
     assert set(left_out) <= {'head.weight', 'head.bias', 'norm.weight', 'norm.bias'}
+    assert report.count('resized') == report.count('fresh') == (0, 0)
     loaded, saved = model.encoder.model.model.state_dict(), classifier.state_dict()
     assert set(loaded) | set(left_out) == set(saved)
     for key, value in loaded.items():
