@@ -29,18 +29,20 @@ import torch
 MODEL = 'focal_tiny_patch4_window7_224'
 
 
-def focal_from(checkout: str, alias: str) -> torch.nn.Module:
+def focal_from(checkout: str, alias: str, img_size: int) -> torch.nn.Module:
     package = os.path.join(os.path.abspath(checkout), 'models')
     spec = importlib.util.spec_from_file_location(alias, os.path.join(package, '__init__.py'),
                                                   submodule_search_locations=[package])
     module = importlib.util.module_from_spec(spec)
     sys.modules[alias] = module
     spec.loader.exec_module(module)
-    return getattr(importlib.import_module(f'{alias}.focal_transformer'), MODEL)()
+    return getattr(importlib.import_module(f'{alias}.focal_transformer'), MODEL)(img_size=img_size)
 
 
-def build(side: str, alias: str) -> torch.nn.Module:
-    return timm.create_model('swin_tiny_patch4_window7_224') if side == 'swin' else focal_from(side, alias)
+def build(side: str, alias: str, img_size: int) -> torch.nn.Module:
+    if side == 'swin':
+        return timm.create_model('swin_tiny_patch4_window7_224', img_size=img_size)
+    return focal_from(side, alias, img_size)
 
 
 def main():
@@ -50,15 +52,16 @@ def main():
     parser.add_argument('--mode', choices=('infer', 'train'), default='infer')
     parser.add_argument('--rounds', type=int, default=10, help='timed rounds per model')
     parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--threads', type=int, default=os.cpu_count())
     parser.add_argument('--bf16', action='store_true', help='both models under bf16 autocast')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    models = [build(args.a, 'models_a'), build(args.b, 'models_b')]
+    models = [build(args.a, 'models_a', args.img_size), build(args.b, 'models_b', args.img_size)]
     if args.a != 'swin':
         models[1].load_state_dict(models[0].state_dict())
-    images = torch.randn(args.batch_size, 3, 224, 224)
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     optimizers = [torch.optim.AdamW(m.parameters()) for m in models]
 
     def precision():
@@ -97,7 +100,7 @@ def main():
     for name, t in zip(('A ' + args.a, 'B ' + args.b), times):
         print(f'{name:40s} median {statistics.median(t) * 1e3:8.1f} ms   best {min(t) * 1e3:8.1f} ms')
     setting = args.mode + (', bf16 autocast' if args.bf16 else '')
-    print(f'B speed-up over A ({setting}, batch {args.batch_size}, {args.threads} threads): '
+    print(f'B speed-up over A ({setting}, batch {args.batch_size}, {args.img_size} px, {args.threads} threads): '
           f'median {statistics.median(times[0]) / statistics.median(times[1]):.3f}x, '
           f'best {min(times[0]) / min(times[1]):.3f}x')
     if args.rounds >= 2:

@@ -27,13 +27,13 @@ def test_ab_builds_each_checkouts_own_model_and_reports_a_ratio(tmp_path, option
     source.write_text(text.replace('self.scale = qk_scale or head_dim ** -0.5',
                                    'self.scale = 2 * (qk_scale or head_dim ** -0.5)'))
     result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'ab.py'), str(REPO), str(other),
-                             '--batch-size', '1', '--threads', '1', *options],
+                             '--batch-size', '1', '--img-size', '64', '--threads', '1', *options],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     difference = float(re.search(rf'largest logit difference between A and B \(torch.{dtype}\): (\S+)',
                                  result.stdout).group(1))
     assert difference > 1e-3
-    assert re.search(rf'B speed-up over A \({setting}, batch 1, 1 threads\): median \d+\.\d{{3}}x, best \d+\.\d{{3}}x',
+    assert re.search(rf'B speed-up over A \({setting}, batch 1, 64 px, 1 threads\): median \d+\.\d{{3}}x, best \d+\.\d{{3}}x',
                      result.stdout), result.stdout
     # the spread of the round-by-round ratios, from two rounds on
     spread = re.search(r'round by round, B speed-up over A: middle half (\d+\.\d{3})x-(\d+\.\d{3})x', result.stdout)
