@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import main
 from config import get_config
@@ -26,6 +28,7 @@ from optimizer import build_optimizer
 from helpers import (REPO, assert_ok, assert_same_training_state, run_main, start_main, wait_for)
 from tasks import build_task
 from tasks.detection import Detection
+from utils import load_pretrained
 
 # A micro Mask R-CNN for 32 px images: four one-block stages, a 16-channel pyramid, small heads.
 TINY_DETECTION = """\
@@ -214,11 +217,23 @@ def test_ap_of_known_detections_is_pycocotools_own(workspace, tmp_path, caplog):
 
 
 def test_two_processes_score_what_one_does(workspace):
-    """--eval --resume of a trained detector under torchrun (2 processes on gloo, 5 val images
-    split 3 + 2) logs the same COCO tables and AP as one process."""
+    """A detector trained with --amp (bf16 autocast through the Focal backbone and torchvision's
+    heads) logs its losses and COCO figures to TensorBoard; --eval --resume of it under torchrun
+    (2 processes on gloo, 5 val images split 3 + 2) logs the same COCO tables and AP as one process."""
     root, data, cfg = workspace
     output = str(root / 'train_for_eval')
-    assert_ok(run_main(root, ['--cfg', cfg, '--data-path', data, '--output', output]))
+    trained = run_main(root, ['--cfg', cfg, '--data-path', data, '--output', output, '--amp'])
+    assert_ok(trained)
+    assert 'mixed precision: autocast bf16 on cpu' in trained.stdout
+    events = EventAccumulator(os.path.join(run_folder(output), 'tensorboard'))
+    events.Reload()
+    for tag in ('train/loss', 'train/lr', 'train/grad_norm'):  # 2 epochs of 8 images, 2 a step
+        assert [event.step for event in events.Scalars(tag)] == list(range(8)), tag
+    assert all(math.isfinite(event.value) for event in events.Scalars('train/loss'))
+    for tag in ('val/bbox_ap', 'val/bbox_ap50', 'val/segm_ap', 'train/epoch_time'):
+        assert [event.step for event in events.Scalars(tag)] == [0, 1], tag
+    final = re.findall(r' \* bbox AP (\d+\.\d+) segm AP (\d+\.\d+)', trained.stdout)[-1]
+    assert events.Scalars('val/bbox_ap')[-1].value == pytest.approx(float(final[0]), abs=1e-3)
     checkpoint = os.path.join(run_folder(output), 'ckpt_epoch_1.pth')
     summaries = []
     for nproc in (1, 2):
@@ -392,9 +407,8 @@ def test_pretrained_classifier_weights_load_into_the_backbone(workspace, tmp_pat
     classifier = timm.create_model('focal_tiny_patch4_window7_224', **arguments)
     path = str(tmp_path / 'classifier.pth')
     torch.save({'model': classifier.state_dict()}, path)
-    task = Detection(config)
-    detector = task.build_model(config)
-    task.load_pretrained(load_config(cfg, data, pretrained=path), detector, logging.getLogger('test'))
+    detector = Detection(config).build_model(config)
+    load_pretrained(load_config(cfg, data, pretrained=path), detector, logging.getLogger('test'))
     body = detector.backbone.body.state_dict()
     for key, value in classifier.state_dict().items():
         if key in body:
@@ -404,4 +418,32 @@ def test_pretrained_classifier_weights_load_into_the_backbone(workspace, tmp_pat
     torch.save({'model': timm.create_model('focal_tiny_patch4_window7_224',
                                            **dict(arguments, embed_dim=16)).state_dict()}, path)
     with pytest.raises(CheckpointError, match=r'classifier\.pth does not fit the Focal backbone'):
-        task.load_pretrained(load_config(cfg, data, pretrained=path), detector, logging.getLogger('test'))
+        load_pretrained(load_config(cfg, data, pretrained=path), detector, logging.getLogger('test'))
+
+
+def test_pretrained_released_classifier_fills_the_recipes_larger_focal_windows(tmp_path, caplog):
+    """The 1x recipe's backbone has the paper's focal windows (15, 13, 9, 7); --pretrained with a
+    released-format Focal-T (7, 5, 3, 1) resizes each block's pooled-window bias table to them,
+    keeping the value at offset 0, and copies every other tensor (depths cut to one block a stage
+    to keep the test small; the geometry is the recipe's)."""
+    import timm
+    config = recipe('mask_rcnn', 'tiny', '1x')
+    assert config.MODEL.FOCAL.FOCAL_WINDOWS == [15, 13, 9, 7]
+    classifier = timm.create_model('focal_tiny_patch4_window7_224', depths=(1, 1, 1, 1))
+    path = str(tmp_path / 'focal-tiny-is224-ws7.pth')
+    torch.save({'model': classifier.state_dict()}, path)
+    config = load_config(os.path.join(DETECTION_CONFIGS, 'mask_rcnn_focal_tiny_1x.yaml'), '',
+                         'MODEL.FOCAL.DEPTHS', '[1, 1, 1, 1]', pretrained=path)
+    detector = Detection(config).build_model(config)
+    with caplog.at_level(logging.INFO, logger='test_pretrained'):
+        load_pretrained(config, detector, logging.getLogger('test_pretrained'))
+    assert re.search(r'copied \d+ tensors .*, resized 4 tensors .*, fresh 0 tensors', caplog.text), caplog.text
+    body, released = detector.backbone.body.state_dict(), classifier.state_dict()
+    for key, value in body.items():
+        if key.endswith('relative_position_bias_table_to_windows.0'):
+            old_side, new_side = math.isqrt(released[key].shape[1]), math.isqrt(value.shape[1])
+            stage = int(key.split('.')[1])
+            assert new_side - old_side == [15, 13, 9, 7][stage] - [7, 5, 3, 1][stage]
+            assert torch.equal(value[:, new_side ** 2 // 2], released[key][:, old_side ** 2 // 2])
+        elif key in released:
+            assert torch.equal(value, released[key]), key

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from sklearn.datasets import load_digits
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision import tv_tensors
 
 import main
@@ -273,16 +274,34 @@ SUMMARY_MS = re.compile(r' \* mIoU\(MS\) (\d+\.\d\d) aAcc\(MS\) (\d+\.\d\d)')
 
 
 def test_trains_under_main_and_two_process_evaluation_equals_one_process(tmp_path):
-    # main.py trains 3 iterations and saves; its checkpoint evaluated by one process and by two
-    # (7 validation images: 4 + 3) gives the same figures, those the training run printed.
+    # main.py trains 3 iterations with --amp (bf16 autocast through the encoder and smp's heads)
+    # past a training label with a class value beyond the 11 classes (DATA.MAX_BAD_SAMPLES 1: the
+    # bad-sample policy replaces it by the next pair, names it once, counts it in TensorBoard and
+    # in the checkpoint) and saves; its checkpoint evaluated by one process and by two (7
+    # validation images: 4 + 3) gives the same figures, those the training run printed.
     data = write_ade_folder(tmp_path / 'ade', counts=(('training', 4), ('validation', 7)))
+    bad_label = os.path.join(data, 'annotations', 'training', 'ADE_training_00000002.png')
+    Image.fromarray(np.full((32, 32), 12, np.uint8)).save(bad_label)
     cfg = tmp_path / 'tiny.yaml'
     cfg.write_text(TINY_SEGMENTATION)
-    common = ['--cfg', str(cfg), '--data-path', data, '--output', str(tmp_path / 'out')]
-    trained = run_main(tmp_path, common)
+    common = ['--cfg', str(cfg), '--data-path', data, '--output', str(tmp_path / 'out'), '--amp']
+    trained = run_main(tmp_path, [*common, '--opts', 'DATA.MAX_BAD_SAMPLES', '1'])
     assert_ok(trained)
+    assert 'mixed precision: autocast bf16 on cpu' in trained.stdout
     assert re.search(r'Train: \[0/1\]\[2/3\].*loss \d+\.\d+', trained.stdout), trained.stdout[-2000:]
-    checkpoint = os.path.join(str(tmp_path / 'out'), 'tiny_upernet', 'default', 'ckpt_epoch_0.pth')
+    replaced = re.findall(r'WARNING ADE20K label (\S+) holds the value 12, .*; replaced by the next readable '
+                          r'training image', trained.stdout)
+    assert replaced == [bad_label], trained.stdout[-3000:]
+    run = os.path.join(str(tmp_path / 'out'), 'tiny_upernet', 'default')
+    checkpoint = os.path.join(run, 'ckpt_epoch_0.pth')
+    assert torch.load(checkpoint, weights_only=True)['bad_samples'] == [bad_label]
+    events = EventAccumulator(os.path.join(run, 'tensorboard'))
+    events.Reload()
+    for tag in ('train/loss', 'train/lr', 'train/grad_norm'):
+        assert [event.step for event in events.Scalars(tag)] == [0, 1, 2], tag
+    assert [event.value for event in events.Scalars('train/bad_samples')] == [1]
+    assert events.Scalars('val/mIoU')[0].value == pytest.approx(float(SUMMARY.findall(trained.stdout)[0][0]), abs=5e-3)
+    assert [event.step for event in events.Scalars('val/mIoU_MS')] == [0]
     figures = {}
     for nproc in (1, 2):
         result = run_main(tmp_path, [*common, '--eval', '--resume', checkpoint, '--tag', f'eval{nproc}'],
@@ -324,3 +343,30 @@ def test_recipe_builds_its_upernet_with_the_counted_parameters(size):
     model = build_segmenter(config)
     count = sum(p.numel() for p in model.parameters())
     assert round(count / 1e6) == RECIPES[size], count
+
+
+def test_pretrained_released_classifier_fills_the_recipes_encoder(tmp_path, caplog):
+    """--pretrained with a released-format Focal-T into the 160k recipe's UPerNet: built for 512 px
+    crops, its last stage (16 x 16 tokens, over the 7 px window) has neighbour keys the 224 px
+    classifier lacks; that table starts fresh and every other tensor is copied (depths cut to one
+    block a stage to keep the test small; the geometry is the recipe's)."""
+    import logging
+    import timm
+    from utils import load_pretrained
+    classifier = timm.create_model('focal_tiny_patch4_window7_224', depths=(1, 1, 1, 1))
+    path = str(tmp_path / 'focal-tiny-is224-ws7.pth')
+    torch.save({'model': classifier.state_dict()}, path)
+    recipe = os.path.join(REPO, 'configs', 'segmentation', 'upernet_focal_tiny_160k.yaml')
+    _, config = main.parse_option(['--cfg', recipe, '--pretrained', path, '--opts', 'MODEL.FOCAL.DEPTHS', '[1, 1, 1, 1]'])
+    config.defrost()
+    config.MODEL.NUM_CLASSES = 150
+    model = build_segmenter(config)
+    with caplog.at_level(logging.INFO, logger='test_pretrained'):
+        load_pretrained(config, model, logging.getLogger('test_pretrained'))
+    assert re.search(r'resized 0 tensors .*, fresh 1 tensors', caplog.text), caplog.text
+    encoder, released = model.upernet.encoder.model.model.state_dict(), classifier.state_dict()
+    assert [key for key in encoder if key not in released] == [
+        'layers.3.blocks.0.attn.relative_position_bias_table_to_neighbors']
+    for key, value in encoder.items():
+        if key in released:
+            assert torch.equal(value, released[key]), key
