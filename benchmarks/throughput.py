@@ -23,7 +23,8 @@ inference row, and a training row of torchvision's Mask R-CNN with the same FPN 
 (its stage maps, each LayerNormed, into torchvision's FeaturePyramidNetwork; one image with three
 boxes and masks, AdamW); for the focal model it also times a forward at a size whose index tables
 are not cached yet (the cache is cleared before each), and the difference to a cached forward is
-the time to build them.
+the time to build them. The focal models take the detection recipes' focal windows (15 13 9 7;
+`--focal-windows 7 5 3 1` measures the classifiers').
 
 `--profile N` then says where the time goes: after timing, each model runs N more training steps
 and N inference passes under `torch.profiler`, and the operators with the most self time (CPU
@@ -142,7 +143,8 @@ def mask_rcnn_training_step(name: str, args):
     from models.detection import focal_fpn_backbone
 
     device = torch.device(args.device)
-    backbone = focal_fpn_backbone(name) if name.startswith('focal') else TimmFPN(name)
+    backbone = (focal_fpn_backbone(name, focal_windows=args.focal_windows) if name.startswith('focal')
+                else TimmFPN(name))
     height, width = args.detector_size
     detector = MaskRCNN(backbone, 91, min_size=height, max_size=max(height, width),
                         _skip_resize=True).to(device).train()
@@ -173,7 +175,7 @@ def measure_detector(name: str, args) -> dict:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    kwargs = {} if name.startswith('focal') else dict(dynamic_img_size=True)
+    kwargs = dict(focal_windows=args.focal_windows) if name.startswith('focal') else dict(dynamic_img_size=True)
     model = timm.create_model(name, **kwargs).to(device).eval()
     images = torch.randn(1, 3, *args.detector_size, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
@@ -311,6 +313,8 @@ def main():
     parser.add_argument('--detector', action='store_true',
                         help='batch 1 at --detector-size, inference only (Swin-T with dynamic_img_size=True)')
     parser.add_argument('--detector-size', type=int, nargs=2, default=(800, 1216), metavar=('H', 'W'))
+    parser.add_argument('--focal-windows', type=int, nargs=4, default=(15, 13, 9, 7), metavar='N',
+                        help="with --detector: the focal models' focal windows (configs/detection recipes')")
     parser.add_argument('--models', nargs='+', default=[BASELINE, CANDIDATE],
                         help=f'timm model names; ratios are against the first ({BASELINE} by default)')
     parser.add_argument('--variants', nargs='+', choices=(*VARIANTS, 'all'),
@@ -350,9 +354,11 @@ def main():
         for name in args.models:
             command = [sys.executable, os.path.abspath(__file__), '--worker', name, '--variant', key] + [
                 f'--{option.replace("_", "-")}={value}' for option, value in vars(args).items()
-                if option not in ('worker', 'models', 'variants', 'variant', 'detector', 'detector_size')]
+                if option not in ('worker', 'models', 'variants', 'variant', 'detector', 'detector_size',
+                                  'focal_windows')]
             if args.detector:
-                command += ['--detector', '--detector-size', *map(str, args.detector_size)]
+                command += ['--detector', '--detector-size', *map(str, args.detector_size),
+                            '--focal-windows', *map(str, args.focal_windows)]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 sys.exit(f'error: measuring {name} ({VARIANTS[key].label}) failed:\n{result.stderr.strip()}')
@@ -374,7 +380,8 @@ def main():
 def print_detector_rows(rows: list, args, precision: str):
     height, width = args.detector_size
     print(f'device {args.device} ({precision}), batch 1, {height}x{width} px, backbone inference and '
-          f'Mask R-CNN training, {args.threads} threads, best of {args.repeats}x{args.steps} steps')
+          f'Mask R-CNN training, focal windows {" ".join(map(str, args.focal_windows))}, {args.threads} threads, '
+          f'best of {args.repeats}x{args.steps} steps')
     header = (f'{"model":34s} {"params(M)":>9s} {"forward ms":>11s} {"img/s":>8s} {"table build ms":>15s} '
               f'{"Mask R-CNN(M)":>13s} {"train step ms":>14s} {"train img/s":>12s}')
     print(header)
