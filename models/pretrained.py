@@ -25,8 +25,8 @@ number of classes. Each model tensor is
 
 Checkpoint tensors the model lacks are ignored when they are a neighbour table (the block has no
 neighbour keys at the new geometry), the classifier or the final norm (a backbone has neither);
-the reference's integer index buffers are dropped. Anything else that does not fit is a different architecture: a
-CheckpointError names the keys.
+the reference's integer index buffers are dropped. Anything else that does not fit is a different
+architecture: a CheckpointError names the keys.
 """
 import functools
 import math
