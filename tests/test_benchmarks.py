@@ -33,8 +33,8 @@ def test_ab_builds_each_checkouts_own_model_and_reports_a_ratio(tmp_path, option
     difference = float(re.search(rf'largest logit difference between A and B \(torch.{dtype}\): (\S+)',
                                  result.stdout).group(1))
     assert difference > 1e-3
-    assert re.search(rf'B speed-up over A \({setting}, batch 1, 64 px, 1 threads\): median \d+\.\d{{3}}x, best \d+\.\d{{3}}x',
-                     result.stdout), result.stdout
+    assert re.search(rf'B speed-up over A \({setting}, batch 1, 64 px, 1 threads\): '
+                     rf'median \d+\.\d{{3}}x, best \d+\.\d{{3}}x', result.stdout), result.stdout
     # the spread of the round-by-round ratios, from two rounds on
     spread = re.search(r'round by round, B speed-up over A: middle half (\d+\.\d{3})x-(\d+\.\d{3})x', result.stdout)
     assert (spread is not None) == (int(options[options.index('--rounds') + 1]) >= 2), result.stdout

@@ -357,7 +357,8 @@ def test_pretrained_released_classifier_fills_the_recipes_encoder(tmp_path, capl
     path = str(tmp_path / 'focal-tiny-is224-ws7.pth')
     torch.save({'model': classifier.state_dict()}, path)
     recipe = os.path.join(REPO, 'configs', 'segmentation', 'upernet_focal_tiny_160k.yaml')
-    _, config = main.parse_option(['--cfg', recipe, '--pretrained', path, '--opts', 'MODEL.FOCAL.DEPTHS', '[1, 1, 1, 1]'])
+    _, config = main.parse_option(['--cfg', recipe, '--pretrained', path,
+                                   '--opts', 'MODEL.FOCAL.DEPTHS', '[1, 1, 1, 1]'])
     config.defrost()
     config.MODEL.NUM_CLASSES = 150
     model = build_segmenter(config)
