@@ -286,6 +286,11 @@ _C.AUG.MIXUP_SWITCH_PROB = 0.5
 _C.AUG.MIXUP_MODE = 'batch'
 # (added) horizontal flip probability; the digits demo sets 0 (a flipped digit is another digit)
 _C.AUG.HFLIP = 0.5
+# (added, detection) Swin's random-crop policy of the 3x recipes: shorter sides drawn before the
+# crop (e.g. [400, 500, 600]), for half the training images; [] never crops
+_C.AUG.DET_CROP_MIN_SIZES = []
+# (added, detection) range [min, max] of that crop's height and width, each drawn separately
+_C.AUG.DET_CROP_SIZE_RANGE = [384, 600]
 # (added, segmentation) a training crop is drawn again (up to 10 times) while one class covers
 # this share of its labelled pixels or more (1.0 = any crop)
 _C.AUG.CAT_MAX_RATIO = 0.75
@@ -493,6 +498,10 @@ def _check_values(config):
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must not be negative, got {value}")
+    crop_range = config.AUG.DET_CROP_SIZE_RANGE
+    if len(crop_range) != 2 or not 0 < crop_range[0] <= crop_range[1]:
+        raise ConfigError(f"config key 'AUG.DET_CROP_SIZE_RANGE' must be [min, max] with "
+                          f"0 < min <= max, got {list(crop_range)}")
     if config.THROUGHPUT_MODE and config.TASK != 'classification':
         raise ConfigError(f"--throughput measures classification models; for TASK {config.TASK!r} "
                           f"use benchmarks/throughput.py")

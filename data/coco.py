@@ -8,8 +8,9 @@
 torchvision's `CocoDetection` wrapped for `transforms.v2` (`wrap_dataset_for_transforms_v2`), whose
 samples are `(image, {'boxes', 'labels', 'masks', 'image_id'})`: boxes and masks are tv_tensors,
 so the v2 transforms of `detection_transform` (a shorter side drawn per image under a cap on the
-longer side, horizontal flip) move them with the image. Category ids are the labels as they
-stand (COCO's 1..90, 0 the background), as torchvision's detectors number them.
+longer side, optionally Swin's random-size crop policy in between, horizontal flip) move them with
+the image. Category ids are the labels as they stand (COCO's 1..90, 0 the background), as
+torchvision's detectors number them.
 
 Every problem found before training is a one-line `DataError` naming the file: a file that is
 not COCO JSON, a listed image that is missing, a category id the model has no class for. An
@@ -24,6 +25,7 @@ import os
 import torch
 from torchvision import datasets, tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from .image_io import DataError, load_rgb
 
@@ -122,15 +124,52 @@ def keep_trainable_images(dataset):
     return dataset
 
 
-def detection_transform(is_train, min_sizes, max_size, hflip):
+class RandomSizeCrop(v2.Transform):
+    """A crop whose height and width are drawn independently from the integers
+    [min_side, max_side] (an image side shorter than min_side is kept whole), at a uniformly random
+    position: mmdetection's RandomCrop with crop_type 'absolute_range' of Swin's 3x recipes. Boxes
+    are shifted and clipped to the crop and masks cropped; `SanitizeBoundingBoxes` then drops the
+    boxes left without area, and a crop may keep no box at all (a negative image)."""
+
+    def __init__(self, min_side, max_side):
+        super().__init__()
+        self.min_side, self.max_side = int(min_side), int(max_side)
+        if not 0 < self.min_side <= self.max_side:
+            raise ValueError(f"crop sides must satisfy 0 < min <= max, got [{min_side}, {max_side}]")
+
+    def _side(self, length):
+        # torch's global generator only: the loader seeds it per sample, so resumed runs repeat
+        return int(torch.randint(min(length, self.min_side), min(length, self.max_side) + 1, ()))
+
+    def make_params(self, flat_inputs):
+        height, width = v2.query_size(flat_inputs)
+        crop_h, crop_w = self._side(height), self._side(width)
+        top = int(torch.randint(height - crop_h + 1, ()))
+        left = int(torch.randint(width - crop_w + 1, ()))
+        return {'top': top, 'left': left, 'height': crop_h, 'width': crop_w}
+
+    def transform(self, inpt, params):
+        return self._call_kernel(F.crop, inpt, **params)
+
+
+def detection_transform(is_train, min_sizes, max_size, hflip, crop_min_sizes=(), crop_size_range=(384, 600)):
     """Training: a shorter side drawn from `min_sizes` per image with the longer side at most
-    `max_size`, a horizontal flip with probability `hflip`, boxes of no area dropped. Evaluation:
-    the image as it is (the detector resizes it and maps its detections back)."""
+    `max_size`, a horizontal flip with probability `hflip`, boxes of no area dropped (with their
+    labels and masks). With `crop_min_sizes`, half the images (drawn per image) are instead resized
+    to a shorter side from `crop_min_sizes`, cropped to a height and a width drawn from
+    `crop_size_range` (`RandomSizeCrop`), then resized as the others: Swin's AutoAugment policies of
+    its 3x recipes. Evaluation: the image as it is (the detector resizes it and maps its
+    detections back)."""
     # boxes in float before any resize (COCO files may hold integer coordinates)
     steps = [v2.ToImage(), v2.ToDtype({tv_tensors.BoundingBoxes: torch.float32, 'others': None})]
     if is_train:
-        steps += [v2.RandomShortestSize(list(min_sizes), max_size=max_size),
-                  v2.RandomHorizontalFlip(hflip)]
+        resize = v2.RandomShortestSize(list(min_sizes), max_size=max_size)
+        if crop_min_sizes:
+            resize = v2.RandomChoice([resize, v2.Compose([
+                v2.RandomShortestSize(list(crop_min_sizes), max_size=max_size),
+                RandomSizeCrop(*crop_size_range),
+                v2.RandomShortestSize(list(min_sizes), max_size=max_size)])])
+        steps += [resize, v2.RandomHorizontalFlip(hflip)]
     steps.append(v2.ToDtype(torch.float32, scale=True))
     if is_train:
         steps.append(v2.SanitizeBoundingBoxes())

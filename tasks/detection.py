@@ -1,13 +1,14 @@
 """COCO object detection and instance segmentation: torchvision's Mask R-CNN or RetinaNet on the
 Focal FPN backbone, COCO box and mask AP from pycocotools.
 
-Training images are resized in the data pipeline (DATA.MIN_SIZES, DATA.MAX_SIZE, flip), so the
-detector's own transform only normalises and batches them (`_skip_resize`, as torchvision's
-references train multi-scale); at evaluation it resizes each image to DATA.TEST_MIN_SIZE (longer
-side at most DATA.MAX_SIZE) and maps the detections back to the image as stored, which is what
-COCOeval scores. Evaluation runs one image per forward pass: a batch pads its images to the
-largest, and the padding reaches the attention windows, so only then are the detections the
-same for any number of processes.
+Training images are resized in the data pipeline (DATA.MIN_SIZES, DATA.MAX_SIZE, the 3x recipes'
+random crop of AUG.DET_CROP_MIN_SIZES and AUG.DET_CROP_SIZE_RANGE, flip), so the detector's own
+transform only normalises and batches them (`_skip_resize`, as torchvision's references train
+multi-scale); at evaluation it resizes each image to DATA.TEST_MIN_SIZE (longer side at most
+DATA.MAX_SIZE) and maps the detections back to the image as stored, which is what COCOeval
+scores. Evaluation runs one image per forward pass: a batch pads its images to the largest, and
+the padding reaches the attention windows, so only then are the detections the same for any
+number of processes.
 """
 import contextlib
 import io
@@ -133,7 +134,8 @@ class Detection:
 
         target_keys = ('image_id', 'boxes', 'labels') + (('masks',) if with_masks else ())
         train_set = wrap_for_transforms(keep_trainable_images(datasets['train']), detection_transform(
-            True, config.DATA.MIN_SIZES, config.DATA.MAX_SIZE, config.AUG.HFLIP), target_keys)
+            True, config.DATA.MIN_SIZES, config.DATA.MAX_SIZE, config.AUG.HFLIP,
+            config.AUG.DET_CROP_MIN_SIZES, config.AUG.DET_CROP_SIZE_RANGE), target_keys)
         if len(train_set) == 0:
             raise DataError(f"{os.path.join(root, COCO_SPLITS['train'][1])} has no image with a box "
                             f"to train on")

@@ -20,9 +20,11 @@ from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchvision import tv_tensors
 
 import main
-from config import get_config
+from config import ConfigError, get_config
+from data.coco import collate_detection_training, detection_transform
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer
 from helpers import (REPO, assert_ok, assert_same_training_state, run_main, start_main, wait_for)
@@ -447,3 +449,169 @@ def test_pretrained_released_classifier_fills_the_recipes_larger_focal_windows(t
             assert torch.equal(value[:, new_side ** 2 // 2], released[key][:, old_side ** 2 // 2])
         elif key in released:
             assert torch.equal(value, released[key]), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Swin's random-crop policy of the 3x recipes
+# ---------------------------------------------------------------------------------------------
+SCALES_3X = list(range(480, 801, 32))
+
+
+def recipe_transform(config):
+    """The training pipeline that Detection.build_loaders builds from `config`."""
+    return detection_transform(True, config.DATA.MIN_SIZES, config.DATA.MAX_SIZE, config.AUG.HFLIP,
+                               config.AUG.DET_CROP_MIN_SIZES, config.AUG.DET_CROP_SIZE_RANGE)
+
+
+def instances(height, width, rectangles, ellipse=None):
+    """(image, target) as the COCO wrapper gives them: rectangles (top, left, bottom, right)
+    labelled 1, 2, ... and an optional ellipse (centre row, centre col, radii) labelled last."""
+    masks = torch.zeros(len(rectangles) + (ellipse is not None), height, width, dtype=torch.uint8)
+    for index, (top, left, bottom, right) in enumerate(rectangles):
+        masks[index, top:bottom, left:right] = 1
+    if ellipse is not None:
+        row, col, radius_rows, radius_cols = ellipse
+        rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing='ij')
+        masks[-1] = ((rows - row) / radius_rows) ** 2 + ((cols - col) / radius_cols) ** 2 < 1
+    boxes = torch.stack([mask_box(mask) for mask in masks])
+    image = tv_tensors.Image(torch.randint(0, 256, (3, height, width), dtype=torch.uint8))
+    return image, {'image_id': 1, 'boxes': tv_tensors.BoundingBoxes(boxes, format='XYXY',
+                                                                    canvas_size=(height, width)),
+                   'labels': torch.arange(1, len(masks) + 1), 'masks': tv_tensors.Mask(masks)}
+
+
+def mask_box(mask):
+    """The XYXY box of a mask's pixels (right and bottom exclusive, as COCO's)."""
+    rows, cols = torch.nonzero(mask, as_tuple=True)
+    return torch.tensor([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1], dtype=torch.float)
+
+
+def test_3x_recipe_crops_about_half_the_images_moving_boxes_and_masks_together():
+    """The 3x recipe's pipeline on an 800x1000 image (two rectangles near opposite corners, an
+    ellipse in the middle), 40 draws: about half change the aspect (crops) and the others keep
+    it; every shorter side is one of 480..800 (no output reaches the 1333 cap); each rectangle's
+    box is its mask's box within 2.5 px (a crop then scales up to 2.1 times), the ellipse's mask
+    lies in its box (a crop clips the box, not to the visible arc), and boxes, labels and masks
+    are dropped together, some draws losing an instance."""
+    config = recipe('mask_rcnn', 'tiny', '3x')
+    transform = recipe_transform(config)
+    image, target = instances(800, 1000, [(40, 60, 200, 300), (550, 700, 760, 960)], (400, 500, 150, 220))
+    torch.manual_seed(0)
+    crops, fewer = 0, 0
+    for _ in range(40):
+        output, found = transform(image, target)
+        height, width = output.shape[-2:]
+        assert output.dtype == torch.float32 and max(height, width) < 1333
+        assert any(abs(min(height, width) - side) <= 1 for side in SCALES_3X), (height, width)
+        if width == int(1000 * height / 800):
+            assert height in SCALES_3X and found['labels'].tolist() == [1, 2, 3]
+        else:
+            crops += 1
+        boxes, labels, masks = found['boxes'], found['labels'], found['masks']
+        assert len(boxes) == len(labels) == len(masks) > 0 and masks.shape[-2:] == (height, width)
+        fewer += len(boxes) < 3
+        for box, label, mask in zip(boxes, labels.tolist(), masks):
+            if label < 3:
+                assert torch.allclose(box, mask_box(mask), atol=2.5), (label, box, mask_box(mask))
+            elif mask.any():
+                inner = mask_box(mask)
+                assert (inner[:2] >= box[:2] - 2.5).all() and (inner[2:] <= box[2:] + 2.5).all()
+    assert 10 <= crops <= 30 and fewer >= 1, (crops, fewer)
+
+
+def test_3x_recipe_crop_may_leave_no_box():
+    """A single small instance in a corner: some crop misses it, and the sample then has boxes
+    (0, 4), labels (0,) and masks (0, H, W), a negative image (allow_negative_crop)."""
+    transform = recipe_transform(recipe('mask_rcnn', 'tiny', '3x'))
+    image, target = instances(800, 1000, [(0, 0, 40, 40)])
+    torch.manual_seed(0)
+    for _ in range(40):
+        output, found = transform(image, target)
+        if len(found['boxes']) == 0:
+            break
+    else:
+        pytest.fail('no crop of 40 left the image without its box')
+    height, width = output.shape[-2:]
+    assert found['boxes'].shape == (0, 4) and found['labels'].shape == (0,)
+    assert found['masks'].shape == (0, height, width) and found['image_id'] == 1
+
+
+@pytest.mark.parametrize('cfg, opts', [('mask_rcnn_focal_tiny_1x.yaml', ()),
+                                       ('retinanet_focal_small_3x.yaml', ('AUG.DET_CROP_MIN_SIZES', '[]'))])
+def test_without_crop_sizes_no_image_is_cropped(cfg, opts):
+    """AUG.DET_CROP_MIN_SIZES at its default []: every image keeps its aspect and all its
+    instances (the 1x recipe trains as before)."""
+    config = load_config(os.path.join(DETECTION_CONFIGS, cfg), '', *opts)
+    assert config.AUG.DET_CROP_MIN_SIZES == []
+    transform = recipe_transform(config)
+    image, target = instances(800, 1000, [(0, 0, 40, 40), (550, 700, 760, 960)])
+    torch.manual_seed(0)
+    for _ in range(40):
+        output, found = transform(image, target)
+        height, width = output.shape[-2:]
+        assert height in config.DATA.MIN_SIZES and width == int(1000 * height / 800)
+        assert found['labels'].tolist() == [1, 2] and found['masks'].shape == (2, height, width)
+
+
+def test_recipes_crop_as_swin_in_3x_only():
+    """The 3x recipes carry Swin's crop policy ([400, 500, 600] then 384-600 px); the 1x ones,
+    which train at one scale, and the digits demo do not crop."""
+    for detector, size in PAPER_PARAMETERS:
+        three_x, one_x = recipe(detector, size, '3x'), recipe(detector, size, '1x')
+        assert three_x.AUG.DET_CROP_MIN_SIZES == [400, 500, 600], (detector, size)
+        assert three_x.AUG.DET_CROP_SIZE_RANGE == [384, 600], (detector, size)
+        assert one_x.AUG.DET_CROP_MIN_SIZES == [], (detector, size)
+    demo = load_config(os.path.join(DETECTION_CONFIGS, 'mask_rcnn_focal_micro_digits.yaml'), '')
+    assert demo.AUG.DET_CROP_MIN_SIZES == []
+
+
+@pytest.mark.parametrize('value', ['[600, 384]', '[0, 10]', '[384]'])
+def test_bad_crop_size_range_is_named(value):
+    with pytest.raises(ConfigError, match=r"'AUG\.DET_CROP_SIZE_RANGE' must be \[min, max\]"):
+        load_config(None, '', 'AUG.DET_CROP_SIZE_RANGE', value)
+
+
+@pytest.mark.parametrize('opts, cropped', [((), False), (('AUG.DET_CROP_MIN_SIZES', '[24]',
+                                                               'AUG.DET_CROP_SIZE_RANGE', '[16, 20]'), True)])
+def test_training_loader_crops_as_the_config_says(workspace, opts, cropped):
+    """The training loader of the square demo scenes gives non-square images (crops) only with
+    AUG.DET_CROP_MIN_SIZES set."""
+    _, data, cfg = workspace
+    config = load_config(cfg, data, *opts)
+    loader, _ = Detection(config).build_loaders(config)
+    shapes = set()
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        for images, targets, _ in loader:
+            shapes.update(tuple(image.shape[-2:]) for image in images)
+            assert all(len(target['boxes']) == len(target['masks']) for target in targets)
+    assert any(height != width for height, width in shapes) == cropped, shapes
+
+
+@pytest.mark.parametrize('detector', ['mask_rcnn', 'retinanet'])
+def test_a_training_step_on_a_crop_without_a_box(tmp_path, detector):
+    """The micro detector trains on a batch where the crop policy left one image with no box
+    (and on one where it left none with a box): finite losses and gradients."""
+    cfg = tmp_path / 'tiny.yaml'
+    cfg.write_text(TINY_DETECTION)
+    config = load_config(str(cfg), '', 'MODEL.NUM_CLASSES', '4', 'MODEL.DETECTION.DETECTOR', detector,
+                         'AUG.DET_CROP_MIN_SIZES', '[24]', 'AUG.DET_CROP_SIZE_RANGE', '[16, 20]')
+    image, target = instances(32, 40, [(1, 1, 9, 9)])
+    torch.manual_seed(0)
+    transform, samples = recipe_transform(config), {}
+    for _ in range(40):  # the first sample with a box and the first crop that kept none
+        output, found = transform(image, target)
+        samples.setdefault(len(found['boxes']) > 0, (output, found, []))
+    assert sorted(samples) == [False, True], 'no crop of 40 left the image without its box'
+    negative = samples[False][1]
+    assert negative['boxes'].shape == (0, 4) and negative['masks'].shape[0] == 0
+    task = Detection(config)
+    model = task.build_model(config)
+    model.train()
+    for batch in ([samples[False], samples[True]], [samples[False], samples[False]]):
+        images, targets, _ = collate_detection_training(batch)
+        model.zero_grad()
+        loss = task.training_loss(model, images, targets, torch.device('cpu'))
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
