@@ -3,6 +3,7 @@ mIoU and pixel accuracy (by hand, and exact under torchrun), the recipes' parame
 bad input as one line naming the file."""
 import os
 import re
+import signal
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from data import DataError
 from data.ade20k import (IGNORE_INDEX, ADE20KSegmentation, CategoryBalancedCrop, eval_transform, rescaled_size,
                          train_transform)
 from data.digit_scenes import ADE_CLASSES, draw_scene
-from helpers import REPO, TIMM_TINY_ARCH, assert_ok, run_main
+from helpers import REPO, TIMM_TINY_ARCH, assert_ok, assert_same_training_state, run_main, start_main, wait_for
 from models.segmentation import FocalUPerNet
 from tasks.segmentation import build_segmenter, confusion_matrix, segmentation_loss, segmentation_scores
 
@@ -311,6 +312,42 @@ def test_trains_under_main_and_two_process_evaluation_equals_one_process(tmp_pat
     assert len(figures[1][0]) == len(figures[1][1]) == 1, figures
     assert figures[1] == figures[2]
     assert figures[1][0] == SUMMARY.findall(trained.stdout) and figures[1][0] != figures[1][1]
+
+
+def test_sigterm_on_the_iteration_schedule_saves_the_step_and_resumes_bit_identical(tmp_path):
+    # The 160k recipes' schedule in small: epochs of STEPS_PER_EPOCH batches drawn from the data
+    # repeated (6 training images, 5 batches of 2 an epoch: two passes chained), a step checkpoint
+    # every 2 steps, flips, photometric distortion and drop path. SIGTERM to the job in epoch 1
+    # saves the step it reached and exits 75; the same command continues there and ends with the
+    # weights, optimizer and schedule of a run never stopped.
+    data = write_ade_folder(tmp_path / 'ade', counts=(('training', 6), ('validation', 2)))
+    cfg = tmp_path / 'tiny.yaml'
+    cfg.write_text(TINY_SEGMENTATION)
+    args = ['--cfg', str(cfg), '--data-path', data, '--opts', 'TRAIN.EPOCHS', '3', 'TRAIN.STEPS_PER_EPOCH', '5',
+            'TRAIN.SAVE_EVERY_STEPS', '2', 'AUG.HFLIP', '0.5', 'MODEL.DROP_PATH_RATE', '0.1',
+            'TEST.MULTI_SCALE', 'False', 'PRINT_FREQ', '1']
+    straight = run_main(tmp_path, [*args[:4], '--output', str(tmp_path / 'straight'), *args[4:]])
+    assert_ok(straight)
+    run = os.path.join(str(tmp_path / 'stopped'), 'tiny_upernet', 'default')
+    command = [*args[:4], '--output', str(tmp_path / 'stopped'), *args[4:]]
+    log = tmp_path / 'stopped.log'
+    process = start_main(tmp_path, command, log_path=log, new_session=True)
+    try:
+        wait_for(lambda: os.path.exists(os.path.join(run, 'ckpt_epoch_1_step_2.pth')), process)
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert process.returncode == main.EXIT_PREEMPTED, output[-3000:]
+    saved = re.findall(r'ckpt_epoch_1_step_([34])\.pth', output.strip().splitlines()[-1])
+    assert len(saved) == 1, output[-3000:]
+    restarted = run_main(tmp_path, command)
+    assert_ok(restarted)
+    assert f'continuing at epoch 1 step {saved[0]}' in restarted.stdout, restarted.stdout[-3000:]
+    assert_same_training_state(os.path.join(str(tmp_path / 'straight'), 'tiny_upernet', 'default',
+                                            'ckpt_epoch_2.pth'), os.path.join(run, 'ckpt_epoch_2.pth'))
 
 
 def test_class_count_that_does_not_fit_is_one_line(tmp_path):
