@@ -1,6 +1,7 @@
 """Detection through main.py (TASK detection): COCO files read by torchvision's CocoDetection,
-Mask R-CNN on the Focal FPN, COCO AP from pycocotools gathered over every process, resume after
-SIGKILL, one-line errors for bad COCO input, and the recipes' models at the paper's sizes."""
+Mask R-CNN on the Focal FPN, COCO AP from pycocotools gathered over every process, AMP and
+TensorBoard, resume after SIGKILL, one-line errors for bad COCO input, the recipes' models at the
+paper's sizes with --pretrained filling their focal windows, and the 3x recipes' random crop."""
 import argparse
 import contextlib
 import io

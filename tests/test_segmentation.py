@@ -1,6 +1,7 @@
 """Semantic segmentation: the ADE20K layout and its augmentation, UPerNet with the auxiliary head,
-mIoU and pixel accuracy (by hand, and exact under torchrun), the recipes' parameter counts, and
-bad input as one line naming the file."""
+mIoU and pixel accuracy (by hand, and exact under torchrun), training under main.py with AMP,
+TensorBoard and the bad-sample policy, preemption and resume on the iteration schedule, the
+recipes' parameter counts and --pretrained into them, and bad input as one line naming the file."""
 import os
 import re
 import signal
