@@ -2,6 +2,7 @@
 main.py as users do (python or torchrun) in a subprocess with a timeout."""
 import concurrent.futures
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -166,6 +167,24 @@ def wait_for(condition, process, timeout=120, poll=0.02):
         assert process.poll() is None, "the run ended before the moment the test waits for"
         assert time.time() < deadline, "timed out waiting"
         time.sleep(poll)
+
+
+def stop_when(process, condition, send, poll=0.02):
+    """Wait for `condition`, call `send()` to stop the run and wait for it to exit; returns the
+    seconds from `send()` to the exit. A run still alive when the test ends is killed, with its
+    process group when it leads one."""
+    try:
+        wait_for(condition, process, poll=poll)
+        start = time.time()
+        send()
+        process.wait(timeout=60)
+        return time.time() - start
+    finally:
+        if process.poll() is None:
+            if os.getpgid(process.pid) == process.pid:
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.kill()
 
 
 def assert_same_training_state(path_a, path_b):

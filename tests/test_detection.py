@@ -28,7 +28,7 @@ from config import ConfigError, get_config
 from data.coco import collate_detection_training, detection_transform
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer
-from helpers import (REPO, assert_ok, assert_same_training_state, run_main, start_main, wait_for)
+from helpers import REPO, assert_ok, assert_same_training_state, run_main, start_main, stop_when
 from tasks import build_task
 from tasks.detection import Detection
 from utils import load_pretrained
@@ -284,13 +284,8 @@ def test_sigkill_and_restart_end_bit_identical(workspace):
     killed = run_folder(str(root / 'killed'))
     process = start_main(root, args + ['--output', str(root / 'killed')],
                          log_path=root / 'killed.log', new_session=True)
-    try:
-        wait_for(lambda: os.path.exists(os.path.join(killed, 'ckpt_epoch_1_step_2.pth')), process)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    stop_when(process, lambda: os.path.exists(os.path.join(killed, 'ckpt_epoch_1_step_2.pth')),
+              lambda: os.killpg(process.pid, signal.SIGKILL))
     assert not os.path.exists(os.path.join(killed, 'ckpt_epoch_2.pth'))
     restarted = run_main(root, args + ['--output', str(root / 'killed')])
     assert_ok(restarted)

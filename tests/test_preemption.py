@@ -13,7 +13,7 @@ import pytest
 import main
 import utils
 from helpers import (assert_ok, assert_same_training_state, children, environ, run_dir, run_main,
-                     start_main, wait_for, write_config, write_image_folder)
+                     start_main, stop_when, wait_for, write_config, write_image_folder)
 
 STOPPED = re.compile(r'WARNING stopped by (\S+|a signal to another process) at epoch (\d+) step '
                      r'(\d+): (saved ([^;\s]+)|nothing new to save)')
@@ -55,24 +55,6 @@ def send_until_exit(process, signals, target, interval=0.005, timeout=60):
         assert time.time() - start < timeout, "the run did not stop"
         time.sleep(interval)
     return time.time() - start
-
-
-def stop_when(process, condition, send, poll=0.02):
-    """Wait for `condition`, call `send()` to stop the run and wait for it to exit; returns the
-    seconds from `send()` to the exit. A run still alive when the test ends is killed, with its
-    process group when it leads one."""
-    try:
-        wait_for(condition, process, poll=poll)
-        start = time.time()
-        send()
-        process.wait(timeout=60)
-        return time.time() - start
-    finally:
-        if process.poll() is None:
-            if os.getpgid(process.pid) == process.pid:
-                os.killpg(process.pid, signal.SIGKILL)
-            else:
-                process.kill()
 
 
 def training_run(workspace, name):

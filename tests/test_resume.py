@@ -12,7 +12,7 @@ import torch
 import utils
 from golden import GoldenCase
 from helpers import (TINY_KWARGS, assert_ok, assert_same_training_state, children, environ,
-                     load_weights, run_dir, run_main, start_main, wait_for, write_config,
+                     load_weights, run_dir, run_main, start_main, stop_when, wait_for, write_config,
                      write_image_folder)
 from models.checkpoint import CheckpointError, atomic_write, read_checkpoint, resolve
 from models.focal_transformer import FocalTransformer, checkpoint_filter_fn
@@ -47,13 +47,8 @@ def test_sigkill_and_restart_end_bit_identical(workspace):
     killed = run_dir(str(root / 'killed'))
     process = start_main(root, args + ['--output', str(root / 'killed')],
                          log_path=root / 'killed.log', new_session=True)
-    try:
-        wait_for(reached(killed, 1, 3), process)
-        os.killpg(process.pid, signal.SIGKILL)  # the process and its loader workers, as a dead node
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    # the process and its loader workers, as a dead node
+    stop_when(process, reached(killed, 1, 3), lambda: os.killpg(process.pid, signal.SIGKILL))
     assert process.returncode == -signal.SIGKILL
     assert not os.path.exists(os.path.join(killed, 'ckpt_epoch_3.pth'))
 

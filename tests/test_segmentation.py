@@ -20,7 +20,7 @@ from data import DataError
 from data.ade20k import (IGNORE_INDEX, ADE20KSegmentation, CategoryBalancedCrop, eval_transform, rescaled_size,
                          train_transform)
 from data.digit_scenes import ADE_CLASSES, draw_scene
-from helpers import REPO, TIMM_TINY_ARCH, assert_ok, assert_same_training_state, run_main, start_main, wait_for
+from helpers import REPO, TIMM_TINY_ARCH, assert_ok, assert_same_training_state, run_main, start_main, stop_when
 from models.segmentation import FocalUPerNet
 from tasks.segmentation import build_segmenter, confusion_matrix, segmentation_loss, segmentation_scores
 
@@ -334,13 +334,8 @@ def test_sigterm_on_the_iteration_schedule_saves_the_step_and_resumes_bit_identi
     command = [*args[:4], '--output', str(tmp_path / 'stopped'), *args[4:]]
     log = tmp_path / 'stopped.log'
     process = start_main(tmp_path, command, log_path=log, new_session=True)
-    try:
-        wait_for(lambda: os.path.exists(os.path.join(run, 'ckpt_epoch_1_step_2.pth')), process)
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+    stop_when(process, lambda: os.path.exists(os.path.join(run, 'ckpt_epoch_1_step_2.pth')),
+              lambda: os.killpg(process.pid, signal.SIGTERM))
     output = log.read_text()
     assert process.returncode == main.EXIT_PREEMPTED, output[-3000:]
     saved = re.findall(r'ckpt_epoch_1_step_([345])\.pth', output.strip().splitlines()[-1])
