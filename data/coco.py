@@ -167,8 +167,7 @@ def detection_transform(is_train, min_sizes, max_size, hflip, crop_min_sizes=(),
         if crop_min_sizes:
             resize = v2.RandomChoice([resize, v2.Compose([
                 v2.RandomShortestSize(list(crop_min_sizes), max_size=max_size),
-                RandomSizeCrop(*crop_size_range),
-                v2.RandomShortestSize(list(min_sizes), max_size=max_size)])])
+                RandomSizeCrop(*crop_size_range), resize])])
         steps += [resize, v2.RandomHorizontalFlip(hflip)]
     steps.append(v2.ToDtype(torch.float32, scale=True))
     if is_train:
