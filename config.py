@@ -120,6 +120,15 @@ _C.MODEL.DETECTION.ANCHOR_SIZES = [32, 64, 128, 256, 512]
 # Detections kept per image at evaluation (COCO's AP counts 100)
 _C.MODEL.DETECTION.DETECTIONS_PER_IMAGE = 100
 
+# The MODEL.DETECTION keys each detector reads (besides DETECTOR): a key that a YAML file or --opts sets
+# and the chosen detector does not read is a one-line ConfigError, not silently ignored. A detector's own
+# settings live in a section named after it (MODEL.DETECTION.<SECTION>), listed here as that section.
+DETECTOR_KEYS = {
+    'mask_rcnn': ('FPN_CHANNELS', 'BOX_HEAD_WIDTH', 'MASK_HEAD_LAYERS', 'ROI_SAMPLES', 'PROPOSALS',
+                  'ANCHOR_SIZES', 'DETECTIONS_PER_IMAGE'),
+    'retinanet': ('FPN_CHANNELS', 'ANCHOR_SIZES', 'DETECTIONS_PER_IMAGE'),
+}
+
 # (added) segmentation: smp's UPerNet on the Focal encoder with an auxiliary FCN head on stage 3
 # (models.segmentation); the defaults are Swin's UPerNet setting
 _C.MODEL.SEGMENTATION = CN()
@@ -343,7 +352,7 @@ _C.THROUGHPUT_MODE = False
 _CHOICES = {
     'DATA.DATASET': ('imagenet', 'digits', 'coco', 'ade20k'),
     'TASK': ('classification', 'detection', 'segmentation'),
-    'MODEL.DETECTION.DETECTOR': ('mask_rcnn', 'retinanet'),
+    'MODEL.DETECTION.DETECTOR': tuple(DETECTOR_KEYS),
     'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic'),
     'DATA.CACHE_MODE': ('no', 'part', 'full'),
     'MODEL.TYPE': ('focal',),
@@ -399,8 +408,9 @@ def _same_kind(default, value):
     return value
 
 
-def _set_key(config, full_key, value, source):
-    """Set one dotted key, checking that it exists and that the value has the default's type."""
+def _set_key(config, full_key, value, source, sources):
+    """Set one dotted key, checking that it exists and that the value has the default's type;
+    `sources` records where each key was last set."""
     node = config
     *parents, leaf = full_key.split('.')
     for part in parents:
@@ -414,16 +424,17 @@ def _set_key(config, full_key, value, source):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{full_key}' in {source} is a section; got value {value!r}")
         for key, sub_value in value.items():
-            _set_key(config, f'{full_key}.{key}', sub_value, source)
+            _set_key(config, f'{full_key}.{key}', sub_value, source, sources)
         return
     converted = _same_kind(default, _parse_literal(value, default))
     if converted is _MISMATCH:
         raise ConfigError(f"config key '{full_key}' in {source} expects {type(default).__name__} "
                           f"(default {default!r}), got {value!r}")
     node[leaf] = converted
+    sources[full_key] = source
 
 
-def _merge_yaml_file(config, cfg_file, visiting=()):
+def _merge_yaml_file(config, cfg_file, sources, visiting=()):
     """Merge a YAML file into ``config``: first the files listed in its ``BASE`` (paths relative
     to this file, in order), then its own keys."""
     cfg_file = os.path.abspath(cfg_file)
@@ -451,18 +462,18 @@ def _merge_yaml_file(config, cfg_file, visiting=()):
         bases = [bases]
     for base in bases:
         if base:
-            _merge_yaml_file(config, os.path.join(os.path.dirname(cfg_file), base),
+            _merge_yaml_file(config, os.path.join(os.path.dirname(cfg_file), base), sources,
                              visiting + (cfg_file,))
     for key, value in loaded.items():
-        _set_key(config, str(key), value, cfg_file)
+        _set_key(config, str(key), value, cfg_file, sources)
 
 
-def _merge_opts(config, opts):
+def _merge_opts(config, opts, sources):
     """Merge ``--opts KEY VALUE ...`` pairs."""
     if len(opts) % 2:
         raise ConfigError(f"--opts needs KEY VALUE pairs, got an odd number of items: {' '.join(opts)}")
     for key, value in zip(opts[0::2], opts[1::2]):
-        _set_key(config, key, value, '--opts')
+        _set_key(config, key, value, '--opts', sources)
 
 
 def _check_values(config):
@@ -507,6 +518,18 @@ def _check_values(config):
                           f"use benchmarks/throughput.py")
 
 
+def _check_detector_keys(config, sources):
+    """A MODEL.DETECTION key that was set but that the chosen detector does not read (DETECTOR_KEYS)."""
+    detector = config.MODEL.DETECTION.DETECTOR
+    read = DETECTOR_KEYS[detector]
+    for full_key, source in sources.items():
+        if not full_key.startswith('MODEL.DETECTION.') or full_key == 'MODEL.DETECTION.DETECTOR':
+            continue
+        if full_key.split('.')[2] not in read:
+            raise ConfigError(f"config key '{full_key}' in {source} is not read by MODEL.DETECTION.DETECTOR "
+                              f"{detector!r}, which reads {', '.join(read)}")
+
+
 # argparse attribute of a flag -> the config key it sets when given
 _FLAG_KEYS = {
     'batch_size': 'DATA.BATCH_SIZE',
@@ -530,16 +553,17 @@ def update_config(config, args):
     """Merge ``args.cfg`` (with its BASE files), then ``args.opts``, then the dedicated flags
     (which win over both), check the values, and derive OUTPUT/MODEL.NAME/TAG."""
     config.defrost()
+    sources = {}  # key -> the file or option that set it last
     cfg_file = getattr(args, 'cfg', None)
     if cfg_file:
-        _merge_yaml_file(config, cfg_file)
-    _merge_opts(config, list(getattr(args, 'opts', None) or []))
+        _merge_yaml_file(config, cfg_file, sources)
+    _merge_opts(config, list(getattr(args, 'opts', None) or []), sources)
 
     for attribute, key in _FLAG_KEYS.items():
         value = getattr(args, attribute, None)
         # argparse leaves a flag that was not given at None or False (an explicit 0 counts)
         if value is not None and value is not False and value != '':
-            _set_key(config, key, value, '--' + attribute.replace('_', '-'))
+            _set_key(config, key, value, '--' + attribute.replace('_', '-'), sources)
     amp = getattr(args, 'amp', None)
     if amp:
         config.AMP_ENABLE = True
@@ -547,6 +571,7 @@ def update_config(config, args):
             config.AMP_DTYPE = amp
 
     _check_values(config)
+    _check_detector_keys(config, sources)
     # the original's apex opt level, when given, decides whether mixed precision is on
     if config.AMP_OPT_LEVEL:
         config.AMP_ENABLE = config.AMP_OPT_LEVEL != 'O0'

@@ -164,6 +164,18 @@ def test_unknown_keys_are_named(tmp_path):
     assert "'TRAIN'" in one_line_error(None, 'TRAIN', '1')
 
 
+def test_a_detection_key_the_chosen_detector_does_not_read_is_named(tmp_path):
+    cfg = write(tmp_path / 'retina.yaml', 'TASK: detection\nMODEL:\n  DETECTION:\n    DETECTOR: retinanet\n'
+                                          '    ROI_SAMPLES: 256\n')
+    message = one_line_error(str(cfg))
+    assert "'MODEL.DETECTION.ROI_SAMPLES'" in message and str(cfg) in message and "'retinanet'" in message
+    assert "'MODEL.DETECTION.PROPOSALS'" in one_line_error(None, 'MODEL.DETECTION.DETECTOR', 'retinanet',
+                                                           'MODEL.DETECTION.PROPOSALS', '[10, 5]')
+    # what the detector reads is accepted, from the file and from --opts
+    load(str(cfg), 'MODEL.DETECTION.DETECTOR', 'mask_rcnn')
+    load(None, 'MODEL.DETECTION.DETECTOR', 'retinanet', 'MODEL.DETECTION.FPN_CHANNELS', '64')
+
+
 def test_odd_opts():
     assert 'odd number' in one_line_error(None, 'TRAIN.EPOCHS', '3', 'SEED')
 
