@@ -68,21 +68,23 @@ def test_attention_kernel_matches_the_math_kernel_at_focal_t_stage_0_shapes():
     """Forced onto the memory-efficient kernel (any fallback raises), the attention's output and
     the gradients of the q/k/v rows (k and v gradients scattered back to the rows their slots read)
     and of the bias equal the float32 math kernel's. 49 queries, 230 keys (not a multiple of the
-    kernel's alignment, so SDPA pads the bias), head dim 32, bias broadcast over the batch: as
-    stage 0."""
+    kernel's alignment, so SDPA pads the bias), head dim 32, bias shared by windows and images and
+    a mask per window: as stage 0."""
     torch.manual_seed(0)
     B, nH, nW, tokens, queries, num_keys, head_dim = 2, 2, 4, 300, 49, 230, 32
     C = nH * head_dim
     query_index = torch.randperm(nW * queries, device='cuda')
     key_index = torch.randint(0, tokens, (nW, num_keys), device='cuda')
     inputs = [torch.randn(B, tokens, 3 * C, device='cuda'),
-              torch.randn(nW, nH, queries, num_keys, device='cuda')]
+              torch.randn(nH, queries, num_keys, device='cuda')]
+    mask = torch.zeros(nW, 1, num_keys, device='cuda')
+    mask[1:, :, -20:] = float('-inf')
     weight = torch.randn(B, nW * queries, C, device='cuda')
 
     def run(backend):
         qkv, bias = (t.clone().requires_grad_() for t in inputs)
         with sdpa_kernel(backend):
-            out = window_attention(qkv, query_index, key_index, bias, head_dim ** -0.5)
+            out = window_attention(qkv, query_index, key_index, bias, mask, head_dim ** -0.5)
         (out * weight).sum().backward()
         return [out.detach(), qkv.grad, bias.grad]
 
