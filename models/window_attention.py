@@ -1,5 +1,9 @@
 """Attention of each window's queries to its gathered key slots, on projected token rows.
 
+A logit's additive bias comes in two parts, never summed for all windows at once: the learned bias
+(heads, queries, key slots), the same for every window, and the 0 / -inf mask of each window (padding
+of pooled cells outside the grid, the shift mask).
+
 `window_attention` is the one entry point; it picks one implementation per call:
 - 'sdpa': PyTorch's `scaled_dot_product_attention` on the whole batch. Other devices, attention
   dropout, compiled or exported evaluation, TorchScript, and autograd outside the CPU training path.
@@ -7,12 +11,12 @@
   the evaluation forward and a hand-written backward a chunk of windows at a time. PyTorch's fused
   CPU kernel has no gradient for the bias, so SDPA would fall back to its unfused path, which keeps
   every attention matrix and the gathered keys for the backward pass.
-- CPU evaluation ('cpu-materialised' / 'cpu-fused'): one image at a time, so that its gathered rows
-  stay in cache.
+- CPU evaluation ('cpu-materialised' / 'cpu-fused'): one image and one chunk of windows at a time, so
+  that its gathered rows stay in cache.
 
-On the CPU the logits are either materialised between batched matrix products, a chunk of windows at
-a time, or left to PyTorch's fused kernel. `set_cpu_attention` chooses which, as timm's
-`set_fused_attn` chooses its kernels.
+On the CPU the logits are either materialised between batched matrix products or left to PyTorch's
+fused kernel, a chunk of windows at a time; bias and the chunk's mask are summed for that chunk only.
+`set_cpu_attention` chooses which, as timm's `set_fused_attn` chooses its kernels.
 """
 import functools
 from typing import Tuple
@@ -303,7 +307,12 @@ class _CpuTrainingAttention(torch.autograd.Function):
         B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         num_windows, num_keys, head_dim = key_index.shape[0], key_index.shape[1], C // nH
         queries = query_index.shape[0] // num_windows
-        grad_qkv = torch.zeros_like(qkv) if ctx.needs_input_grad[0] else None
+        grad_qkv = None
+        if ctx.needs_input_grad[0]:
+            # every map row's q gradient and every row's k/v gradient are written below; only the pooled
+            # cells' q (rows past the map's, no query) stay zero
+            grad_qkv = torch.empty_like(qkv)
+            grad_qkv[:, query_index.shape[0]:, :C].zero_()
         # Probabilities and the bias gradient (summed over windows and images) in at least float32, so
         # that a low-precision input does not round them per window; float64 stays float64.
         exact_dtype = torch.promote_types(qkv.dtype, torch.float32)
