@@ -11,6 +11,8 @@ import os
 import pytest
 import timm
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from config import get_config
@@ -342,6 +344,47 @@ def test_bf16_autocast_on_cpu_agrees_with_float32(cpu_attention):
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     expected = torch.cat([grad.flatten() for grad in reference_grads])
     assert (grads - expected).norm() < 0.05 * expected.norm()
+
+
+class LargestStorage(TorchDispatchMode):
+    """Records the largest storage (bytes) of any tensor an operator returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.largest = max(self.largest, leaf.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize('kernel', ['fused', 'materialised'])
+def test_cpu_attention_never_holds_a_bias_for_every_window(kernel):
+    """The learned bias is shared by the windows and only the mask is each window's own, so the CPU
+    paths sum the two a chunk of windows at a time: no tensor as large as (windows, heads, queries,
+    keys) exists in a block's evaluation, training forward or backward (bias gradient included)."""
+    model = micro(img_size=56, use_shift=True)
+    block = model.layers[0].blocks[1]
+    x = torch.randn(1, 28, 28, 16, requires_grad=True)
+    _, key_index, mask = attention_tables((28, 28), 4, 2, 3, 2, block.attn.neighbour_positions, torch.device('cpu'))
+    all_windows = key_index.shape[0] * block.attn.attention_bias().numel() * 4  # float32 bytes
+    qkv_bytes = 4 * 3 * 16 * (28 * 28 + 7 * 7 + 14 * 14)
+    assert mask.shape[1] == 16 and qkv_bytes < all_windows  # shifted: the mask has a row per query
+    set_cpu_attention(kernel, chunk_bytes=4000)
+    try:
+        for training in (False, True):
+            block.train(training)
+            with LargestStorage() as largest, torch.set_grad_enabled(training):
+                out = block(x)
+                if training:
+                    out.square().sum().backward()
+            assert qkv_bytes <= largest.largest < all_windows
+    finally:
+        set_cpu_attention()
+    assert block.attn.relative_position_bias_table.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize('kernel, expected_op', [('fused', 'aten::_scaled_dot_product_flash_attention_for_cpu'),
