@@ -89,7 +89,7 @@ def test_signals_to_the_whole_job_save_the_step_and_the_restart_ends_bit_identic
     assert saved == os.path.join(run, f'ckpt_epoch_1_step_{step}.pth')
     # one checkpoint at the step, complete: no temporary file, nothing else written since epoch 0
     assert checkpoints(run) == ['ckpt_best.pth', 'ckpt_epoch_0.pth', f'ckpt_epoch_1_step_{step}.pth']
-    assert output.strip().splitlines()[-1].startswith('preempted: stopped by SIGTERM')
+    assert output.strip().splitlines()[-1].startswith(f'preempted: stopped by {name}')
     print(f"SIGTERM to exit: {seconds:.2f} s")
     assert seconds < 10
 
