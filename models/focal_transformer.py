@@ -756,9 +756,11 @@ def _create_focal(variant: str, pretrained: bool = False, **kwargs) -> FocalTran
     return model
 
 
-def _cfg(file_name: str, **kwargs) -> dict:
+def _cfg(file_name: Optional[str], **kwargs) -> dict:
+    """timm's pretrained config of a variant; `file_name` None: no released weights (Focal-L)."""
     return {
-        'url': f'https://projects4jw.blob.core.windows.net/model/focal-transformer/imagenet1k/{file_name}',
+        'url': f'https://projects4jw.blob.core.windows.net/model/focal-transformer/imagenet1k/{file_name}'
+               if file_name else '',
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.875,
         'interpolation': 'bicubic', 'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
         'first_conv': 'patch_embed.proj', 'classifier': 'head', **kwargs,
@@ -772,6 +774,7 @@ default_cfgs = generate_default_cfgs({
     'focal_small_useconv_patch4_window7_224': _cfg('focal-small-useconv-is224-ws7.pth'),
     'focal_base_patch4_window7_224': _cfg('focal-base-is224-ws7.pth'),
     'focal_base_useconv_patch4_window7_224': _cfg('focal-base-useconv-is224-ws7.pth'),
+    'focal_large_patch4_window7_224': _cfg(None),
 })
 
 # The recipe every released model shares: two focal levels with fc pooling, expand size 3.
@@ -780,6 +783,11 @@ _RELEASED = dict(window_size=7, focal_pool='fc', focal_stages=(0, 1, 2, 3), foca
 _TINY = dict(_RELEASED, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
 _SMALL = dict(_RELEASED, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
 _BASE = dict(_RELEASED, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+# Focal-L, the paper's ImageNet-22K model (never released). Its layout is inferred, not read from the paper
+# (whose text is not reachable here): Swin-L's shape with the released recipe's focal settings is the one
+# whose UPerNet at 640 px with ADE20K's 150 classes has the 240M parameters of the paper's table (237.5M
+# here; window 12 would give about 254M).
+_LARGE = dict(_RELEASED, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
 
 
 # Each constructor's keyword arguments override its architecture (timm.create_model(name, embed_dim=64)).
@@ -817,3 +825,9 @@ def focal_base_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTr
 def focal_base_useconv_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
     model_args = dict(_BASE, use_conv_embed=True)
     return _create_focal('focal_base_useconv_patch4_window7_224', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def focal_large_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
+    model_args = _LARGE
+    return _create_focal('focal_large_patch4_window7_224', pretrained, **dict(model_args, **kwargs))
