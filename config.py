@@ -40,7 +40,8 @@ _C.DATA.BATCH_SIZE = 128
 # (ImageFolder layout), or train.zip, train_map.txt, val.zip, val_map.txt in zip mode.
 # For 'digits': where the demo images are written ('' = ~/.cache/focal_transformer/digits).
 _C.DATA.DATA_PATH = ''
-# Dataset name: 'imagenet' (any ImageFolder or zipped folder), 'coco' (detection: train2017/,
+# Dataset name: 'imagenet' (any ImageFolder or zipped folder), 'imagenet22k' (one folder per
+# WordNet synset, or zipped as 'imagenet': data.imagenet22k), 'coco' (detection: train2017/,
 # val2017/, annotations/instances_{train,val}2017.json), 'ade20k' (segmentation:
 # ADEChallengeData2016's images/ and annotations/), or 'digits', the built-in demo of every task
 # (digit images, or scenes of digits written in the COCO or ADE20K layout)
@@ -350,7 +351,7 @@ _C.THROUGHPUT_MODE = False
 
 # Allowed values of the keys that take one of a few strings.
 _CHOICES = {
-    'DATA.DATASET': ('imagenet', 'digits', 'coco', 'ade20k'),
+    'DATA.DATASET': ('imagenet', 'imagenet22k', 'digits', 'coco', 'ade20k'),
     'TASK': ('classification', 'detection', 'segmentation'),
     'MODEL.DETECTION.DETECTOR': tuple(DETECTOR_KEYS),
     'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic'),
