@@ -14,7 +14,7 @@ restart, and for an image whatever else is added.
 
 Zip layout (DATA.ZIP_MODE): ``train.zip``/``train_map.txt`` and ``val.zip``/``val_map.txt``, as
 ImageNet-1K's (``data.cached_image_folder``); each member path begins with its synset folder, which
-names its label (``zip_class_names``), in whatever order the map files number them.
+names its label (``check_synset_classes``), in whatever order the map files number them.
 
 The index: listing 14M files takes minutes, so it is done once. Rank 0 lists the synset folders into an
 index file (file names, their path hashes, the files per synset, each folder's modification time)
@@ -258,23 +258,13 @@ class ImageNet22K(Dataset):
         return image, int(self.index.labels[position])
 
 
-def zip_class_names(map_samples):
-    """The synset of each label, from the (member path, label) samples of the map files
-    (`map_samples`: {map file: samples}): the folder every member path begins with. One synset per label
-    and one label per synset across all the maps, every label up to the largest named, each a known
-    synset; anything else is a DataError naming a map file."""
-    by_label, by_synset = {}, {}
-    for map_file, samples in map_samples.items():
-        for path, label in samples:
-            synset = path.split('/', 1)[0]
-            if not (SYNSET.match(synset) and synset in known_synsets()):
-                raise DataError(f"{map_file} lists {path}, which is not inside a WordNet synset folder (n########)")
-            if by_label.setdefault(label, synset) != synset:
-                raise DataError(f"{map_file} gives label {label} to {synset}, which is {by_label[label]}'s label")
-            if by_synset.setdefault(synset, label) != label:
-                raise DataError(f"{map_file} gives {synset} label {label}, but also label {by_synset[synset]}")
-    missing = [label for label in range(max(by_label) + 1) if label not in by_label]
-    if missing:
-        raise DataError(f"{' and '.join(map_samples)} list no image of label {missing[0]} ({len(missing)} labels "
-                        f"without images): its synset is unknown")
-    return [by_label[label] for label in range(len(by_label))]
+def check_synset_classes(class_names, where):
+    """The zip layout's class names (data.cached_image_folder: each label's folder in the map file's
+    paths) are synsets, each once; anything else is a DataError naming `where`."""
+    labels = {}
+    for label, name in enumerate(class_names):
+        if name not in known_synsets():
+            raise DataError(f"{where}: label {label} is not the images of one WordNet synset folder (n########) "
+                            f"but {name!r}")
+        if labels.setdefault(name, label) != label:
+            raise DataError(f"{where} gives synset {name} labels {labels[name]} and {label}")

@@ -20,6 +20,7 @@ Swin's map22kto1k.txt gives it the row of n03013580 (chemise, "teddy"), a differ
 starts fresh.
 """
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
@@ -56,6 +57,16 @@ def order_synsets(order: str, rows: Optional[int] = None) -> tuple:
     if rows is not None and rows != len(synsets):
         raise ValueError(f"class order {order!r} has {len(synsets)} classes, not {rows}")
     return synsets
+
+
+@functools.lru_cache(maxsize=None)
+def known_synsets() -> frozenset:
+    """Every synset of the orders."""
+    return frozenset().union(*(_timm_list(order) for order in ORDERS))
+
+
+def are_synsets(names: Sequence[str]) -> bool:
+    return bool(names) and all(name in known_synsets() for name in names)
 
 
 def orders_of_rows(rows: int) -> List[str]:
@@ -103,7 +114,7 @@ class HeadRows:
     bias: torch.Tensor
     kept: int  # target classes whose row came from the source
     origin: str  # where the source's synsets came from (`source_synsets`)
-    missing: List[str]  # target synsets the source lacks (their rows are the fresh ones)
+    missing: List[str]  # target synsets the source lacks (their rows are the fresh ones); unnamed rows are not listed
 
     def summary(self) -> str:
         return (f"head: {self.kept} of {len(self.weight)} class rows kept by synset, from {self.origin}"
@@ -114,8 +125,10 @@ def map_head(weight: torch.Tensor, bias: torch.Tensor, source: Sequence[str], ta
              fresh_weight: torch.Tensor, fresh_bias: torch.Tensor, origin: str = 'the checkpoint',
              file: str = 'the checkpoint') -> HeadRows:
     """The rows of a head over the `source` synsets (weight (S, F), bias (S,)) for a head over `target`:
-    each target synset's row is its source row; a synset the source lacks keeps its `fresh_*` row. A
-    CheckpointError names `file` when no target synset is in the source."""
+    each target synset's row is its source row; a synset the source lacks keeps its `fresh_*` row (on the
+    CPU: the model may sit on a GPU, the checkpoint not). A
+    CheckpointError names `file` when no target synset is in the source. A target row named '' (a model with
+    more rows than named classes) keeps its fresh row."""
     row_of = {synset: row for row, synset in enumerate(source)}
     pairs = [(index, row_of[synset]) for index, synset in enumerate(target) if synset in row_of]
     if not pairs:
@@ -125,8 +138,30 @@ def map_head(weight: torch.Tensor, bias: torch.Tensor, source: Sequence[str], ta
         raise CheckpointError(f"{file}: its head has {weight.shape[1]} features per class, the model's "
                               f"{fresh_weight.shape[1]}")
     to_rows, from_rows = (torch.tensor(indices) for indices in zip(*pairs))
-    mapped_weight, mapped_bias = fresh_weight.clone(), fresh_bias.clone()
-    mapped_weight[to_rows] = weight[from_rows].to(mapped_weight.dtype)
-    mapped_bias[to_rows] = bias[from_rows].to(mapped_bias.dtype)
-    missing = [synset for synset in target if synset not in row_of]
+    mapped_weight, mapped_bias = fresh_weight.detach().cpu().clone(), fresh_bias.detach().cpu().clone()
+    mapped_weight[to_rows] = weight[from_rows].to('cpu', mapped_weight.dtype)
+    mapped_bias[to_rows] = bias[from_rows].to('cpu', mapped_bias.dtype)
+    missing = [synset for synset in target if synset and synset not in row_of]
     return HeadRows(mapped_weight, mapped_bias, len(pairs), origin, missing)
+
+
+def head_for_classes(contents, weight: torch.Tensor, bias: torch.Tensor, fresh_weight: torch.Tensor,
+                     fresh_bias: torch.Tensor, classes: Sequence[str], order: str = '',
+                     source: str = 'the checkpoint') -> Optional[HeadRows]:
+    """A checkpoint's classifier rows (`weight`, `bias`) for a model whose first rows are the `classes`
+    (MODEL.CLASS_NAMES, the data's), picked by synset (`map_head`), or None where there is nothing to pick
+    by: the model's classes are not all ImageNet synsets, or the checkpoint's head names classes that are
+    not, or carries no names and neither `order` (MODEL.PRETRAINED_CLASS_ORDER) nor its row count says its
+    order. `contents` is what the checkpoint file holds: its 'classes' (our checkpoints save them) name
+    the head's rows."""
+    if order and order not in ORDERS:
+        raise CheckpointError(f"{source}: MODEL.PRETRAINED_CLASS_ORDER {order!r} is not one of {', '.join(ORDERS)}")
+    carried = contents.get('classes') if isinstance(contents, Mapping) else None
+    if not are_synsets(classes) or (carried and not are_synsets(carried)):
+        return None
+    rows = len(weight)
+    if not carried and not order and not orders_of_rows(rows):
+        return None
+    synsets, origin = source_synsets(rows, list(carried) if carried else None, order, source)
+    target = list(classes) + [''] * (len(fresh_weight) - len(classes))
+    return map_head(weight, bias, synsets, target, fresh_weight, fresh_bias, origin, source)

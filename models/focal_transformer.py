@@ -30,7 +30,8 @@ from timm.models._features import feature_take_indices
 
 from .attention_tables import block_attention_tables, neighbour_key_positions, relative_position_index
 from .checkpoint import CheckpointError, key_mismatch, model_weights, read_checkpoint
-from .pretrained import GeometryMismatch, TransferReport, adapt_tensor, missing_tensor_note, surplus_tensor_note
+from .class_orders import head_for_classes
+from .pretrained import HEAD, GeometryMismatch, TransferReport, adapt_tensor, missing_tensor_note, surplus_tensor_note
 from .window_attention import window_attention
 
 __all__ = ['FocalTransformer', 'checkpoint_filter_fn']
@@ -720,7 +721,8 @@ class FocalTransformer(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module, adapt: bool = False, source: str = 'the checkpoint',
-                         target: str = 'this model', report: Optional[TransferReport] = None) -> dict:
+                         target: str = 'this model', report: Optional[TransferReport] = None,
+                         classes: Sequence[str] = (), class_order: str = '') -> dict:
     """The state dict that `model.load_state_dict(strict=True)` takes from a checkpoint's contents: the one
     filter between every reader (models.checkpoint.read_checkpoint) and every model.
 
@@ -732,6 +734,11 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module, adapt: bool = False
     each of its tensors is copied, resized where only the geometry differs, or started fresh
     (models.pretrained), each recorded in `report`. Anything else that does not fit is a CheckpointError
     naming `source`, `target` and the keys.
+
+    `classes`: the names of the model's classes (MODEL.CLASS_NAMES). Where they and the checkpoint head's
+    classes are ImageNet synsets (its saved 'classes', `class_order` or its row count: models.class_orders),
+    the head's rows are picked by synset, adapt or not (an ImageNet-22K head evaluated or fine-tuned as
+    ImageNet-1K's), recorded as `report.head`.
     """
     unwrapped = model_weights(state_dict, source)
     checkpoint = {key: value for key, value in unwrapped.items()
@@ -739,6 +746,11 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module, adapt: bool = False
     report = report if report is not None else TransferReport()
     report.dropped_buffers = len(unwrapped) - len(checkpoint)
     expected = model.state_dict()
+    if classes and all(key in checkpoint and key in expected for key in HEAD):
+        report.head = head_for_classes(state_dict, checkpoint['head.weight'], checkpoint['head.bias'],
+                                       expected['head.weight'], expected['head.bias'], classes, class_order, source)
+        if report.head is not None:
+            checkpoint.update({'head.weight': report.head.weight, 'head.bias': report.head.bias})
     missing, wrong_shape, result = [], [], {}
     for key, fresh in expected.items():
         old = checkpoint.get(key)

@@ -1,9 +1,13 @@
 """ImageNet-22K: the synset-folder data set and its index (data/imagenet22k.py), the class orders and the
 22K -> 1K head mapping (models/class_orders.py), the 22K recipes."""
 import hashlib
+import argparse
+import logging
 import multiprocessing
 import os
+import re
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -12,12 +16,16 @@ from PIL import Image
 from timm.data import ImageNetInfo
 
 import data.imagenet22k
+from config import get_config, with_classes
 from data.bad_samples import ReplaceUnreadable
 from data.image_io import DataError
-from data.imagenet22k import ImageNet22K, open_index, zip_class_names
-from helpers import REPO
+from data.build import build_loader
+from data.imagenet22k import ImageNet22K, open_index
+from helpers import REPO, assert_ok, run_dir, run_main, write_config, zip_dataset
+from models import build_model
 from models.checkpoint import CheckpointError
 from models.class_orders import ORDERS, map_head, order_synsets, orders_of_rows, source_synsets
+from utils import load_pretrained
 
 IMAGENET_1K = ImageNetInfo('imagenet-1k').label_names()
 FALL11 = ImageNetInfo('imagenet-22k').label_names()
@@ -26,11 +34,13 @@ SYNSETS = sorted(IMAGENET_1K[::125] + [s for s in FALL11 if s not in set(IMAGENE
 
 
 def write_synset_folder(root, synsets=SYNSETS, per_class=6, size=16, seed=0):
-    """One folder of `per_class` PNGs per synset, each synset its own colour under noise."""
+    """One folder of `per_class` PNGs per synset of SYNSETS, each synset its own colour under noise
+    (the same colour in every folder written)."""
     rng = np.random.default_rng(seed)
-    for number, synset in enumerate(synsets):
+    for synset in synsets:
         folder = os.path.join(root, synset)
         os.makedirs(folder, exist_ok=True)
+        number = SYNSETS.index(synset)
         colour = np.array([(number * 37) % 256, (number * 91) % 256, (number * 53) % 256])
         for i in range(per_class):
             image = colour + rng.integers(-20, 20, (size, size, 3))
@@ -48,6 +58,13 @@ def touch_later(path):
 @pytest.fixture
 def folder(tmp_path):
     return write_synset_folder(tmp_path / 'fall11')
+
+
+def loader_config(data_path, tmp_path, opts=()):
+    return get_config(argparse.Namespace(cfg=os.path.join(REPO, 'configs', 'focal_tiny_patch4_window7_224_22k.yaml'),
+                                         data_path=str(data_path), opts=[
+                                             'DATA.INDEX_PATH', str(tmp_path / 'index'), 'DATA.IMG_SIZE', '32',
+                                             'DATA.NUM_WORKERS', '0', 'DATA.HOLDOUT_FRACTION', '0.25', *opts]))
 
 
 # ---------------------------------------------------------------- the index
@@ -188,18 +205,21 @@ def test_other_bad_input_is_one_line(folder, tmp_path):
         ImageNet22K(index, 'val', 1e-9)
 
 
-def test_zip_layout_names_each_label_by_the_synset_folder_of_its_images():
-    train = [(f'{SYNSETS[2]}/a.png', 0), (f'{SYNSETS[0]}/b.png', 1), (f'{SYNSETS[0]}/c.png', 1)]
-    val = [(f'{SYNSETS[5]}/d.png', 2)]
-    assert zip_class_names({'train_map.txt': train, 'val_map.txt': val}) == [SYNSETS[2], SYNSETS[0], SYNSETS[5]]
-    for bad, message in [
-        ([(f'{SYNSETS[2]}/a.png', 0), (f'{SYNSETS[3]}/b.png', 0)], f'gives label 0 to {SYNSETS[3]}, which is '),
-        ([(f'{SYNSETS[2]}/a.png', 0), (f'{SYNSETS[2]}/b.png', 1)], f'gives {SYNSETS[2]} label 1, but also label 0'),
-        ([('images/a.png', 0)], 'lists images/a.png, which is not inside a WordNet synset folder'),
-        ([(f'{SYNSETS[2]}/a.png', 1)], 'list no image of label 0'),
-    ]:
-        with pytest.raises(DataError, match=f'^train_map.txt {message}' if 'list no' not in message else message):
-            zip_class_names({'train_map.txt': bad})
+def test_zip_layout_labels_are_named_by_the_synset_folders_of_their_images(tmp_path):
+    """ImageNet-22K zipped as ImageNet-1K is (train.zip, val.zip and their map files): the labels' names are
+    the synset folders of their images; a label whose images are not in one synset folder is one line."""
+    for split in ('train', 'val'):
+        write_synset_folder(tmp_path / 'folders' / split, SYNSETS[:4], per_class=2)
+    zipped = zip_dataset(str(tmp_path / 'folders'), str(tmp_path / 'zipped'))
+    config = loader_config(zipped, tmp_path, ['DATA.ZIP_MODE', 'True', 'DATA.BATCH_SIZE', '2'])
+    assert build_loader(config)[2] == SYNSETS[:4]
+    map_file = os.path.join(zipped, 'val_map.txt')
+    with open(map_file) as f:
+        lines = f.read()
+    with open(map_file, 'w') as f:
+        f.write(lines.replace('\t1\n', '\t3\n', 1))  # label 3's images in two synset folders
+    with pytest.raises(DataError, match=f"^{map_file}: label 3 is not the images of one WordNet synset folder"):
+        build_loader(config)
 
 
 # ---------------------------------------------------------------- class orders and the 22K -> 1K head
@@ -293,9 +313,6 @@ def flat(node, prefix=''):
 
 
 def recipe(name):
-    import argparse
-
-    from config import get_config
     return flat(get_config(argparse.Namespace(cfg=os.path.join(REPO, 'configs', name))))
 
 
@@ -329,3 +346,101 @@ def test_22k_recipes_are_the_models_config_with_swins_schedules(size):
     assert changes(name_384 + '.yaml') == dict(finetune, **{
         'MODEL.NAME': name_384, 'DATA.IMG_SIZE': 384, 'MODEL.FOCAL.WINDOW_SIZE': 12,
         'MODEL.FOCAL.EXPAND_SIZES': [6, 6, 6, 6], 'TEST.CROP': False})
+
+
+# ---------------------------------------------------------------- through main.py
+
+SUMMARY = re.compile(r' \* Acc@1 (\d+\.\d{3})')
+
+
+def test_trains_on_a_22k_folder_and_its_checkpoint_scores_imagenet_1k_by_synset(tmp_path):
+    """A micro model trains on a 22K-style folder through main.py and saves its synsets; --eval of that
+    checkpoint on an ImageNet-1K-style val/ (the 1K synsets among them) scores the 22K head's rows of those
+    synsets: the accuracy main.py reports is the 22K model's with its logits restricted to those classes."""
+    folder = write_synset_folder(tmp_path / 'fall11', size=32)
+    config = write_config(tmp_path / 'tiny.yaml')
+    out = str(tmp_path / 'out')
+    trained = run_main(tmp_path, ['--cfg', config, '--data-path', folder, '--output', out, '--dataset', 'imagenet22k',
+                                  '--opts', 'TRAIN.EPOCHS', '1', 'DATA.HOLDOUT_FRACTION', '0.25',
+                                  'DATA.INDEX_PATH', str(tmp_path / 'index')])
+    assert_ok(trained)
+    path = os.path.join(run_dir(out), 'ckpt_epoch_0.pth')
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint['classes'] == SYNSETS and checkpoint['model']['head.weight'].shape[0] == len(SYNSETS)
+
+    in1k = [synset for synset in SYNSETS if synset in set(IMAGENET_1K)]
+    for split in ('train', 'val'):
+        write_synset_folder(tmp_path / 'imagenet' / split, in1k, per_class=3, size=32, seed=1)
+    evaluated = run_main(tmp_path, ['--cfg', config, '--data-path', str(tmp_path / 'imagenet'), '--output', out,
+                                    '--tag', 'in1k', '--eval', '--resume', path])
+    assert_ok(evaluated)
+    assert f'{path}: head: {len(in1k)} of {len(in1k)} class rows kept by synset, from the class names it carries' \
+        in evaluated.stdout
+
+    model = build_model(with_classes(get_config(argparse.Namespace(cfg=config)), SYNSETS)).eval()
+    model.load_state_dict(checkpoint['model'])
+    _, val_loader, names = build_loader(get_config(argparse.Namespace(
+        cfg=config, data_path=str(tmp_path / 'imagenet'), eval=True)))
+    assert names == in1k
+    columns = [SYNSETS.index(synset) for synset in in1k]
+    with torch.no_grad():
+        hits = sum((model(images)[:, columns].argmax(1) == labels).sum().item() for images, labels in val_loader)
+    assert SUMMARY.findall(evaluated.stdout) == [f'{100 * hits / len(val_loader.dataset):.3f}']
+
+
+def pretrained_into_imagenet_1k(tmp_path, checkpoint, opts=()):
+    """--pretrained `checkpoint` into a 1,000-class micro model whose data has ImageNet-1K's classes;
+    returns (the model, what was logged)."""
+    path = str(tmp_path / 'pretrained.pth')
+    torch.save(checkpoint, path)
+    config = with_classes(get_config(argparse.Namespace(cfg=write_config(tmp_path / 'tiny.yaml'), pretrained=path,
+                                                        opts=['MODEL.NUM_CLASSES', '1000', *opts])), IMAGENET_1K)
+    model = build_model(config)
+    logger = logging.getLogger('test_imagenet22k')
+    with mock.patch.object(logger, 'info') as info:
+        load_pretrained(config, model, logger)
+    return model, '\n'.join(str(call.args[0]) for call in info.call_args_list)
+
+
+@pytest.mark.parametrize('order, rows', [('imagenet-21k-goog', 21841), ('imagenet-22k-ms', 21842)])
+def test_pretrained_22k_head_without_names_keeps_the_1k_rows_of_its_order(tmp_path, order, rows):
+    """A 22K checkpoint that carries no class names, as Swin's and FocalNet's: Swin's 21,841 rows need their
+    order named (MODEL.PRETRAINED_CLASS_ORDER), 21,842 rows are imagenet-22k-ms by their number. Every
+    1K synset's row is the 22K head's row of that synset, so the model predicts ImageNet-1K at once."""
+    torch.manual_seed(0)
+    source = build_model(get_config(argparse.Namespace(cfg=write_config(tmp_path / 'tiny.yaml'),
+                                                       opts=['MODEL.NUM_CLASSES', str(rows)])))
+    weights = {'model': source.state_dict()}
+    named = ['MODEL.PRETRAINED_CLASS_ORDER', order] if rows == 21841 else []
+    if named:
+        with pytest.raises(CheckpointError, match='its head of 21841 rows carries no class names and fits the orders'):
+            pretrained_into_imagenet_1k(tmp_path, weights)
+    model, log = pretrained_into_imagenet_1k(tmp_path, weights, named)
+    listed = order_synsets(order, rows)
+    kept = [index for index, synset in enumerate(IMAGENET_1K) if synset in listed]
+    for index in kept:
+        row = listed.index(IMAGENET_1K[index])
+        assert torch.equal(model.head.weight[index], source.head.weight[row])
+        assert torch.equal(model.head.bias[index], source.head.bias[row])
+    if rows == 21841:
+        for index, row in SWIN_MAP22KTO1K.items():
+            assert torch.equal(model.head.weight[index], source.head.weight[row])
+    assert f'head: {len(kept)} of 1000 class rows kept by synset, from {order}' in log
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = source.eval()(images)[:, [listed.index(IMAGENET_1K[index]) for index in kept]]
+        torch.testing.assert_close(model.eval()(images)[:, kept], expected, rtol=0, atol=0)
+
+
+def test_pretrained_head_of_other_classes_starts_fresh_or_is_one_line(tmp_path):
+    """A head whose classes are not synsets (the digits demo's) starts fresh, as before; a head of synsets
+    none of which is the data's is one line naming the file."""
+    torch.manual_seed(0)
+    source = build_model(get_config(argparse.Namespace(cfg=write_config(tmp_path / 'tiny.yaml'),
+                                                       opts=['MODEL.NUM_CLASSES', '10'])))
+    model, log = pretrained_into_imagenet_1k(tmp_path, {'model': source.state_dict(),
+                                                        'classes': [str(digit) for digit in range(10)]})
+    assert 'kept by synset' not in log and 'fresh 2 tensors' in log
+    not_1k = [synset for synset in SYNSETS if synset not in set(IMAGENET_1K)][:10]
+    with pytest.raises(CheckpointError, match=r"pretrained.pth: none of the model's 1000 classes \(n01440764, "):
+        pretrained_into_imagenet_1k(tmp_path, {'model': source.state_dict(), 'classes': not_1k})
