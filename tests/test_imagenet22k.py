@@ -263,7 +263,8 @@ def test_22k_to_1k_keeps_the_row_of_each_1k_synset_under_every_order(order, rows
             assert torch.equal(mapped.weight[target], weight[listed.index(synset)]), synset
             assert torch.equal(mapped.bias[target], bias[listed.index(synset)]), synset
         else:
-            assert torch.equal(mapped.weight[target], fresh_weight[target]) and mapped.bias[target] == fresh_bias[target]
+            assert torch.equal(mapped.weight[target], fresh_weight[target])
+            assert mapped.bias[target] == fresh_bias[target]
     missing = [] if order in ('imagenet-22k-ms', 'imagenet-1k') else [IMAGENET_1K[TEDDY_BEAR]]
     assert mapped.missing == missing and mapped.kept == 1000 - len(missing)
     assert mapped.summary().startswith(f'head: {mapped.kept} of 1000 class rows kept by synset, from {order}')

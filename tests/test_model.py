@@ -273,7 +273,8 @@ def test_focal_large_training_step_with_activation_checkpointing_is_bit_identica
     def training_step(use_checkpoint):
         config = get_config(argparse.Namespace(
             cfg=os.path.join(REPO, 'configs', 'focal_large_patch4_window7_224.yaml'),
-            opts=['MODEL.FOCAL.EMBED_DIM', '12', 'MODEL.NUM_CLASSES', '10', 'TRAIN.USE_CHECKPOINT', str(use_checkpoint)]))
+            opts=['MODEL.FOCAL.EMBED_DIM', '12', 'MODEL.NUM_CLASSES', '10',
+                  'TRAIN.USE_CHECKPOINT', str(use_checkpoint)]))
         torch.manual_seed(0)
         model = build_model(config).train()
         assert all(stage.use_checkpoint == use_checkpoint for stage in model.layers)

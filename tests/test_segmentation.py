@@ -393,7 +393,8 @@ def test_large_640_recipe_builds_the_papers_240m_upernet():
     is inferred from this count); the recipe is the Focal-B one with Swin-L's 640 setting."""
     recipe = os.path.join(REPO, 'configs', 'segmentation', 'upernet_focal_large_640_160k.yaml')
     _, config = main.parse_option(['--cfg', recipe])
-    _, base = main.parse_option(['--cfg', os.path.join(REPO, 'configs', 'segmentation', 'upernet_focal_base_160k.yaml')])
+    base_recipe = os.path.join(REPO, 'configs', 'segmentation', 'upernet_focal_base_160k.yaml')
+    _, base = main.parse_option(['--cfg', base_recipe])
     changed = {key: value for key, value in flat_config(config).items() if flat_config(base)[key] != value}
     assert changed == {
         'DATA.IMG_SIZE': 640, 'DATA.SEG_SCALE': [2560, 640], 'MODEL.NAME': 'upernet_focal_large_640_160k',
