@@ -179,6 +179,21 @@ def environ(pid):
         return dict(item.split(b'=', 1) for item in f.read().split(b'\0') if b'=' in item)
 
 
+def tagged_processes(name, value):
+    """'pid: command' of every process whose environment has `name`=`value`."""
+    found = []
+    for pid in os.listdir('/proc'):
+        if pid.isdigit():
+            try:
+                if environ(int(pid)).get(name.encode()) == value.encode():
+                    with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                        command = f.read().replace(b'\0', b' ').decode()
+                    found.append(f"{pid}: {command[:150]}")
+            except (ProcessLookupError, FileNotFoundError, PermissionError):
+                pass
+    return found
+
+
 def wait_for(condition, process, timeout=120, poll=0.02):
     deadline = time.time() + timeout
     while not condition():

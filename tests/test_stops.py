@@ -23,7 +23,7 @@ from PIL import Image
 
 import lifecycle
 import utils
-from helpers import REPO, environ, main_command, subprocess_env, write_config, write_image_folder
+from helpers import REPO, main_command, subprocess_env, tagged_processes, write_config, write_image_folder
 from models.checkpoint import read_checkpoint
 from test_detection import TINY_DETECTION, write_coco
 from test_segmentation import TINY_SEGMENTATION, write_ade_folder
@@ -89,17 +89,7 @@ def file_size_limit(limit):
 def job_processes(tag):
     """'pid: command' of every process whose environment carries this run's tag: the launched command,
     torchrun's workers (each in its own session) and every data worker, wherever they were reparented."""
-    found = []
-    for pid in os.listdir('/proc'):
-        if pid.isdigit():
-            try:
-                if environ(int(pid)).get(b'FOCAL_TEST_RUN') == tag.encode():
-                    with open(f'/proc/{pid}/cmdline', 'rb') as f:
-                        command = f.read().replace(b'\0', b' ').decode()
-                    found.append(f"{pid}: {command[:150]}")
-            except (ProcessLookupError, FileNotFoundError, PermissionError):
-                pass
-    return found
+    return tagged_processes('FOCAL_TEST_RUN', tag)
 
 
 def signal_job(tag, signum):
@@ -294,3 +284,23 @@ print('done')
     result = subprocess.run([sys.executable, str(script)], env=subprocess_env(tmp_path), capture_output=True,
                             text=True, timeout=120, start_new_session=True)
     assert result.returncode == 0 and result.stdout == 'done\n', result.stderr[-2000:]
+
+
+def test_a_stop_signal_to_a_worker_before_its_set_up_does_not_kill_it(tmp_path):
+    """SLURM signals every process of the job: a worker forked a moment before must not die of the
+    signal's default action before `_worker_init` ignores it (each worker here signals itself at once)."""
+    script = tmp_path / 'early_signal.py'
+    script.write_text(f"""\
+import os, signal, sys
+sys.path.insert(0, {REPO!r})
+import torch
+from data.loaders import LoaderSettings, build_loaders
+settings = LoaderSettings(batch_size=2, num_workers=2, pin_memory=False, seed=0, max_bad_samples=0,
+                          steps_per_epoch=0, rank=0, world_size=1)
+_, loader = build_loaders(settings, None, torch.arange(8.0), 'a test')
+os.register_at_fork(after_in_child=lambda: os.kill(os.getpid(), signal.SIGTERM))
+print(torch.cat(list(loader)).tolist())
+""")
+    result = subprocess.run([sys.executable, str(script)], env=subprocess_env(tmp_path), capture_output=True,
+                            text=True, timeout=120, start_new_session=True)
+    assert result.returncode == 0 and result.stdout == f'{[float(i) for i in range(8)]}\n', result.stderr[-2000:]
