@@ -15,6 +15,7 @@ of `attention_tables` say which rows each window's queries and key slots read, a
 `window_attention` attends them.
 """
 import dataclasses
+import functools
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -28,10 +29,12 @@ from timm.models import (build_model_with_cfg, generate_default_cfgs, register_m
 from timm.models._features import feature_take_indices
 
 from .attention_tables import block_attention_tables, neighbour_key_positions, relative_position_index
-from .checkpoint import read_checkpoint, unwrap_state_dict
+from .checkpoint import CheckpointError, key_mismatch, model_weights, read_checkpoint
+from .class_orders import head_for_classes
+from .pretrained import HEAD, GeometryMismatch, TransferReport, adapt_tensor, missing_tensor_note, surplus_tensor_note
 from .window_attention import window_attention
 
-__all__ = ['FocalTransformer', 'checkpoint_filter_fn', 'POOL_METHODS', 'EXPAND_LAYERS']
+__all__ = ['FocalTransformer', 'checkpoint_filter_fn']
 
 POOL_METHODS = ('none', 'fc', 'conv', 'mean', 'max')
 EXPAND_LAYERS = ('all', 'even', 'odd')
@@ -447,7 +450,6 @@ class FocalTransformer(nn.Module):
     the stem, Conv2d(7, stride 4, padding 2), gives (H + 1) // 4 and each downsampling, Conv2d(3,
     stride 2, padding 1), halves rounding up (233 px: 58, 29, 15, 8); the reference runs no odd map
     there, so those sizes are this codebase's. `global_pool` is timm's: 'avg' or ''.
-    `expand_stages` is accepted for the reference's configs and unused, as in the reference.
 
     timm's conventions: forward_features gives (B, H, W, C) maps (`output_fmt` 'NHWC'),
     forward_intermediates/features_only the stage maps, torch.fx, TorchScript and torch.export work.
@@ -468,7 +470,7 @@ class FocalTransformer(nn.Module):
                  patch_norm: bool = True, use_checkpoint: bool = False, use_shift: bool = False,
                  focal_stages: Sequence[int] = (0, 1, 2, 3), focal_levels: Sequence[int] = (1, 1, 1, 1),
                  focal_windows: Sequence[int] = (7, 5, 3, 1), focal_pool: str = 'fc',
-                 expand_stages: Sequence[int] = (0, 1, 2, 3), expand_sizes: Sequence[int] = (3, 3, 3, 3),
+                 expand_sizes: Sequence[int] = (3, 3, 3, 3),
                  expand_layer: str = 'all', use_conv_embed: bool = False, use_layerscale: bool = False,
                  layerscale_value: float = 1e-4, use_pre_norm: bool = False, strict_img_size: bool = False,
                  global_pool: str = 'avg', **kwargs):
@@ -718,37 +720,93 @@ class FocalTransformer(nn.Module):
         return flops
 
 
-def checkpoint_filter_fn(state_dict: dict, model: FocalTransformer) -> dict:
-    """Adapt a checkpoint (raw, under 'model', DDP names: see unwrap_state_dict) to
-    `model.load_state_dict(strict=True)`.
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module, adapt: bool = False, source: str = 'the checkpoint',
+                         target: str = 'this model', report: Optional[TransferReport] = None,
+                         classes: Sequence[str] = (), class_order: str = '') -> dict:
+    """The state dict that `model.load_state_dict(strict=True)` takes from a checkpoint's contents: the one
+    filter between every reader (models.checkpoint.read_checkpoint) and every model.
 
-    The reference stores integer tables it derives from the configuration and the shift mask; this
-    model derives its own, so they are dropped. Parameters pass through untouched: a missing,
-    unexpected or wrong-shape parameter still fails the strict load, which names the key.
+    `state_dict`: a state dict, raw or under 'model' (the original's layout and ours), with the names of a
+    DDP or compiled model allowed. The reference's integer index buffers, which this model derives
+    instead, are dropped. With `adapt` False (resuming, evaluating, timm's pretrained_cfg) every other
+    tensor must fit `model`, any model, exactly. With `adapt` True (--pretrained, backbones) `model` is a
+    FocalTransformer that may differ in image size, window, focal windows, neighbour keys or classes, and
+    each of its tensors is copied, resized where only the geometry differs, or started fresh
+    (models.pretrained), each recorded in `report`. Anything else that does not fit is a CheckpointError
+    naming `source`, `target` and the keys.
+
+    `classes`: the names of the model's classes (MODEL.CLASS_NAMES). Where they and the checkpoint head's
+    classes are ImageNet synsets (its saved 'classes', `class_order` or its row count: models.class_orders),
+    the head's rows are picked by synset, adapt or not (an ImageNet-22K head evaluated or fine-tuned as
+    ImageNet-1K's), recorded as `report.head`.
     """
-    out = {}
-    for key, value in unwrap_state_dict(state_dict).items():
-        leaf = key.rsplit('.', 1)[-1]
-        if leaf.startswith(REFERENCE_BUFFER_PREFIXES) or leaf == 'attn_mask':
+    unwrapped = model_weights(state_dict, source)
+    checkpoint = {key: value for key, value in unwrapped.items()
+                  if not key.rsplit('.', 1)[-1].startswith(REFERENCE_BUFFER_PREFIXES + ('attn_mask',))}
+    report = report if report is not None else TransferReport()
+    report.dropped_buffers = len(unwrapped) - len(checkpoint)
+    expected = model.state_dict()
+    if classes and all(key in checkpoint and key in expected for key in HEAD):
+        report.head = head_for_classes(state_dict, checkpoint['head.weight'], checkpoint['head.bias'],
+                                       expected['head.weight'], expected['head.bias'], classes, class_order, source)
+        if report.head is not None:
+            checkpoint.update({'head.weight': report.head.weight, 'head.bias': report.head.bias})
+    missing, wrong_shape, result = [], [], {}
+    for key, fresh in expected.items():
+        old = checkpoint.get(key)
+        if old is not None and old.shape == fresh.shape:
+            result[key] = old
+            report.add(key, tuple(old.shape), tuple(fresh.shape), 'copied')
+        elif not adapt:
+            if old is None:
+                missing.append(key)
+            else:
+                wrong_shape.append(f'{key} {tuple(old.shape)} vs {tuple(fresh.shape)}')
+        elif old is None:
+            why = missing_tensor_note(key)
+            if why is None:
+                missing.append(key)
+            else:
+                result[key] = fresh.clone()
+                report.add(key, None, tuple(fresh.shape), 'fresh', why)
+        else:
+            try:  # on the CPU: the model may already sit on a GPU, the checkpoint not
+                result[key], action, note = adapt_tensor(key, old.cpu(), fresh.cpu())
+            except GeometryMismatch as mismatch:
+                wrong_shape.append(f'{key} {tuple(old.shape)} vs {tuple(fresh.shape)}{mismatch.why}')
+                continue
+            report.add(key, tuple(old.shape), tuple(fresh.shape), action, note)
+    unexpected = []
+    for key, old in checkpoint.items():
+        if key in expected:
             continue
-        out[key] = value
-    return out
+        why = surplus_tensor_note(key) if adapt else None
+        if why is None:
+            unexpected.append(key)
+        else:
+            report.add(key, tuple(old.shape), None, 'ignored', why)
+    mismatch = key_mismatch(missing, unexpected, wrong_shape)
+    if mismatch:
+        raise CheckpointError(f'{source} does not fit {target} (another architecture?): {mismatch}')
+    return result
 
 
 def _create_focal(variant: str, pretrained: bool = False, **kwargs) -> FocalTransformer:
+    filter_fn = checkpoint_filter_fn
     if pretrained:
         # timm would read the file or URL with torch.load; models.checkpoint reads it instead (every format
-        # it accepts, nothing unpickled unrestricted, a cache entry per URL) and timm is given the weights.
+        # it accepts, nothing unpickled unrestricted, a cache entry per URL), and timm is given its contents,
+        # which the filter adapts to the model asked for (another size, window or number of classes).
         pretrained_cfg = resolve_pretrained_cfg(variant, kwargs.pop('pretrained_cfg', None),
                                                 kwargs.pop('pretrained_cfg_overlay', None))
         location = pretrained_cfg.file or pretrained_cfg.url
         if pretrained_cfg.state_dict is None and location:
-            weights = unwrap_state_dict(read_checkpoint(location))
-            pretrained_cfg = dataclasses.replace(pretrained_cfg, state_dict=weights)
+            pretrained_cfg = dataclasses.replace(pretrained_cfg, state_dict=read_checkpoint(location))
         kwargs['pretrained_cfg'] = pretrained_cfg
+        filter_fn = functools.partial(checkpoint_filter_fn, adapt=True, source=location or variant)
     model = build_model_with_cfg(
         FocalTransformer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=filter_fn,
         feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
         **kwargs)
     for built in (model, getattr(model, 'model', None)):  # a feature wrapper holds the network as .model
@@ -756,9 +814,11 @@ def _create_focal(variant: str, pretrained: bool = False, **kwargs) -> FocalTran
     return model
 
 
-def _cfg(file_name: str, **kwargs) -> dict:
+def _cfg(file_name: Optional[str], **kwargs) -> dict:
+    """timm's pretrained config of a variant; `file_name` None: no released weights (Focal-L)."""
     return {
-        'url': f'https://projects4jw.blob.core.windows.net/model/focal-transformer/imagenet1k/{file_name}',
+        'url': f'https://projects4jw.blob.core.windows.net/model/focal-transformer/imagenet1k/{file_name}'
+               if file_name else '',
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.875,
         'interpolation': 'bicubic', 'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
         'first_conv': 'patch_embed.proj', 'classifier': 'head', **kwargs,
@@ -772,6 +832,7 @@ default_cfgs = generate_default_cfgs({
     'focal_small_useconv_patch4_window7_224': _cfg('focal-small-useconv-is224-ws7.pth'),
     'focal_base_patch4_window7_224': _cfg('focal-base-is224-ws7.pth'),
     'focal_base_useconv_patch4_window7_224': _cfg('focal-base-useconv-is224-ws7.pth'),
+    'focal_large_patch4_window7_224': _cfg(None),
 })
 
 # The recipe every released model shares: two focal levels with fc pooling, expand size 3.
@@ -780,6 +841,11 @@ _RELEASED = dict(window_size=7, focal_pool='fc', focal_stages=(0, 1, 2, 3), foca
 _TINY = dict(_RELEASED, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
 _SMALL = dict(_RELEASED, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
 _BASE = dict(_RELEASED, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+# Focal-L, the paper's ImageNet-22K model (never released). Its layout is inferred, not read from the paper
+# (whose text is not reachable here): Swin-L's shape with the released recipe's focal settings is the one
+# whose UPerNet at 640 px with ADE20K's 150 classes has the 240M parameters of the paper's table (237.5M
+# here; window 12 would give about 254M).
+_LARGE = dict(_RELEASED, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
 
 
 # Each constructor's keyword arguments override its architecture (timm.create_model(name, embed_dim=64)).
@@ -817,3 +883,9 @@ def focal_base_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTr
 def focal_base_useconv_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
     model_args = dict(_BASE, use_conv_embed=True)
     return _create_focal('focal_base_useconv_patch4_window7_224', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def focal_large_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
+    model_args = _LARGE
+    return _create_focal('focal_large_patch4_window7_224', pretrained, **dict(model_args, **kwargs))
