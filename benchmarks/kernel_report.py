@@ -55,11 +55,17 @@ def attention_shapes(config_path: str) -> set:
     return shapes
 
 
-def compile_kernels(dtype: torch.dtype, queries: int, num_keys: int, head_dim: int, capability: int) -> dict:
-    """Both kernels compiled for one case and a CUDA target, with a mask and both gradients, as a launch
-    would compile them: {name: Triton's compiled kernel}. The arguments are small CPU tensors of the
-    case's dtype and row layout (one head); each is specialised as Triton's launcher does (ints equal to
-    1 become constants, ints and pointers divisible by 16 say so), which decides the vector widths."""
+MASKS = ('row', 'per-query', 'none')
+
+
+def compile_kernels(dtype: torch.dtype, queries: int, num_keys: int, head_dim: int, capability: int,
+                    mask: str = 'row') -> dict:
+    """Both kernels compiled for one case and a CUDA target, with both gradients, as a launch would compile
+    them: {name: Triton's compiled kernel}. `mask`: one row per window (unshifted blocks), one per query
+    (shifted blocks) or none (the bias and mask added before the call). The arguments are small CPU
+    tensors of the case's dtype and row layout (one head); each is specialised as Triton's launcher does
+    (ints equal to 1 become constants, ints and pointers divisible by 16 say so), which decides the
+    vector widths."""
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
@@ -68,7 +74,8 @@ def compile_kernels(dtype: torch.dtype, queries: int, num_keys: int, head_dim: i
 
     qkv = torch.zeros(1, queries, 3 * head_dim, dtype=dtype)
     query_index, key_index = torch.arange(queries), torch.zeros(1, num_keys, dtype=torch.long)
-    bias, mask = torch.zeros(1, queries, num_keys, dtype=dtype), torch.zeros(1, 1, num_keys)
+    bias = torch.zeros(1, queries, num_keys, dtype=dtype)
+    mask = None if mask == 'none' else torch.zeros(1, queries if mask == 'per-query' else 1, num_keys)
     out, lse = qkv.new_zeros(1, queries, head_dim), torch.zeros(1, 1, queries)
     launches = {
         '_forward_kernel': (fused._forward_kernel,

@@ -248,7 +248,8 @@ if TRITON_AVAILABLE:
                                  + (offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n),
                                  mask=tile_mask, other=0.)
         elif HAS_MASK:
-            tile_bias += tl.load(mask + window * stride_mask_w + offs_n * stride_mask_n, mask=n_valid, other=0.)[None, :]
+            tile_bias += tl.load(mask + window * stride_mask_w + offs_n * stride_mask_n, mask=n_valid,
+                                 other=0.)[None, :]
         tile_bias = tile_bias * 1.4426950408889634
         bias_grad = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for image in range(first_image, tl.minimum(first_image + images_per_program, batch)):

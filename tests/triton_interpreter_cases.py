@@ -12,9 +12,12 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(os.path.abspath(__file__))]
 
+import models.window_attention  # noqa: E402
+from helpers import TINY_KWARGS  # noqa: E402
 from models.attention_tables import attention_tables, neighbour_key_positions  # noqa: E402
+from models.focal_transformer import FocalAttention, FocalTransformer  # noqa: E402
 from models.triton_attention import fused_window_attention  # noqa: E402
 
 SCALE = 0.3
@@ -44,7 +47,8 @@ def relative_error(got, expected) -> float:
 
 def output_weight(qkv, query_index):
     """The loss is Σ out·weight, so that every output element has its own gradient."""
-    return torch.randn(qkv.shape[0], query_index.shape[0], qkv.shape[2] // 3, generator=torch.Generator().manual_seed(1))
+    return torch.randn(qkv.shape[0], query_index.shape[0], qkv.shape[2] // 3,
+                       generator=torch.Generator().manual_seed(1))
 
 
 def run_case(name, dtype, qkv, query_index, key_index, bias, mask, checks=()):
@@ -145,7 +149,37 @@ def focal_layout(name, dtype, map_size, window_size, expand_size, shift_size, fo
     run_case(name, dtype, qkv, query_index, key_index, bias, mask)
 
 
+def model_training_step():
+    """A tiny model's attention outputs (each block's, whose small contribution the residual would hide
+    in the logits) and parameter gradients with window_attention's path choice pointed at the fused
+    kernels (on the CPU it never chooses them; the interpreter runs them there), against the model's own
+    CPU path, float32: two blocks a stage (a shifted one), a 30 px image (7x7 map padded to 8x8), the
+    bias as today's call site materialises it (per window, mask added)."""
+    torch.manual_seed(0)
+    model = FocalTransformer(**dict(TINY_KWARGS, depths=[2, 2], use_shift=True, drop_path_rate=0.))
+    images = torch.randn(2, 3, 30, 30)
+    attention_outputs = []
+    for module in model.modules():
+        if isinstance(module, FocalAttention):
+            module.register_forward_hook(lambda module, inputs, output: attention_outputs.append(output.detach()))
+    results = []
+    choose_path = models.window_attention._attention_path
+    for path in (choose_path, lambda *args: 'cuda-fused'):
+        models.window_attention._attention_path = path
+        model.zero_grad()
+        attention_outputs.clear()
+        model(images).logsumexp(-1).sum().backward()
+        results.append((list(attention_outputs), {name: p.grad.clone() for name, p in model.named_parameters()}))
+    models.window_attention._attention_path = choose_path
+    (expected, expected_grads), (outputs, grads) = results
+    print(json.dumps({'case': 'model-training-step', 'dtype': 'float32', 'errors': {
+        'attention outputs': max(relative_error(got, want) for got, want in zip(outputs, expected)),
+        'parameters': max(relative_error(grads[name], expected_grads[name]) for name in grads
+                          if expected_grads[name].norm() > 0)}}), flush=True)
+
+
 def main():
+    model_training_step()
     shared_slots(torch.float32, per_window_bias=True)
     for dtype in (torch.float32, torch.float16):
         shared_slots(dtype, per_window_bias=False)
