@@ -405,7 +405,7 @@ def _fused_backward(grad_out: torch.Tensor, qkv: torch.Tensor, query_index: torc
                                              grad_rows if grad_qkv else qkv, grad_bias if bias_grad else bias,
                                              grad_qkv, bias_grad)
     _backward_kernel[grid](*args, **constants)
-    return grad_rows.to(qkv.dtype), grad_bias.to(bias.dtype, memory_format=torch.contiguous_format)
+    return grad_rows.to(qkv.dtype), grad_bias.to(bias.dtype).contiguous()
 
 
 @_fused_backward.register_fake

@@ -74,6 +74,16 @@ def test_one_gradient_alone_equals_the_gradient_computed_beside_the_other(interp
 
 
 @needs_triton
+def test_custom_op_passes_opcheck(interpreter_results):
+    """torch.library.opcheck: schema, autograd registration, fake outputs equal to the real ones in shape,
+    stride and dtype (torch.compile plans with them), AOT autograd with dynamic shapes."""
+    results = interpreter_results['opcheck']['results']
+    assert set(results) >= {'test_schema', 'test_autograd_registration', 'test_faketensor',
+                            'test_aot_dispatch_dynamic'}
+    assert all(outcome == 'SUCCESS' for outcome in results.values()), results
+
+
+@needs_triton
 def test_largest_relative_error_of_each_gradient(interpreter_results):
     """The report: per dtype, the largest relative error of the output and each gradient over the cases."""
     largest = {}

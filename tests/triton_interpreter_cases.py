@@ -178,7 +178,26 @@ def model_training_step():
                           if expected_grads[name].norm() > 0)}}), flush=True)
 
 
+def custom_op_check():
+    """torch.library.opcheck of the custom op: its schema, autograd registration, fake (meta) outputs
+    against the real ones (shapes, strides, dtypes: what torch.compile plans with) and AOT autograd with
+    dynamic shapes, backward included."""
+    generator = torch.Generator().manual_seed(3)
+    B, num_heads, num_windows, queries, num_keys, head_dim = 2, 2, 3, 9, 40, 16
+    C, tokens = num_heads * head_dim, num_windows * queries + 4
+    query_index = torch.randperm(num_windows * queries, generator=generator)
+    key_index = torch.randint(0, tokens, (num_windows, num_keys), generator=generator)
+    mask = torch.zeros(num_windows, 1, num_keys)
+    mask[..., -3:] = float('-inf')
+    qkv = torch.randn(B, tokens, 3 * C, generator=generator, requires_grad=True)
+    bias = torch.randn(num_heads, queries, num_keys, generator=generator, requires_grad=True)
+    results = torch.library.opcheck(torch.ops.focal.fused_window_attention.default,
+                                    (qkv, query_index, key_index, bias, mask, SCALE))
+    print(json.dumps({'case': 'opcheck', 'results': results}), flush=True)
+
+
 def main():
+    custom_op_check()
     model_training_step()
     shared_slots(torch.float32, per_window_bias=True)
     for dtype in (torch.float32, torch.float16):
