@@ -113,6 +113,20 @@ def shared_slots(dtype, per_window_bias):
         one_gradient(name, qkv, query_index, key_index, bias, mask, grads)
 
 
+def negative_logits(dtype, offset):
+    """Every logit far below zero (the bias shifted by `offset`, which softmax ignores): the log-sum-exp is
+    then far below zero too, and the backward's key columns past the last slot (partial key block), whose
+    logits are 0, would overflow to inf, inf·0 = NaN in dQ, if their probabilities were not zeroed."""
+    generator = torch.Generator().manual_seed(4)
+    B, num_heads, num_windows, queries, num_keys, head_dim = 1, 1, 2, 9, 70, 8
+    C, tokens = num_heads * head_dim, num_windows * queries
+    query_index = torch.randperm(tokens, generator=generator)
+    key_index = torch.randint(0, tokens, (num_windows, num_keys), generator=generator)
+    qkv = torch.randn(B, tokens, 3 * C, generator=generator)
+    bias = torch.randn(num_heads, queries, num_keys, generator=generator) + offset
+    run_case('negative-logits', dtype, qkv, query_index, key_index, bias, None)
+
+
 def one_gradient(name, qkv, query_index, key_index, bias, mask, grads):
     """Bias-only training (frozen projections) and rows-only: each gradient alone equals the one computed
     beside the other (`grads`, run_case's)."""
@@ -193,6 +207,11 @@ def custom_op_check():
     bias = torch.randn(num_heads, queries, num_keys, generator=generator, requires_grad=True)
     results = torch.library.opcheck(torch.ops.focal.fused_window_attention.default,
                                     (qkv, query_index, key_index, bias, mask, SCALE))
+    out, lse = torch.ops.focal.fused_window_attention(qkv.detach(), query_index, key_index, bias.detach(), mask, SCALE)
+    backward = torch.library.opcheck(torch.ops.focal.fused_window_attention_backward.default,
+                                     (torch.randn_like(out), qkv.detach(), query_index, key_index, bias.detach(),
+                                      mask, out, lse, SCALE, True, True))
+    results.update({f'backward {name}': outcome for name, outcome in backward.items()})
     print(json.dumps({'case': 'opcheck', 'results': results}), flush=True)
 
 
@@ -200,6 +219,9 @@ def main():
     custom_op_check()
     model_training_step()
     shared_slots(torch.float32, per_window_bias=True)
+    # float32 overflows from 2**128, float16 from 2**16 (the base-2 logits are 1.44 times these)
+    negative_logits(torch.float32, -100.)
+    negative_logits(torch.float16, -20.)
     for dtype in (torch.float32, torch.float16):
         shared_slots(dtype, per_window_bias=False)
         # window 4, neighbours 2, shift 2, two pooled levels (9 + 16 cells): 89 slots, 16 queries
