@@ -134,6 +134,9 @@ def _window_bias(bias: torch.Tensor, num_windows: int) -> torch.Tensor:
 
 
 if TRITON_AVAILABLE:
+    # the kernels compute in base 2: exp2 is the hardware's exponential
+    _LOG2E = tl.constexpr(LOG2E)
+
     @triton.jit
     def _forward_kernel(qkv, query_index, key_index, bias, mask, out, lse,
                         stride_qkv_b, stride_qkv_t, stride_out_b, stride_out_t,
@@ -185,8 +188,7 @@ if TRITON_AVAILABLE:
                                   mask=tile_mask, other=0.)
             elif HAS_MASK:
                 logits += tl.load(mask_rows + offs_n * stride_mask_n, mask=n_valid, other=0.)[None, :]
-            # base-2 logits: exp2 is the hardware's exponential
-            logits = tl.dot(q, tl.trans(k), input_precision='ieee') * scale_log2 + logits * 1.4426950408889634
+            logits = tl.dot(q, tl.trans(k), input_precision='ieee') * scale_log2 + logits * _LOG2E
             logits = tl.where(n_valid[None, :], logits, float('-inf'))
             new_max = tl.maximum(row_max, tl.max(logits, 1))
             # a row whose keys so far are all masked keeps max -inf; subtracting 0 then keeps exp2 at 0
@@ -250,7 +252,7 @@ if TRITON_AVAILABLE:
         elif HAS_MASK:
             tile_bias += tl.load(mask + window * stride_mask_w + offs_n * stride_mask_n, mask=n_valid,
                                  other=0.)[None, :]
-        tile_bias = tile_bias * 1.4426950408889634
+        tile_bias = tile_bias * _LOG2E
         bias_grad = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for image in range(first_image, tl.minimum(first_image + images_per_program, batch)):
             image_offset = tl.cast(image, tl.int64)

@@ -126,7 +126,12 @@ def test_training_runs_on_the_memory_efficient_kernel_and_matches_the_math_kerne
         reference_logits, reference_grads = train_step(model, images)
     ops = attention_ops(lambda: train_step(model, images, dtype))
     assert EFFICIENT_OPS <= ops and MATH_OP not in ops, ops
-    logits, grads = train_step(model, images, dtype)
+    assert_matches_the_reference(dtype, *train_step(model, images, dtype), reference_logits, reference_grads)
+
+
+def assert_matches_the_reference(dtype, logits, grads, reference_logits, reference_grads):
+    """Logits and gradients against a float32 math-kernel run: equal in float32; within bf16 rounding
+    under autocast (logits, and the bias tables' gradients, which the attention gives directly)."""
     bias_tables = [name for name in grads if 'relative_position_bias_table' in name]
     assert bias_tables
     if dtype == torch.float32:
@@ -192,8 +197,7 @@ def test_fused_kernel_matches_the_math_kernel_at_focal_t_stage_0_shapes(dtype, b
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=['float32', 'bf16'])
 def test_training_on_the_fused_kernel_matches_the_math_kernel(dtype):
     """set_cuda_attention('fused'): a training step's attention runs the Triton kernels and no SDPA kernel;
-    logits and every gradient against a float32 math-kernel run of the same model, as the SDPA test
-    above."""
+    logits and gradients against a float32 math-kernel run of the same model, as the SDPA test above."""
     model = tiny_model()
     images = torch.randn(4, 3, 30, 30, device='cuda')  # a 7x7 stage-0 map, padded to the window
     with sdpa_kernel(SDPBackend.MATH):
@@ -206,14 +210,7 @@ def test_training_on_the_fused_kernel_matches_the_math_kernel(dtype):
         logits, grads = train_step(model, images, dtype)
     finally:
         set_cuda_attention()
-    if dtype == torch.float32:
-        assert relative_error(logits, reference_logits) < 1e-5
-        for name, grad in grads.items():
-            assert relative_error(grad, reference_grads[name]) < 1e-4, name
-    else:
-        assert relative_error(logits, reference_logits) < 3e-2
-        for name in (name for name in grads if 'relative_position_bias_table' in name):
-            assert relative_error(grads[name], reference_grads[name]) < 1e-1, name
+    assert_matches_the_reference(dtype, logits, grads, reference_logits, reference_grads)
 
 
 # Run in its own process: an illegal memory access leaves the CUDA context unusable.
