@@ -5,6 +5,8 @@ A logit's additive bias comes in two parts, never summed for all windows at once
 of pooled cells outside the grid, the shift mask).
 
 `window_attention` is the one entry point; it picks one implementation per call:
+- 'cuda-fused': the Triton kernels of models/triton_attention.py (keys read by row index, bias added
+  in the kernel, bias gradient reduced in it), on CUDA where `set_cuda_attention` asks for them.
 - 'sdpa': PyTorch's `scaled_dot_product_attention` on the whole batch. Other devices, attention
   dropout, compiled or exported evaluation, TorchScript, and autograd outside the CPU training path.
 - CPU training ('cpu-training-materialised' / 'cpu-training-fused'): an autograd Function that runs
@@ -25,15 +27,20 @@ import torch
 import torch.nn.functional as F
 from timm.models import register_notrace_function
 
-__all__ = ['window_attention', 'set_cpu_attention', 'cpu_attention_kernel', 'cpu_bf16_instructions']
+from .triton_attention import fused_attention_unsupported, fused_window_attention
+
+__all__ = ['window_attention', 'set_cpu_attention', 'cpu_attention_kernel', 'cpu_bf16_instructions',
+           'set_cuda_attention', 'cuda_attention_kernel']
 
 CPU_KERNELS = ('auto', 'materialised', 'fused')
+CUDA_KERNELS = ('auto', 'fused', 'sdpa')
 # Logits of a chunk of windows: small enough that the chunk's gathered keys, their head-major copies
 # and the logits stay in cache together.
 DEFAULT_CHUNK_BYTES = 2 << 20
 
 _cpu_kernel = 'auto'
 _chunk_bytes = DEFAULT_CHUNK_BYTES
+_cuda_kernel = 'sdpa'
 
 
 @functools.lru_cache(maxsize=None)  # asked by every bf16 block's forward; the CPU does not change
@@ -73,8 +80,34 @@ def cpu_attention_kernel(dtype: torch.dtype) -> str:
     return 'materialised' if dtype == torch.bfloat16 and cpu_bf16_instructions() else 'fused'
 
 
+def set_cuda_attention(kernel: str = 'sdpa'):
+    """Choose how CUDA attention computes, training and inference (for every model in this process).
+
+    kernel: 'sdpa' (the default until a GPU run measures the fused kernel faster: benchmarks/README.md)
+    PyTorch's scaled_dot_product_attention; 'fused' the Triton kernels of models/triton_attention.py,
+    a ValueError where they cannot run the case (attention dropout, no Triton, a float64 model);
+    'auto' the fused kernels where they can, SDPA otherwise.
+    """
+    global _cuda_kernel
+    if kernel not in CUDA_KERNELS:
+        raise ValueError(f'CUDA attention kernel {kernel!r} is not one of {CUDA_KERNELS}')
+    _cuda_kernel = kernel
+
+
+def cuda_attention_kernel(qkv: torch.Tensor, bias: torch.Tensor, dropout_p: float) -> str:
+    """'fused' or 'sdpa': what CUDA attention runs now for these arguments (see set_cuda_attention)."""
+    if _cuda_kernel == 'sdpa':
+        return 'sdpa'
+    unsupported = fused_attention_unsupported(qkv, bias, dropout_p)
+    if unsupported is not None and _cuda_kernel == 'fused':
+        raise ValueError(f"set_cuda_attention('fused'): {unsupported}")
+    return 'sdpa' if unsupported else 'fused'
+
+
 def _attention_path(qkv: torch.Tensor, bias: torch.Tensor, dropout_p: float, training: bool) -> str:
     """The implementation window_attention runs for these arguments (see the module docstring)."""
+    if qkv.device.type == 'cuda' and cuda_attention_kernel(qkv, bias, dropout_p) == 'fused':
+        return 'cuda-fused'
     if qkv.device.type != 'cpu' or dropout_p > 0.:
         return 'sdpa'
     if torch.is_grad_enabled():
@@ -98,6 +131,8 @@ def window_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: to
     """
     if not torch.jit.is_scripting():
         path = _attention_path(qkv, bias, dropout_p, training)
+        if path == 'cuda-fused':
+            return fused_window_attention(qkv, query_index, key_index, bias, mask, scale)
         if path.startswith('cpu-training-'):
             return _CpuTrainingAttention.apply(qkv, query_index, key_index, bias, mask, scale,
                                                path == 'cpu-training-materialised')

@@ -119,3 +119,29 @@ def test_throughput_detector_rows_measure_the_asked_focal_windows():
     assert re.search(rf'\nfocal_tiny_patch4_window7_224\s+{params / 1e6:.2f}\s', result.stdout), result.stdout
     assert re.search(r'focal_tiny_patch4_window7_224 / swin_tiny_patch4_window7_224: inference \d+\.\d\dx, '
                      r'Mask R-CNN training \d+\.\d\dx', result.stdout), result.stdout
+
+
+def test_cuda_check_plans_every_section_within_its_budget():
+    """cuda_check.py, which a GPU session runs as is: --dry-run names the five sections in order with
+    limits that fit the budget; a real run without a GPU stops with a one-line error, as do the
+    per-kernel timings; --cuda-attention without --device cuda is a usage error."""
+    import torch
+
+    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'cuda_check.py'), '--dry-run', '--budget', '400'],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    plan = re.findall(r'=== (\w+): (.*) \(at most (\d+) s\)', result.stdout)
+    assert [name for name, _, _ in plan] == ['versions', 'tests', 'kernels', 'throughput', 'compiled']
+    assert sum(int(limit) for _, _, limit in plan) == 400
+    assert 'tests/test_cuda.py' in plan[1][1] and '--cuda-attention sdpa fused --variants eager bf16' in plan[3][1]
+    assert '--variants compile compile-bf16' in plan[4][1]
+    if not torch.cuda.is_available():
+        for script in ('cuda_check.py', 'attention_kernels.py'):
+            result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / script)],
+                                    capture_output=True, text=True, timeout=60)
+            assert result.returncode == 1 and re.fullmatch(r'error: [^\n]*no CUDA device[^\n]*\n', result.stderr), \
+                result.stderr
+    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'throughput.py'), '--cuda-attention', 'fused'],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and '--cuda-attention chooses the CUDA attention; it needs --device cuda' in \
+        result.stderr
