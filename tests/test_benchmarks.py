@@ -41,6 +41,7 @@ def test_ab_builds_each_checkouts_own_model_and_reports_a_ratio(tmp_path, option
     assert spread is None or 0 < float(spread.group(1)) <= float(spread.group(2))
 
 
+@pytest.mark.slow  # a minute of benchmark runs: the slow run (pytest.ini)
 def test_throughput_profile_prints_each_models_busiest_operators():
     """throughput.py end to end on a small input, with --profile: the table row, then the profiler's
     operator tables for training and inference, which must show the model's matrix products."""
@@ -57,6 +58,7 @@ def test_throughput_profile_prints_each_models_busiest_operators():
         assert 'Self CPU time total' in table and 'aten::addmm' in table, table
 
 
+@pytest.mark.slow  # a minute of benchmark runs: the slow run (pytest.ini)
 def test_ceiling_bound_is_the_time_without_attention_plus_the_products():
     """ceiling.py end to end at batch 1: it reads every block's attention shape from the model (2, 2, 6
     and 2 blocks per stage at 224 px) and the distinct, unmasked keys of its windows (the 12 duplicate
@@ -90,6 +92,7 @@ def test_ceiling_bound_is_the_time_without_attention_plus_the_products():
                      r'\d+\.\d\dx over distinct keys only$', out, re.MULTILINE)
 
 
+@pytest.mark.slow  # a minute of benchmark runs: the slow run (pytest.ini)
 def test_checkpoint_read_times_a_released_size_pdparams():
     """checkpoint_read.py end to end on Focal-T's layout: a line with its tensor count, the
     .pdparams size and the three times."""
@@ -102,6 +105,7 @@ def test_checkpoint_read_times_a_released_size_pdparams():
                         result.stdout), result.stdout
 
 
+@pytest.mark.slow  # a minute of benchmark runs: the slow run (pytest.ini)
 def test_throughput_detector_rows_measure_the_asked_focal_windows():
     """throughput.py --detector end to end on a small image: the Mask R-CNN rows of both backbones and
     their ratios, the focal model built with the focal windows asked for (its parameter count shows it)."""
