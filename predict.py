@@ -54,7 +54,7 @@ def parse_args(argv=None):
     parser.add_argument('--resume', help='checkpoint to predict with (training checkpoint or released weights)')
     parser.add_argument('--pretrained', help='weights adapted to the --cfg model (another size or window)')
     parser.add_argument('--cfg', help='YAML merged over the checkpoint\'s config (required if it saved none)')
-    parser.add_argument('--topk', type=int, default=5, help='classes printed per image (default 5)')
+    parser.add_argument('--topk', type=int, help='classes printed per image (default 5, or all if fewer)')
     parser.add_argument('--batch-size', type=int, default=16, help='images per forward pass (default 16)')
     parser.add_argument('--output', help='write the predictions as .csv or .json')
     parser.add_argument('--features', metavar='FILE.safetensors', help="each image's pooled embedding")
@@ -70,7 +70,7 @@ def parse_args(argv=None):
         parser.error(f'--output {args.output} must end in .csv or .json')
     if args.features and not args.features.endswith('.safetensors'):
         parser.error(f'--features {args.features} must end in .safetensors')
-    if args.topk < 1 or args.batch_size < 1:
+    if (args.topk is not None and args.topk < 1) or args.batch_size < 1:
         parser.error('--topk and --batch-size must be positive')
     args.point = _pair(parser, '--point', args.point, ',', float) if args.point else None
     args.block = _pair(parser, '--block', args.block, '.', int)
@@ -194,7 +194,9 @@ def draw_attention(args, model, capture, paths, images, sizes, labels, transform
 
 def predict(args):
     model, config, names = load_model(args)
-    if args.topk > len(names):
+    if args.topk is None:
+        args.topk = min(5, len(names))
+    elif args.topk > len(names):
         raise BadInput(f'--topk {args.topk} exceeds the {len(names)} classes of the model')
     paths = find_images(args.images)
     model.to(args.device)
