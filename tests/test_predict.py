@@ -132,7 +132,7 @@ def test_attention_figure_draws_the_forwards_weights(tmp_path):
     checkpoint, model = save_training_checkpoint(tmp_path, uniform_block)
     Image.fromarray(np.full((64, 48, 3), 128, np.uint8)).save(tmp_path / 'plain.png')
     result = run_predict(tmp_path, '--resume', checkpoint, tmp_path / 'plain.png', '--attention', tmp_path / 'maps',
-                         '--point', '40,10', '--block', '0.0')
+                         '--point', '30,20', '--block', '0.0')
     assert result.returncode == 0, result.stderr
     with Image.open(tmp_path / 'maps' / 'plain.png') as figure:
         heads = model.layers[0].blocks[0].attn.num_heads
@@ -140,7 +140,8 @@ def test_attention_figure_draws_the_forwards_weights(tmp_path):
     drawn = load_file(tmp_path / 'maps' / 'plain.safetensors')
     query = drawn['query_probabilities']  # (heads, key slots)
     block = model.layers[0].blocks[0]
-    # 64x48 resized to the 32 px input: pixel (40, 10) -> (26, 5) -> token (1, 6) of the 8x8 map, window 1
+    # 48x64 resized to the 32 px input: pixel (30, 20) -> (20, 10) -> token (2, 5) of the 8x8 map, window 1
+    # (whose pooled cells above the grid are masked; unresized, the point would fall in window 3)
     open_slots = valid_slots(block, (8, 8), window=1)
     assert query.shape[-1] == open_slots.numel()
     torch.testing.assert_close(query.sum(-1), torch.ones(heads))
@@ -175,6 +176,13 @@ def test_kept_attention_follows_the_bias_to_the_query_token(shift):
             mean = attention_over_map(capture, 0)
     torch.testing.assert_close(kept_output, reference)  # keeping the attention changes nothing computed
     torch.testing.assert_close(mean.sum((1, 2)), torch.ones(block.num_heads))
+    # each image's own attention (block 0.0 keeps its random initialisation: images attend differently)
+    with torch.no_grad(), keep_attention(model, 0, 0) as capture:
+        model(images)
+        together = capture.kept.probabilities
+        model(images[1:])
+        torch.testing.assert_close(together[1:], capture.kept.probabilities)
+        assert not torch.allclose(together[0], together[1])
 
 
 @pytest.mark.parametrize('case, message', [
