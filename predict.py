@@ -45,7 +45,7 @@ EXIT_SKIPPED = 3  # some files could not be read; the others were predicted
 
 
 class BadInput(Exception):
-    """A bad argument found after parsing (--topk, --point, --block, an output path); one line."""
+    """A bad argument found after parsing (--topk, --point); one line."""
 
 
 def parse_args(argv=None):
@@ -178,7 +178,8 @@ def draw_attention(args, model, capture, paths, images, sizes, labels, transform
         point, tensors = None, {}
         if args.point is not None:
             x, y = input_point(transform, args.point, size, path)
-            point = (min(y // capture.stride, capture.map_size[0] - 1), min(x // capture.stride, capture.map_size[1] - 1))
+            rows, cols = capture.map_size  # pixels the stem's floor division drops belong to the last token
+            point = (min(y // capture.stride, rows - 1), min(x // capture.stride, cols - 1))
             window, query = query_slot(capture.block, capture.kept, *point)
             tensors['query_probabilities'] = capture.kept.probabilities[i, window, :, query].float().cpu()
         tensors['map'] = attention_over_map(capture, i, point)
@@ -246,21 +247,19 @@ def figure_path(folder, path, written):
 
 
 def write_outputs(args, rows, features):
-    try:
-        if args.output and args.output.endswith('.csv'):
-            with open(args.output, 'w', newline='') as f:
-                writer = csv.writer(f)
-                writer.writerow(['file', 'rank', 'class', 'probability'])
-                writer.writerows((path, rank + 1, name, f'{p:.6f}') for path, predictions in rows
-                                 for rank, (name, p) in enumerate(predictions))
-        elif args.output:
-            with open(args.output, 'w') as f:
-                json.dump([{'file': path, 'predictions': [{'class': name, 'probability': p} for name, p in predictions]}
-                           for path, predictions in rows], f, indent=1)
-        if args.features:
-            save_file(features, args.features, metadata={'embedding': 'pooled final map (forward_head pre_logits)'})
-    except OSError as err:
-        raise BadInput(f'cannot write {err.filename}: {err.strerror}') from None
+    """--output (.csv: a row per image and rank; .json: a list of images) and --features."""
+    if args.output and args.output.endswith('.csv'):
+        with open(args.output, 'w', newline='') as f:
+            writer = csv.writer(f)
+            writer.writerow(['file', 'rank', 'class', 'probability'])
+            writer.writerows((path, rank + 1, name, f'{p:.6f}') for path, predictions in rows
+                             for rank, (name, p) in enumerate(predictions))
+    elif args.output:
+        with open(args.output, 'w') as f:
+            json.dump([{'file': path, 'predictions': [{'class': name, 'probability': p} for name, p in predictions]}
+                       for path, predictions in rows], f, indent=1)
+    if args.features:
+        save_file(features, args.features, metadata={'embedding': 'pooled final map (forward_head pre_logits)'})
 
 
 def cli(argv=None):
@@ -269,6 +268,9 @@ def cli(argv=None):
         return predict(args)
     except (BadInput, ConfigError, DataError, CheckpointError, ValueError) as err:
         print(f'error: {error_line(err)}', file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as err:  # an output file or folder that cannot be written
+        print(f'error: cannot write {err.filename}: {err.strerror}', file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

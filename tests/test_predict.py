@@ -191,6 +191,7 @@ def test_kept_attention_follows_the_bias_to_the_query_token(shift):
     ('point', 'lies outside'),
     ('no config', 'saved no config'),
     ('block', 'block 5.0 does not exist'),
+    ('unwritable', 'cannot write'),
 ])
 def test_bad_input_is_one_line(trained, tmp_path, capsys, case, message):
     checkpoint, model, paths, _ = trained
@@ -201,6 +202,7 @@ def test_bad_input_is_one_line(trained, tmp_path, capsys, case, message):
             'point': ['--resume', checkpoint, paths[0], '--attention', str(tmp_path / 'maps'), '--point', '500,3'],
             'no config': ['--resume', str(tmp_path / 'weights.pth'), paths[0]],
             'block': ['--resume', checkpoint, paths[0], '--attention', str(tmp_path / 'maps'), '--block', '5.0'],
+            'unwritable': ['--resume', checkpoint, paths[0], '--output', str(tmp_path / 'no' / 'such' / 'p.csv')],
             }[case]
     assert predict.cli(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()
@@ -218,3 +220,16 @@ def test_released_weights_with_cfg_get_imagenet_names(trained, tmp_path, capsys)
     assert predict.cli(['--cfg', str(tmp_path / 'imagenet.yaml'), '--resume', str(tmp_path / 'released.pth'),
                         paths[0], '--topk', '1']) == 0
     assert f'{paths[0]}: goldfish, Carassius auratus (1.000)' in capsys.readouterr().out
+
+
+def test_pretrained_adapts_to_the_cfg_model(trained, tmp_path, capsys):
+    """--pretrained loads the weights into the --cfg model of another window (its bias tables resized);
+    the CSV has a row per image and rank."""
+    checkpoint, _, paths, folder = trained
+    (tmp_path / 'window.yaml').write_text(f'BASE: [{folder / "tiny.yaml"}]\nMODEL:\n  FOCAL:\n    WINDOW_SIZE: 2\n')
+    assert predict.cli(['--cfg', str(tmp_path / 'window.yaml'), '--pretrained', checkpoint, *paths[:2],
+                        '--output', str(tmp_path / 'preds.csv')]) == 0
+    rows = (tmp_path / 'preds.csv').read_text().splitlines()
+    assert rows[0] == 'file,rank,class,probability' and len(rows) == 1 + 2 * len(CLASSES)
+    assert [row.split(',')[:2] for row in rows[1:4]] == [[paths[0], '1'], [paths[0], '2'], [paths[0], '3']]
+    assert all(row.split(',')[2] in CLASSES for row in rows[1:])
