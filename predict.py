@@ -15,6 +15,9 @@ safetensors, .pdparams). Class names: the checkpoint's ('classes'), else ImageNe
 Images of any size and mode (grey, RGBA, CMYK, 16-bit), turned upright by their EXIF orientation; folders
 are searched recursively. Each image's top-k goes to stdout; progress and skipped files to stderr.
 
+A detector's or segmenter's checkpoint (TASK detection, segmentation): each image with its boxes and masks,
+or its class map, drawn into --draw DIR, and COCO-style JSON in --output (dense_predictions.py).
+
 Exit status: 0 every image predicted; 2 bad input, one `error:` line naming it (argument, checkpoint,
 config, a path without images, --topk beyond the classes, --point outside an image, an output that cannot
 be written); 3 done, but some files could not be read, each named on one `skipped:` line.
@@ -35,11 +38,12 @@ from config import ConfigError, get_config, get_saved_config
 from data import DataError
 from data.build import build_transform
 from data.image_io import find_images, read_photo
+from dense_predictions import predict_dense
 from lifecycle import EXIT_BAD_INPUT, OneLineArgumentParser
-from models import build_model
 from models.attention_maps import attention_over_map, find_block, grad_cam, keep_attention, query_slot
 from models.backbone import load_weights
 from models.checkpoint import CheckpointError, error_line, model_weights, read_checkpoint, resolve
+from tasks import build_task
 
 EXIT_SKIPPED = 3  # some files could not be read; the others were predicted
 
@@ -62,6 +66,8 @@ def parse_args(argv=None):
     parser.add_argument('--attention', metavar='DIR', help='a PNG of focal attention and Grad-CAM per image')
     parser.add_argument('--point', help='--attention: the query at pixel X,Y of the image (default: all, averaged)')
     parser.add_argument('--block', default='0.0', help='--attention: stage.block, counted from 0 (default 0.0)')
+    parser.add_argument('--draw', metavar='DIR', help='detector, segmenter: each image with its predictions drawn')
+    parser.add_argument('--threshold', type=float, default=0.5, help='detector: lowest score drawn and printed')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = parser.parse_args(argv)
     if (args.resume is None) == (args.pretrained is None):
@@ -97,19 +103,21 @@ def load_model(args):
         config = get_config(type('Args', (), {'cfg': args.cfg})())
     else:
         raise ConfigError(f"{source} saved no config (released or weights-only): give the model with --cfg")
-    if config.TASK != 'classification':
-        raise ConfigError(f"{source} is a {config.TASK} model: predict.py classifies images")
+    if config.TASK != 'classification' and (args.pretrained or args.features or args.attention):
+        raise ConfigError(f"{source} is a {config.TASK} model: give it with --resume, without --features or "
+                          f"--attention (classifiers only)")
     classes = list(contents.get('classes') or config.MODEL.CLASS_NAMES)
     weights = model_weights(contents, source)
     num_classes = config.MODEL.NUM_CLASSES or len(classes) or weights.get('head.weight', torch.empty(0)).shape[0]
     config.defrost()
     config.MODEL.NUM_CLASSES = num_classes
     config.freeze()
-    model = build_model(config)
+    model = build_task(config).build_model(config)
     report = load_weights(model, contents, source, adapt=args.pretrained is not None)
     if any(entry.key.startswith('head.') and entry.action == 'fresh' for entry in report.entries):
         raise CheckpointError(f"{source} has no classifier for this model's {num_classes} classes")
-    return model.eval(), config, class_names(classes, num_classes)
+    names = class_names(classes, num_classes) if config.TASK == 'classification' else classes
+    return model.eval(), config, names
 
 
 def class_names(classes, num_classes):
@@ -201,6 +209,10 @@ def predict(args):
         raise BadInput(f'--topk {args.topk} exceeds the {len(names)} classes of the model')
     paths = find_images(args.images)
     model.to(args.device)
+    if config.TASK != 'classification':
+        if args.output and not args.output.endswith('.json'):
+            raise BadInput(f'--output {args.output}: a {config.TASK} model writes COCO-style .json')
+        return EXIT_SKIPPED if predict_dense(args, model, config, names, paths) else 0
     transform = prediction_transform(config)
     if args.attention:
         find_block(model, *args.block)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools.coco import COCO
 from safetensors.torch import load_file
 
 import predict
@@ -20,25 +21,26 @@ from config import get_config, with_classes
 from data import UnreadableImages
 from data.image_io import read_photo
 from helpers import CLASSES, REPO, TINY_KWARGS, subprocess_env, write_config
-from models import build_model
 from models.attention_maps import attention_over_map, keep_attention, query_slot
 from models.attention_tables import attention_tables, neighbour_key_positions
 from models.focal_transformer import FocalTransformer
+from tasks import build_task
 from utils import TrainingState, save_checkpoint
 
 
-def save_training_checkpoint(folder, edit=None):
-    """A checkpoint as main.py saves it, of the tiny model (TINY_CONFIG, CLASSES), `edit`ed first."""
-    config = with_classes(get_config(argparse.Namespace(cfg=write_config(folder / 'tiny.yaml'), output=str(folder))),
-                          CLASSES)
+def save_training_checkpoint(folder, edit=None, cfg=None, classes=CLASSES):
+    """A checkpoint as main.py saves it, of the tiny model (TINY_CONFIG, CLASSES) or the task `cfg` names,
+    `edit`ed first."""
+    cfg = cfg or write_config(folder / 'tiny.yaml')
+    config = with_classes(get_config(argparse.Namespace(cfg=cfg, output=str(folder))), classes)
     torch.manual_seed(0)
-    model = build_model(config)
+    model = build_task(config).build_model(config)
     if edit is not None:
         with torch.no_grad():
             edit(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     state = TrainingState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.),
-                          torch.amp.GradScaler('cpu', enabled=False), UnreadableImages(0, 'cpu'), CLASSES)
+                          torch.amp.GradScaler('cpu', enabled=False), UnreadableImages(0, 'cpu'), classes)
     os.makedirs(config.OUTPUT, exist_ok=True)
     return save_checkpoint(state, config, logging.getLogger('test_predict')), model.eval()
 
@@ -233,3 +235,33 @@ def test_pretrained_adapts_to_the_cfg_model(trained, tmp_path, capsys):
     assert rows[0] == 'file,rank,class,probability' and len(rows) == 1 + 2 * len(CLASSES)
     assert [row.split(',')[:2] for row in rows[1:4]] == [[paths[0], '1'], [paths[0], '2'], [paths[0], '3']]
     assert all(row.split(',')[2] in CLASSES for row in rows[1:])
+
+
+@pytest.mark.parametrize('cfg, classes', [
+    ('configs/detection/mask_rcnn_focal_micro_digits.yaml', ['background', 'zero', 'one']),
+    ('configs/segmentation/upernet_focal_micro_digits.yaml', ['ground', 'zero', 'one']),
+], ids=['detector', 'segmenter'])
+def test_dense_checkpoint_draws_and_writes_coco_json(tmp_path, capsys, cfg, classes):
+    """A detector's or segmenter's checkpoint: each image drawn, the predictions COCO-style JSON that
+    pycocotools reads (every mask an RLE of the image's size), the broken file skipped (exit 3)."""
+    def confident(model):  # a segmenter's head that calls every pixel class 1; a detector keeps its initialisation
+        if hasattr(model, 'upernet'):
+            model.upernet.segmentation_head[0].bias[1] = 100.
+    checkpoint, _ = save_training_checkpoint(tmp_path, confident, os.path.join(REPO, cfg), classes)
+    paths = write_odd_images(tmp_path / 'images')[:3]
+    argv = ['--resume', checkpoint, *paths, str(tmp_path / 'images' / 'broken.png'), '--draw', str(tmp_path / 'drawn'),
+            '--output', str(tmp_path / 'preds.json'), '--threshold', '0']
+    assert predict.cli(argv) == predict.EXIT_SKIPPED
+    assert len(os.listdir(tmp_path / 'drawn')) == len(paths)
+    coco = COCO(str(tmp_path / 'preds.json'))
+    assert [coco.imgs[i]['file_name'] for i in sorted(coco.imgs)] == paths
+    assert coco.dataset['annotations'] and all('segmentation' in a for a in coco.dataset['annotations'])
+    for annotation in coco.dataset['annotations']:
+        image = coco.imgs[annotation['image_id']]
+        assert 0 < annotation['category_id'] < len(classes)  # the detector's background is never predicted
+        if 'segmentation' in annotation:
+            assert coco.annToMask(annotation).shape == (image['height'], image['width'])
+    if 'segmentation' in cfg:  # the whole of each image is class 1
+        assert [(a['image_id'], a['category_id']) for a in coco.dataset['annotations']] == [(1, 1), (2, 1), (3, 1)]
+        assert all(a['area'] == coco.imgs[a['image_id']]['height'] * coco.imgs[a['image_id']]['width']
+                   for a in coco.dataset['annotations'])
