@@ -189,7 +189,7 @@ def draw_attention(args, model, capture, paths, images, sizes, labels, transform
             rows, cols = capture.map_size  # pixels the stem's floor division drops belong to the last token
             point = (min(y // capture.stride, rows - 1), min(x // capture.stride, cols - 1))
             window, query = query_slot(capture.block, capture.kept, *point)
-            tensors['query_probabilities'] = capture.kept.probabilities[i, window, :, query].float().cpu()
+            tensors['query_probabilities'] = capture.kept.probabilities[i, window, :, query].float().cpu().contiguous()
         tensors['map'] = attention_over_map(capture, i, point)
         drawn.append((point, tensors))
     # after the kept attention is read: Grad-CAM's own forward keeps its attention again

@@ -131,7 +131,9 @@ def valid_slots(block, padded_size, window):
 
 
 def test_attention_figure_draws_the_forwards_weights(tmp_path):
-    checkpoint, model = save_training_checkpoint(tmp_path, uniform_block)
+    write_config(tmp_path / 'tiny.yaml')
+    (tmp_path / 'two_heads.yaml').write_text(f'BASE: [tiny.yaml]\nMODEL:\n  FOCAL:\n    NUM_HEADS: [2, 2]\n')
+    checkpoint, model = save_training_checkpoint(tmp_path, uniform_block, str(tmp_path / 'two_heads.yaml'))
     Image.fromarray(np.full((64, 48, 3), 128, np.uint8)).save(tmp_path / 'plain.png')
     result = run_predict(tmp_path, '--resume', checkpoint, tmp_path / 'plain.png', '--attention', tmp_path / 'maps',
                          '--point', '30,20', '--block', '0.0')
