@@ -192,8 +192,8 @@ def draw_attention(args, model, capture, paths, images, sizes, labels, transform
             tensors['query_probabilities'] = capture.kept.probabilities[i, window, :, query].float().cpu().contiguous()
         tensors['map'] = attention_over_map(capture, i, point)
         drawn.append((point, tensors))
-    # after the kept attention is read: Grad-CAM's own forward keeps its attention again
-    cams = grad_cam(model, images, torch.tensor([label for label, _ in labels], device=images.device)).cpu()
+    with capture.paused():  # Grad-CAM's gradients through the block's attention
+        cams = grad_cam(model, images, torch.tensor([label for label, _ in labels], device=images.device)).cpu()
     for i, (path, (point, tensors)) in enumerate(zip(paths, drawn)):
         target = figure_path(args.attention, path, written)
         save_attention_figure(target, images[i].cpu(), tensors['map'], cams[i], capture.stride, point, labels[i][1],

@@ -31,6 +31,15 @@ class AttentionCapture:
     def kept(self) -> KeptAttention:
         return self.block.attn.kept_attention
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Forwards within run the block as usual (with gradients: grad_cam) and leave what was kept alone."""
+        self.block.attn.keep_attention = False
+        try:
+            yield
+        finally:
+            self.block.attn.keep_attention = True
+
 
 def find_block(model: FocalTransformer, stage: int, block: int) -> FocalTransformerBlock:
     """The block `block` of stage `stage`; a ValueError naming what the model has otherwise."""
@@ -130,12 +139,15 @@ def attention_over_map(capture: AttentionCapture, image: int, point: Optional[Tu
 
 
 def grad_cam(model: FocalTransformer, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM (Selvaraju et al., 2017) on the last stage's normalized map: (B, H, W), each image's map for
-    its class in `classes`, ReLU'd and scaled to a maximum of 1 (all zero where nothing is positive)."""
+    """Grad-CAM (Selvaraju et al., 2017) of each image for its class in `classes`: the last stage map larger
+    than one token (the network's last, 7x7, at 224 px), its channels weighed by the mean gradient of the
+    class score, summed, ReLU'd and scaled to a maximum of 1 (all zero where nothing is positive): (B, H, W)."""
     with torch.enable_grad():
-        features = model.forward_features(images).detach().requires_grad_()  # (B, H, W, C)
-        scores = model.forward_head(features).gather(1, classes[:, None]).sum()
-        gradient, = torch.autograd.grad(scores, features)
+        final, maps = model.forward_intermediates(images, output_fmt='NHWC')  # the maps the network goes on with
+        stage = max([i for i, stage_map in enumerate(maps) if stage_map.shape[1] * stage_map.shape[2] > 1],
+                    default=len(maps) - 1)
+        scores = model.forward_head(final).gather(1, classes[:, None]).sum()
+        gradient, = torch.autograd.grad(scores, maps[stage])
     weights = gradient.mean(dim=(1, 2), keepdim=True)  # each channel's weight: its mean gradient
-    cam = (features.detach() * weights).sum(-1).clamp(min=0)
+    cam = (maps[stage].detach() * weights).sum(-1).clamp(min=0)
     return cam / cam.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
