@@ -22,6 +22,7 @@ Exit status: 0 every image predicted; 2 bad input, one `error:` line naming it (
 config, a path without images, --topk beyond the classes, --point outside an image, an output that cannot
 be written); 3 done, but some files could not be read, each named on one `skipped:` line.
 """
+import argparse
 import csv
 import json
 import os
@@ -62,7 +63,7 @@ def parse_args(argv=None):
     parser.add_argument('--batch-size', type=int, default=16, help='images per forward pass (default 16)')
     parser.add_argument('--output', help='write the predictions as .csv or .json')
     parser.add_argument('--features', metavar='FILE.safetensors', help="each image's pooled embedding")
-    parser.add_argument('--stage-maps', action='store_true', help='--features: also the four stage maps')
+    parser.add_argument('--stage-maps', action='store_true', help="--features: also each stage's map")
     parser.add_argument('--attention', metavar='DIR', help='a PNG of focal attention and Grad-CAM per image')
     parser.add_argument('--point', help='--attention: the query at pixel X,Y of the image (default: all, averaged)')
     parser.add_argument('--block', default='0.0', help='--attention: stage.block, counted from 0 (default 0.0)')
@@ -100,7 +101,7 @@ def load_model(args):
     if isinstance(contents.get('config'), str):
         config = get_saved_config(contents['config'], source, args.cfg or '')
     elif args.cfg:
-        config = get_config(type('Args', (), {'cfg': args.cfg})())
+        config = get_config(argparse.Namespace(cfg=args.cfg))
     else:
         raise ConfigError(f"{source} saved no config (released or weights-only): give the model with --cfg")
     if config.TASK != 'classification' and (args.pretrained or args.features or args.attention):
@@ -116,17 +117,16 @@ def load_model(args):
     report = load_weights(model, contents, source, adapt=args.pretrained is not None)
     if any(entry.key.startswith('head.') and entry.action == 'fresh' for entry in report.entries):
         raise CheckpointError(f"{source} has no classifier for this model's {num_classes} classes")
-    names = class_names(classes, num_classes) if config.TASK == 'classification' else classes
-    return model.eval(), config, names
+    return model.eval(), config, class_names(classes, num_classes, config.TASK == 'classification')
 
 
-def class_names(classes, num_classes):
-    """The checkpoint's names, ImageNet synsets by their description, ImageNet-1K's for 1000 nameless rows."""
+def class_names(classes, num_classes, classifier):
+    """The checkpoint's names, ImageNet synsets by their description; a classifier's 1000 nameless rows
+    ImageNet-1K's; 'class N' for the rest (a set MODEL.NUM_CLASSES above the data's)."""
     info = ImageNetInfo()
-    if len(classes) != num_classes:
-        if num_classes != 1000:
-            return [f'class {i}' for i in range(num_classes)]
+    if classifier and not classes and num_classes == 1000:
         classes = [info.index_to_label_name(i) for i in range(num_classes)]
+    classes = list(classes[:num_classes]) + [f'class {i}' for i in range(len(classes), num_classes)]
     synsets = info.label_names()
     return [info.label_name_to_description(name) if name in synsets else name for name in classes]
 
