@@ -8,6 +8,8 @@
     python3 predict.py --cfg configs/focal_tiny_patch4_window7_224.yaml --resume focal-tiny-is224-ws7.pth cat.jpg
         [--output preds.csv | preds.json] [--features features.safetensors [--stage-maps]]
         [--attention maps/ [--point X,Y] [--block S.B]]
+    python3 predict.py --resume output/mask_rcnn_focal_micro_digits/default/ckpt_best.pth scenes/ \
+        --draw drawn/ --output detections.json [--threshold 0.5]
 
 The model and its preprocessing (evaluation's resize and crop) come from the config a training checkpoint
 saved; --cfg merges a YAML file over it, and gives the model of a file that saved none (released weights,

@@ -196,6 +196,7 @@ def test_kept_attention_follows_the_bias_to_the_query_token(shift):
     ('no config', 'saved no config'),
     ('block', 'block 5.0 does not exist'),
     ('unwritable', 'cannot write'),
+    ('missing', 'no such file or folder'),
 ])
 def test_bad_input_is_one_line(trained, tmp_path, capsys, case, message):
     checkpoint, model, paths, _ = trained
@@ -207,6 +208,7 @@ def test_bad_input_is_one_line(trained, tmp_path, capsys, case, message):
             'no config': ['--resume', str(tmp_path / 'weights.pth'), paths[0]],
             'block': ['--resume', checkpoint, paths[0], '--attention', str(tmp_path / 'maps'), '--block', '5.0'],
             'unwritable': ['--resume', checkpoint, paths[0], '--output', str(tmp_path / 'no' / 'such' / 'p.csv')],
+            'missing': ['--resume', checkpoint, paths[0], str(tmp_path / 'gone.png')],
             }[case]
     assert predict.cli(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()
