@@ -638,3 +638,24 @@ def get_config(args=None):
     config = _C.clone()
     update_config(config, args)
     return config
+
+
+def get_saved_config(text, source, cfg_file=''):
+    """A frozen config from a checkpoint's saved one (`text`, the YAML that config.dump() wrote; `source`
+    names the checkpoint in errors) with `cfg_file` merged over it: the model predict.py rebuilds."""
+    config = _C.clone()
+    merged = _Merged()
+    try:
+        saved = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"the config saved in {source} is not YAML: {type(err).__name__}") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"the config saved in {source} is not a mapping of keys")
+    for key, value in saved.items():
+        _set_key(config, str(key), value, f'the config saved in {source}', merged)
+    if cfg_file:
+        _merge_yaml_file(config, cfg_file, merged)
+    _check_values(config)
+    config.freeze()
+    return config
+

@@ -25,6 +25,7 @@ lets it finish and saves the epoch; one before the first step saves nothing.
 However a run stops, its data workers stop with it: the training loop shuts them down on its way
 out (`data.loaders.Loader.shut_down`), and a worker dies with its process (`data.loaders`).
 """
+import argparse
 import contextlib
 import os
 import shutil
@@ -50,6 +51,14 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT  # the shell's status of a process ended 
 FAILURE_KEY = 'focal_transformer/training_failed'
 # How gloo and NCCL report that a peer process of the group is gone, in the error of a collective.
 PEER_GONE = ('Connection closed by peer', 'Connection reset by peer', 'NCCL communicator was aborted')
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error:` line and EXIT_BAD_INPUT (main.py, predict.py)."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 class OutputFolderError(Exception):

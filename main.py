@@ -22,7 +22,6 @@ continues from its newest complete checkpoint (TRAIN.AUTO_RESUME), at the exact 
 TRAIN.SAVE_EVERY_STEPS wrote one, and ends with the same weights as a run never interrupted.
 How a run stops (preemption, errors) and its exit statuses: lifecycle.py.
 """
-import argparse
 import contextlib
 import datetime
 import functools
@@ -41,8 +40,8 @@ from torch.utils.tensorboard import SummaryWriter
 from config import ConfigError, add_legacy_options, get_config, with_classes
 from data import UnreadableImages
 from distributed import init_distributed
-from lifecycle import (BAD_INPUT_ERRORS, EXIT_BAD_INPUT, NonFiniteLossError, RunContext, check_earlier_failure,
-                       exit_status, failures_recorded, output_folder)
+from lifecycle import (BAD_INPUT_ERRORS, EXIT_BAD_INPUT, NonFiniteLossError, OneLineArgumentParser, RunContext,
+                       check_earlier_failure, exit_status, failures_recorded, output_folder)
 from logger import create_logger, memory_mb, release_log_file
 from lr_scheduler import build_scheduler, scaled_learning_rates
 from models.build import name_config_keys
@@ -54,12 +53,6 @@ from utils import BEST_CHECKPOINT, TrainingState, checkpoint_to_resume, load_che
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 # --throughput: forward passes before timing, then timed forward passes (as the original).
 THROUGHPUT_WARMUP, THROUGHPUT_TIMED = 50, 30
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
 
 
 def parse_option(argv=None):

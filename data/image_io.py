@@ -2,11 +2,15 @@
 # Focal Transformer: image decoding and data errors
 # Licensed under The MIT License [see LICENSE for details]
 # --------------------------------------------------------
-"""Decoding images into RGB, with errors that name the file."""
+"""Decoding images into RGB, with errors that name the file, and finding the images of folders."""
 import io
 import os
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageOps
+
+# What find_images takes from a folder: the extensions torchvision's ImageFolder reads, and TIFF's long form.
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
 
 
 class DataError(Exception):
@@ -46,3 +50,38 @@ def decode_rgb(source, name):
 def load_rgb(path):
     """ImageFolder loader: the RGB image at ``path``."""
     return decode_rgb(path, path)
+
+
+def read_photo(path):
+    """The RGB image at ``path`` as a camera or an editor left it: turned upright by its EXIF orientation,
+    16-bit and floating-point grey levels scaled to 8 bits by their type's range (a plain convert would
+    clip them to white), palette, grey, CMYK and alpha images converted (alpha dropped, as training's
+    load_rgb does). A DataError naming the file when it cannot be decoded."""
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode.startswith('I') or image.mode == 'F':
+                levels = np.asarray(image, dtype=np.float64)
+                top = 1. if image.mode == 'F' else 65535. if levels.max() > 255 else 255.
+                image = Image.fromarray((levels / top * 255).clip(0, 255).round().astype(np.uint8))
+            return image.convert('RGB')
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {path}: {err}", path=path) from None
+
+
+def find_images(paths):
+    """The image files named in ``paths``: files as given, folders searched recursively for IMAGE_EXTENSIONS
+    (sorted, each file once). A DataError naming the path that does not exist or the folder without images."""
+    found = []
+    for path in paths:
+        if os.path.isfile(path):
+            found.append(path)
+        elif os.path.isdir(path):
+            in_folder = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path)
+                               for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+            if not in_folder:
+                raise DataError(f"no images in {path}: expected files ending in {', '.join(IMAGE_EXTENSIONS)}")
+            found += in_folder
+        else:
+            raise DataError(f"no such file or folder: {path}")
+    return list(dict.fromkeys(found))

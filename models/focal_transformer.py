@@ -16,7 +16,7 @@ of `attention_tables` say which rows each window's queries and key slots read, a
 """
 import dataclasses
 import functools
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -32,7 +32,7 @@ from .attention_tables import block_attention_tables, neighbour_key_positions, r
 from .checkpoint import CheckpointError, key_mismatch, model_weights, read_checkpoint
 from .class_orders import head_for_classes
 from .pretrained import HEAD, GeometryMismatch, TransferReport, adapt_tensor, missing_tensor_note, surplus_tensor_note
-from .window_attention import window_attention
+from .window_attention import window_attention, window_attention_kept
 
 __all__ = ['FocalTransformer', 'checkpoint_filter_fn']
 
@@ -72,6 +72,15 @@ def crop_to(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
     return x[:, :H, :W]
 
 
+class KeptAttention(NamedTuple):
+    """The attention of a FocalAttention forward with keep_attention set: probabilities (B, nW, nH, ws², n_keys),
+    softmax over each query's key slots; key_index (nW, n_keys), the row each slot read (the padded map's
+    tokens, then each pooled level's cells: attention_tables); padded_size (Hp, Wp) of the shifted map."""
+    probabilities: torch.Tensor
+    key_index: torch.Tensor
+    padded_size: Tuple[int, int]
+
+
 class FocalAttention(nn.Module):
     """Attention of one block's windows to their own tokens, neighbour tokens and pooled levels.
 
@@ -92,6 +101,9 @@ class FocalAttention(nn.Module):
         self.pooled_levels = pooled_levels
         head_dim = dim // num_heads
         self.scale = qk_scale or head_dim ** -0.5
+        # Set keep_attention and each forward keeps its attention in `kept_attention` (models.attention_maps)
+        self.keep_attention = False
+        self.kept_attention: Optional[KeptAttention] = None
         ws = window_size
         pooled_sizes = [focal_window + 2 ** k - 1 for k in range(pooled_levels)]
 
@@ -154,8 +166,13 @@ class FocalAttention(nn.Module):
         # zero row is needed (writing one into the rows would make autograd copy the rows' gradient).
         tokens = [padded_map.flatten(1, 2)] + [cells.flatten(1, 2) for cells in pooled]
         qkv = self.qkv(torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0])
-        out = window_attention(qkv, query_index, key_index, self.attention_bias().to(qkv.dtype), mask, self.scale,
-                               self.attn_drop if self.training else 0., self.training)
+        bias = self.attention_bias().to(qkv.dtype)
+        if not torch.jit.is_scripting() and self.keep_attention:
+            out, probabilities = window_attention_kept(qkv, query_index, key_index, bias, mask, self.scale)
+            self.kept_attention = KeptAttention(probabilities, key_index, (Hp, Wp))
+        else:
+            out = window_attention(qkv, query_index, key_index, bias, mask, self.scale,
+                                   self.attn_drop if self.training else 0., self.training)
         out = self.proj(out.view(B, Hp, Wp, C))
         return self.proj_drop(out)
 

@@ -4,7 +4,9 @@ A logit's additive bias comes in two parts, never summed for all windows at once
 (heads, queries, key slots), the same for every window, and the 0 / -inf mask of each window (padding
 of pooled cells outside the grid, the shift mask).
 
-`window_attention` is the one entry point; it picks one implementation per call:
+`window_attention` is the one entry point; it picks one implementation per call
+(`window_attention_kept` is the evaluation forward that also returns its probabilities, for tools that
+draw them):
 - 'cuda-fused': the Triton kernels of models/triton_attention.py (keys read by row index, bias added
   in the kernel, bias gradient reduced in it), on CUDA where `set_cuda_attention` asks for them.
 - 'sdpa': PyTorch's `scaled_dot_product_attention` on the whole batch. Other devices, attention
@@ -21,7 +23,7 @@ fused kernel, a chunk of windows at a time; bias and the chunk's mask are summed
 `set_cpu_attention` chooses which, as timm's `set_fused_attn` chooses its kernels.
 """
 import functools
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +31,8 @@ from timm.models import register_notrace_function
 
 from .triton_attention import fused_attention_unsupported, fused_window_attention
 
-__all__ = ['window_attention', 'set_cpu_attention', 'cpu_attention_kernel', 'cpu_bf16_instructions',
-           'set_cuda_attention', 'cuda_attention_kernel']
+__all__ = ['window_attention', 'window_attention_kept', 'set_cpu_attention', 'cpu_attention_kernel',
+           'cpu_bf16_instructions', 'set_cuda_attention', 'cuda_attention_kernel']
 
 CPU_KERNELS = ('auto', 'materialised', 'fused')
 CUDA_KERNELS = ('auto', 'fused', 'sdpa')
@@ -147,6 +149,21 @@ def window_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: to
             # a gradient (thrown away) make the forward keep it.
             qkv = qkv.detach().requires_grad_()
     return _sdpa_attention(qkv, query_index, key_index, bias, mask, scale, dropout_p)
+
+
+def window_attention_kept(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor, bias: torch.Tensor,
+                          mask: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """window_attention's evaluation forward (no dropout, no gradient) that also returns the attention it
+    weighed the values with: (out, probabilities (B, nW, nH, ws², n_keys)), softmax over the key slots.
+
+    It runs the materialised CPU path (on any device, in the input's dtype) and keeps each chunk's
+    probabilities as it computes them, so that what a tool draws is what produced the output, not a
+    recomputation beside it.
+    """
+    with torch.no_grad():  # its buffers are written in place, which autograd does not follow
+        probabilities = qkv.new_empty(qkv.shape[0], key_index.shape[0], *bias.shape)
+        out = _cpu_materialised_attention(qkv, query_index, key_index, bias, mask, scale, kept=probabilities)
+    return out, probabilities
 
 
 def _sdpa_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor, bias: torch.Tensor,
@@ -291,12 +308,14 @@ def _chunk_heads(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.
 
 
 def _cpu_materialised_attention(qkv: torch.Tensor, query_index: torch.Tensor, key_index: torch.Tensor,
-                                bias: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+                                bias: torch.Tensor, mask: torch.Tensor, scale: float,
+                                kept: Optional[torch.Tensor] = None) -> torch.Tensor:
     """window_attention on the CPU with the logits materialised, one image and one chunk of windows
     at a time: the chunk's q, k, v gathered and copied head-major into reused buffers, then bias and
     mask added into the logits and one batched product accumulated onto them, a softmax in place and
     one product for the output. The fused kernel instead splits a window's queries into fixed-size
-    blocks and multiplies block by block."""
+    blocks and multiplies block by block. `kept` (B, nW, nH, ws², n_keys), where given, receives each
+    chunk's probabilities before they weigh the values (window_attention_kept)."""
     num_windows = key_index.shape[0]
     queries = bias.shape[1]
     chunk = _window_chunk(qkv, bias, num_windows)
@@ -309,6 +328,8 @@ def _cpu_materialised_attention(qkv: torch.Tensor, query_index: torch.Tensor, ke
             n = min(chunk, num_windows - start)
             rows, _, q, k, v = _chunk_heads(qkv[b], query_index, key_index, start, n, row_buffers, q_heads, kv_heads)
             probs = _softmax_probabilities(q, k, bias, mask[start:start + n], scale, logits[:n])
+            if kept is not None:
+                kept[b, start:start + n].copy_(probs)
             torch.matmul(probs, v, out=out_heads[:n])
             out[b].index_copy_(0, rows, _window_rows(out_heads[:n]))
     return out
