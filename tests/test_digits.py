@@ -214,6 +214,7 @@ def summary_accuracy(output):
     return float(re.findall(r' \* Acc@1 ([0-9.]+) Acc@5', output)[-1])
 
 
+@pytest.mark.slow  # the whole demo on two processes: the slow run (pytest.ini)
 def test_demo_learns_under_torchrun_and_evaluates_the_same(tmp_path):
     # ~25 s, worth it: the README's first command end to end, on a fresh digits cache (rank 1
     # waits for rank 0 to write it), then --eval --resume in one process must agree exactly.

@@ -473,6 +473,7 @@ def test_bf16_takes_the_materialised_path_only_on_cpus_with_bf16_instructions():
     assert cpu_attention_kernel(torch.float16) == 'fused'
 
 
+@pytest.mark.slow  # a cold compile takes about a minute: the slow run (pytest.ini)
 def test_torch_compile_matches_eager():
     """Inductor on the CPU, as TRAIN.COMPILE uses it: main.py compiles the training forward and
     backward only (evaluation runs the eager model), so one compiled training step is what is
