@@ -559,6 +559,7 @@ class FocalTransformer(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+        self.frozen_stages, self.frozen_norm = -1, False  # nothing frozen (`freeze`)
 
     @staticmethod
     def _init_weights(m: nn.Module):
@@ -580,14 +581,43 @@ class FocalTransformer(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        """timm's parameter groups (layer-wise learning-rate decay): the stem, then the blocks in order."""
+        """timm's parameter groups (layer-wise learning-rate decay): the stem, then the blocks in order of
+        depth. A stage's downsampling runs after its blocks and the final norm after the last block: each
+        joins the group before it (timm's MATCH_PREV_GROUP, 99999)."""
         return dict(
             stem=r'^absolute_pos_embed|^patch_embed',
             blocks=r'^layers\.(\d+)' if coarse else [
-                (r'^layers\.(\d+)\.downsample', (0,)),
+                (r'^layers\.(\d+)\.downsample', (99999,)),
                 (r'^layers\.(\d+)\.\w+\.(\d+)', None),
                 (r'^norm', (99999,)),
             ])
+
+    @torch.jit.ignore
+    def freeze(self, stages: int, norm: bool = False) -> 'FocalTransformer':
+        """Stop training the patch embedding (with the absolute position embedding) and the first `stages`
+        stages, each with its downsampling, and with `norm` the final norm too; -1 freezes nothing. Their
+        parameters get requires_grad=False and their modules stay in eval mode (no drop path, no dropout)
+        whenever the model is put in training mode, so that they compute what they were trained to."""
+        if not -1 <= stages <= len(self.layers):
+            raise ValueError(f'frozen stages {stages} must lie in [-1, {len(self.layers)}]')
+        self.frozen_stages, self.frozen_norm = stages, norm
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+        if stages >= 0 and self.absolute_pos_embed is not None:
+            self.absolute_pos_embed.requires_grad_(False)
+        return self.train(self.training)
+
+    def _frozen_modules(self) -> List[nn.Module]:
+        if self.frozen_stages < 0:
+            return [self.norm] if self.frozen_norm else []
+        return ([self.patch_embed, self.pos_drop, *self.layers[:self.frozen_stages]]
+                + ([self.norm] if self.frozen_norm else []))
+
+    def train(self, mode: bool = True) -> 'FocalTransformer':
+        super().train(mode)
+        for module in self._frozen_modules():
+            module.eval()
+        return self
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
