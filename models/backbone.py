@@ -13,10 +13,13 @@ torchvision backbone of `models.detection` all hold one `FocalTransformer`; `fin
   (--resume reads the rest of a training checkpoint too); `adapt=False` loads the whole model exactly.
 - `no_weight_decay_names(model)`: the Focal parameters that train without weight decay, in `model`'s
   own parameter names, for `optimizer.parameter_groups(model, weight_decay, skip_names=...)`.
+- `layer_ids(model)`: each parameter's depth for layer-wise learning-rate decay, from the Focal
+  Transformer's own `group_matcher` as timm groups it.
 Every mismatch is one CheckpointError naming the file and the keys.
 """
 import os
 
+from timm.models import group_parameters
 from torch import nn
 
 from .checkpoint import read_checkpoint
@@ -65,3 +68,23 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     prefix = f'{prefix}.' if prefix else ''
     return {prefix + name for name, _ in focal.named_parameters()
             if name in names or any(keyword in name for keyword in keywords)}
+
+
+def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """({parameter name: layer}, number of layers) for layer-wise learning-rate decay, names as
+    `model.named_parameters()` gives them.
+
+    The Focal Transformer's parameters are numbered by its `group_matcher` as timm numbers them
+    (`timm.models.group_parameters`: the stem 0, then each block with what runs after it); its classifier
+    head and every parameter outside it (a detector's pyramid and heads, a segmenter's decoder) form the
+    top layer (learning-rate scale 1): timm's place for the head, and ConvNeXt's for every parameter outside
+    the backbone in its detection and segmentation recipes (LearningRateDecayOptimizerConstructor).
+    """
+    prefix, focal = find_focal(model)
+    prefix = f'{prefix}.' if prefix else ''
+    head = {f'head.{name}' for name, _ in focal.head.named_parameters()}
+    trunk = {prefix + name: layer
+             for name, layer in group_parameters(focal, focal.group_matcher(coarse=False), reverse=True).items()
+             if name not in head}
+    top = max(trunk.values()) + 1
+    return {name: trunk.get(name, top) for name, _ in model.named_parameters()}, top + 1
