@@ -80,6 +80,7 @@ PRINT_FREQ: 2
 # The same detector as RetinaNet: without the keys only Mask R-CNN reads, which RetinaNet refuses.
 TINY_RETINANET = re.sub(r'    (BOX_HEAD_WIDTH|MASK_HEAD_LAYERS|ROI_SAMPLES|PROPOSALS): .*\n', '', TINY_DETECTION)
 CATEGORIES = [{'id': 1, 'name': 'disc'}, {'id': 3, 'name': 'square'}]  # ids need not be dense
+LABELS = {1: 1, 3: 2}  # the detector's label of each category id: the categories in id order
 COLOURS = {1: (220, 60, 40), 3: (40, 200, 60)}
 
 
@@ -161,7 +162,8 @@ class KnownDetections(torch.nn.Module):
 
 def test_ap_of_known_detections_is_pycocotools_own(workspace, tmp_path, caplog):
     """The evaluation of set detections (exact, shifted, wrong class, spurious) reports the AP
-    that pycocotools computes from the same detections, box and mask, and its summary table."""
+    that pycocotools computes from the same detections, box and mask, and its summary table: the
+    detector's labels 1 and 2 are the file's category ids 1 and 3."""
     _, data, cfg = workspace
     data = shutil.copytree(data, tmp_path / 'coco')
     gt = COCO(os.path.join(data, 'annotations', 'instances_val2017.json'))
@@ -176,9 +178,9 @@ def test_ap_of_known_detections_is_pycocotools_own(workspace, tmp_path, caplog):
         for n, annotation in enumerate(gt.loadAnns(gt.getAnnIds(imgIds=image_id))):
             x, y, w, h = annotation['bbox']
             shift = [0, 0, 0, 2, 5][(image_id + n) % 5]  # some exact, some off by a few pixels
-            label = annotation['category_id'] if (image_id + n) % 4 else 4 - annotation['category_id']
+            category = annotation['category_id'] if (image_id + n) % 4 else 4 - annotation['category_id']
             boxes.append([x + shift, y, x + w + shift, y + h])
-            labels.append(label)
+            labels.append(LABELS[category])
             scores.append(0.9 - 0.1 * n)
             mask = torch.from_numpy(gt.annToMask(annotation)).float().roll(shift, dims=1)
             masks.append(mask[None])
@@ -193,9 +195,10 @@ def test_ap_of_known_detections_is_pycocotools_own(workspace, tmp_path, caplog):
         for box, label, score, mask in zip(boxes, labels, scores, masks):
             rle = coco_mask.encode(np.asfortranarray((mask[0] > 0.5).numpy().astype(np.uint8)))
             rle['counts'] = rle['counts'].decode()
-            results['bbox'].append({'image_id': image_id, 'category_id': label, 'score': score,
+            category = CATEGORIES[label - 1]['id']
+            results['bbox'].append({'image_id': image_id, 'category_id': category, 'score': score,
                                     'bbox': [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
-            results['segm'].append({'image_id': image_id, 'category_id': label, 'score': score,
+            results['segm'].append({'image_id': image_id, 'category_id': category, 'score': score,
                                     'segmentation': rle})
     expected = {}
     for kind in ('bbox', 'segm'):
@@ -323,8 +326,8 @@ def image_missing(root):
     (not_json, [], r"instances_val2017\.json is not COCO JSON: Expecting value: line 1"),
     (not_coco, [], r"instances_train2017\.json: an entry of 'images' has no file_name, height, width"),
     (image_missing, [], r"1 images listed in .*instances_val2017\.json are missing: .*val2017/000004\.png"),
-    (None, ['MODEL.NUM_CLASSES', '3'], r"instances_train2017\.json has category id 3, beyond "
-                                       r"MODEL\.NUM_CLASSES 3"),
+    (None, ['MODEL.NUM_CLASSES', '2'], r"instances_val2017\.json has 2 categories, more than "
+                                       r"MODEL\.NUM_CLASSES 2 holds besides the background"),
 ])
 def test_bad_coco_input_is_one_line_naming_the_file(workspace, tmp_path, capsys, break_it, opts, message):
     _, data, cfg = workspace
@@ -355,7 +358,7 @@ def recipe(detector, size, schedule):
 
 @pytest.mark.parametrize('detector, size', sorted(PAPER_PARAMETERS))
 def test_recipe_models_have_the_papers_parameter_counts(detector, size):
-    """Each 1x recipe builds its detector at the paper's size; torchvision's heads (91 classes,
+    """Each 1x recipe builds its detector at the paper's size; torchvision's heads (81 classes,
     class-specific boxes) differ from mmdetection's by less than a million parameters. The 3x
     recipe builds the same model."""
     config = recipe(detector, size, '1x')
