@@ -192,10 +192,11 @@ def load_checkpoint(path, config, state, logger, steps_per_epoch=None):
 def load_pretrained(config, model, logger):
     """--pretrained: the weights of MODEL.PRETRAINED into the Focal Transformer that `model` is (a
     classifier) or holds (a detector's or segmenter's backbone), adapted to its geometry
-    (models.backbone.load_pretrained); what happened to each tensor is logged."""
+    (models.backbone.load_pretrained), its classifier left out when the checkpoint was trained on other classes
+    than MODEL.CLASS_NAMES; what happened to each tensor is logged."""
     path = config.MODEL.PRETRAINED
     logger.info(f"==> Loading pretrained weights from {path}")
-    report = backbone.load_pretrained(model, resolve_logged(path, logger))
+    report = backbone.load_pretrained(model, resolve_logged(path, logger), config.MODEL.CLASS_NAMES)
     logger.info(f"=> {path}: {report.summary()}")
     for line in report.details():
         logger.debug(line)

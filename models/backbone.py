@@ -4,7 +4,7 @@ of it: the one path every weight takes.
 segmentation_models_pytorch's `tu-focal_*` encoders, timm's `features_only=True` models and the
 torchvision backbone of `models.detection` all hold one `FocalTransformer`; `find_focal` finds it.
 
-- `load_pretrained(model, location)`: --pretrained and the backbones' `pretrained=`: **read** the file or
+- `load_pretrained(model, location, classes)`: --pretrained and the backbones' `pretrained=`: **read** the file or
   URL (`models.checkpoint.read_checkpoint`: PyTorch weights-only, safetensors or .pdparams, by content),
   **filter** it once for the Focal Transformer inside `model` (`focal_transformer.checkpoint_filter_fn`
   with `adapt=True`: the focal tables follow the model's geometry, a new classifier or neighbour table
@@ -18,13 +18,14 @@ torchvision backbone of `models.detection` all hold one `FocalTransformer`; `fin
 Every mismatch is one CheckpointError naming the file and the keys.
 """
 import os
+from collections.abc import Mapping, Sequence
 
 from timm.models import group_parameters
 from torch import nn
 
-from .checkpoint import read_checkpoint
+from .checkpoint import model_weights, read_checkpoint
 from .focal_transformer import FocalTransformer, checkpoint_filter_fn
-from .pretrained import TransferReport
+from .pretrained import HEAD, TransferReport
 
 
 def find_focal(model: nn.Module) -> tuple[str, FocalTransformer]:
@@ -37,11 +38,18 @@ def find_focal(model: nn.Module) -> tuple[str, FocalTransformer]:
     return found[0]
 
 
-def load_pretrained(model: nn.Module, location) -> TransferReport:
+def load_pretrained(model: nn.Module, location, classes: Sequence[str] = ()) -> TransferReport:
     """Read the checkpoint at `location` (a path or URL) and load it into the Focal Transformer that `model`
-    is or holds, adapted to its geometry (see the module docstring). Returns the TransferReport."""
+    is or holds, adapted to its geometry (see the module docstring). With `classes`, the names of the
+    model's labels, a checkpoint that records other class names (a training checkpoint's 'classes') leaves
+    its classifier out, even of the same shape: its outputs mean other classes. Returns the TransferReport."""
     location = os.fspath(location)
-    return load_weights(model, read_checkpoint(location), location, adapt=True)
+    contents = read_checkpoint(location)
+    recorded = contents.get('classes') if isinstance(contents, Mapping) else None
+    if classes and recorded and list(recorded) != list(classes):
+        contents = {key: value for key, value in model_weights(contents, location).items()
+                    if key not in HEAD}
+    return load_weights(model, contents, location, adapt=True)
 
 
 def load_weights(model: nn.Module, contents, source: str, adapt: bool) -> TransferReport:

@@ -36,6 +36,7 @@ from logger import memory_mb
 from models.backbone import no_weight_decay_names
 from models.build import focal_arguments
 from models.detection import focal_fpn_backbone
+from tasks import parameter_count
 
 ASPECT_RATIOS = [(0.5, 1.0, 2.0)]  # of every level's anchors, torchvision's
 # (image folder, annotation file) of each split under the COCO 2017 root
@@ -163,9 +164,8 @@ class Detection:
         return build_detector(config, config.MODEL.NUM_CLASSES)
 
     def describe(self, model):
-        n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return (f"model {self.config.MODEL.NAME}: {type(model).__name__} on the Focal FPN, "
-                f"{n_parameters / 1e6:.2f} M parameters, {self.config.MODEL.NUM_CLASSES} classes")
+                f"{parameter_count(model)}, {self.config.MODEL.NUM_CLASSES} classes")
 
     def no_weight_decay(self, model):
         return no_weight_decay_names(model), ()

@@ -28,6 +28,7 @@ from logger import memory_mb
 from models.backbone import no_weight_decay_names
 from models.build import focal_arguments
 from models.segmentation import FocalUPerNet
+from tasks import parameter_count
 
 # Every architecture argument comes from MODEL.FOCAL; the registered name only makes it a timm
 # model, which smp's `tu-` encoders require.
@@ -124,9 +125,8 @@ class Segmentation:
         return model
 
     def describe(self, model):
-        n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return (f"model {self.config.MODEL.NAME}: UPerNet on the Focal encoder, {n_parameters / 1e6:.2f} M "
-                f"parameters, {self.config.MODEL.NUM_CLASSES} classes")
+        return (f"model {self.config.MODEL.NAME}: UPerNet on the Focal encoder, {parameter_count(model)}, "
+                f"{self.config.MODEL.NUM_CLASSES} classes")
 
     def no_weight_decay(self, model):
         return no_weight_decay_names(model), ()
