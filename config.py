@@ -76,12 +76,14 @@ _C.DATA.MAX_SIZE = 1333
 _C.DATA.SEG_SCALE = [2048, 512]
 # (added, segmentation) range of that training ratio; DATA.IMG_SIZE is the training crop
 _C.DATA.SEG_RATIO_RANGE = [0.5, 2.0]
-# (added, detection) the training images' folder and COCO annotation file, and the same for validation;
-# '' = COCO 2017's (train2017/, annotations/instances_train2017.json, ...); a relative path is taken
-# under DATA.DATA_PATH
+# (added, detection) COCO-format data at any paths, each '' for COCO 2017's; a relative path is taken
+# under DATA.DATA_PATH. The training images' folder ('' = train2017/)
 _C.DATA.TRAIN_IMAGES = ''
+# (added, detection) the training annotation file ('' = annotations/instances_train2017.json)
 _C.DATA.TRAIN_ANNOTATIONS = ''
+# (added, detection) the validation images' folder ('' = val2017/)
 _C.DATA.VAL_IMAGES = ''
+# (added, detection) the validation annotation file ('' = annotations/instances_val2017.json)
 _C.DATA.VAL_ANNOTATIONS = ''
 
 # -----------------------------------------------------------------------------

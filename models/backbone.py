@@ -23,9 +23,9 @@ from collections.abc import Mapping, Sequence
 from timm.models import group_parameters
 from torch import nn
 
-from .checkpoint import model_weights, read_checkpoint
+from .checkpoint import read_checkpoint
 from .focal_transformer import FocalTransformer, checkpoint_filter_fn
-from .pretrained import HEAD, TransferReport
+from .pretrained import TransferReport
 
 
 def find_focal(model: nn.Module) -> tuple[str, FocalTransformer]:
@@ -46,22 +46,21 @@ def load_pretrained(model: nn.Module, location, classes: Sequence[str] = ()) -> 
     location = os.fspath(location)
     contents = read_checkpoint(location)
     recorded = contents.get('classes') if isinstance(contents, Mapping) else None
-    if classes and recorded and list(recorded) != list(classes):
-        contents = {key: value for key, value in model_weights(contents, location).items()
-                    if key not in HEAD}
-    return load_weights(model, contents, location, adapt=True)
+    return load_weights(model, contents, location, adapt=True,
+                        fresh_head=bool(classes and recorded and list(recorded) != list(classes)))
 
 
-def load_weights(model: nn.Module, contents, source: str, adapt: bool) -> TransferReport:
+def load_weights(model: nn.Module, contents, source: str, adapt: bool, fresh_head: bool = False) -> TransferReport:
     """Load the weights in `contents` (what a checkpoint file holds; `source` names it in errors): with
-    `adapt`, into the Focal Transformer inside `model`, adapted to its geometry; without, into the whole
-    model, which they must fit exactly."""
+    `adapt`, into the Focal Transformer inside `model`, adapted to its geometry (and with `fresh_head` its
+    classifier started fresh); without, into the whole model, which they must fit exactly."""
     target, name = model, 'this model'
     if adapt:
         target = find_focal(model)[1]
         name = 'this model' if target is model else 'the Focal backbone'
     report = TransferReport()
-    target.load_state_dict(checkpoint_filter_fn(contents, target, adapt, source, name, report), strict=True)
+    target.load_state_dict(checkpoint_filter_fn(contents, target, adapt, source, name, report, fresh_head),
+                           strict=True)
     return report
 
 

@@ -30,7 +30,7 @@ from timm.models._features import feature_take_indices
 
 from .attention_tables import block_attention_tables, neighbour_key_positions, relative_position_index
 from .checkpoint import CheckpointError, key_mismatch, model_weights, read_checkpoint
-from .pretrained import GeometryMismatch, TransferReport, adapt_tensor, missing_tensor_note, surplus_tensor_note
+from .pretrained import HEAD, GeometryMismatch, TransferReport, adapt_tensor, missing_tensor_note, surplus_tensor_note
 from .window_attention import window_attention
 
 __all__ = ['FocalTransformer', 'checkpoint_filter_fn']
@@ -750,7 +750,8 @@ class FocalTransformer(nn.Module):
 
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module, adapt: bool = False, source: str = 'the checkpoint',
-                         target: str = 'this model', report: Optional[TransferReport] = None) -> dict:
+                         target: str = 'this model', report: Optional[TransferReport] = None,
+                         fresh_head: bool = False) -> dict:
     """The state dict that `model.load_state_dict(strict=True)` takes from a checkpoint's contents: the one
     filter between every reader (models.checkpoint.read_checkpoint) and every model.
 
@@ -760,7 +761,8 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module, adapt: bool = False
     tensor must fit `model`, any model, exactly. With `adapt` True (--pretrained, backbones) `model` is a
     FocalTransformer that may differ in image size, window, focal windows, neighbour keys or classes, and
     each of its tensors is copied, resized where only the geometry differs, or started fresh
-    (models.pretrained), each recorded in `report`. Anything else that does not fit is a CheckpointError
+    (models.pretrained), each recorded in `report`; with `fresh_head` as well the classifier, whatever its
+    shape (the checkpoint's was trained on other classes). Anything else that does not fit is a CheckpointError
     naming `source`, `target` and the keys.
     """
     unwrapped = model_weights(state_dict, source)
@@ -772,7 +774,11 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module, adapt: bool = False
     missing, wrong_shape, result = [], [], {}
     for key, fresh in expected.items():
         old = checkpoint.get(key)
-        if old is not None and old.shape == fresh.shape:
+        if adapt and fresh_head and key in HEAD:
+            result[key] = fresh.clone()
+            report.add(key, None if old is None else tuple(old.shape), tuple(fresh.shape), 'fresh',
+                       "the checkpoint's classifier is of other classes")
+        elif old is not None and old.shape == fresh.shape:
             result[key] = old
             report.add(key, tuple(old.shape), tuple(fresh.shape), 'copied')
         elif not adapt:

@@ -97,7 +97,7 @@ def missing_tensor_note(key):
     """Why a model tensor the checkpoint lacks may start fresh, or None when that means another
     architecture."""
     if key in HEAD:
-        return "the checkpoint has no classifier of this model's classes"
+        return 'the checkpoint has no classifier'
     if NEIGHBOURS_TABLE.search(key):
         return 'the checkpoint has no neighbour keys in this block'
     return None
