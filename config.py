@@ -38,9 +38,11 @@ _C.DATA = CN()
 _C.DATA.BATCH_SIZE = 128
 # Dataset root; --data-path overrides. For 'imagenet': a folder holding train/ and val/
 # (ImageFolder layout), or train.zip, train_map.txt, val.zip, val_map.txt in zip mode.
+# For 'imagenet22k': the folder of synset folders, or those four zip-mode files.
 # For 'digits': where the demo images are written ('' = ~/.cache/focal_transformer/digits).
 _C.DATA.DATA_PATH = ''
-# Dataset name: 'imagenet' (any ImageFolder or zipped folder), 'coco' (detection: train2017/,
+# Dataset name: 'imagenet' (any ImageFolder or zipped folder), 'imagenet22k' (one folder per
+# WordNet synset, or zipped as 'imagenet': data.imagenet22k), 'coco' (detection: train2017/,
 # val2017/, annotations/instances_{train,val}2017.json), 'ade20k' (segmentation:
 # ADEChallengeData2016's images/ and annotations/), or 'digits', the built-in demo of every task
 # (digit images, or scenes of digits written in the COCO or ADE20K layout)
@@ -85,6 +87,13 @@ _C.DATA.TRAIN_ANNOTATIONS = ''
 _C.DATA.VAL_IMAGES = ''
 # (added, detection) the validation annotation file ('' = annotations/instances_val2017.json)
 _C.DATA.VAL_ANNOTATIONS = ''
+# (added, imagenet22k) share of the images held out for validation in the folder layout, chosen by a
+# hash of each image's path (the same on every process and restart): 0.0035 is about 50,000 of
+# fall11's 14.2M images, as many as ImageNet-1K's val/
+_C.DATA.HOLDOUT_FRACTION = 0.0035
+# (added, imagenet22k) folder of the index of the synset folders, written once and shared by every
+# process and run: it must be the same folder for all processes ('' = ~/.cache/focal_transformer/imagenet22k)
+_C.DATA.INDEX_PATH = ''
 
 # -----------------------------------------------------------------------------
 # Model settings
@@ -102,6 +111,12 @@ _C.MODEL.NUM_CLASSES = 0
 # (added) the class names in label order, as the run found them in its data (the class folders, the
 # COCO categories); recorded in config.yaml and in every checkpoint (key 'classes'). Leave it empty.
 _C.MODEL.CLASS_NAMES = []
+# (added) the class order of a pretrained (or, with --eval, resumed) classifier whose checkpoint names
+# no classes: 'imagenet-22k' (fall11's 21,841 synsets sorted), 'imagenet-21k-goog' (Google's; Swin's
+# 22K models), 'imagenet-22k-ms' (ImageNet-1K's first) or 'imagenet-1k'. Where the data's classes are
+# ImageNet synsets the head's rows are picked by synset (models.class_orders); '' = the checkpoint's
+# own class names, else the one order with its number of rows
+_C.MODEL.PRETRAINED_CLASS_ORDER = ''
 # Dropout rate
 _C.MODEL.DROP_RATE = 0.0
 # Stochastic depth (drop path) rate
@@ -386,7 +401,7 @@ def add_legacy_options(parser):
 
 # Allowed values of the keys that take one of a few strings.
 _CHOICES = {
-    'DATA.DATASET': ('imagenet', 'digits', 'coco', 'ade20k'),
+    'DATA.DATASET': ('imagenet', 'imagenet22k', 'digits', 'coco', 'ade20k'),
     'TASK': ('classification', 'detection', 'segmentation'),
     'MODEL.DETECTION.DETECTOR': tuple(DETECTOR_KEYS),
     'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic'),

@@ -13,11 +13,13 @@ import torch
 import torch.distributed as dist
 
 
-def init_distributed():
+def init_distributed(on_store=None):
     """(rank, world size, device, store): one process unless torchrun set RANK and WORLD_SIZE;
     then a process group on NCCL with one GPU per process, or on gloo on the CPU, and torchrun's
     key-value store (None for one process): the store itself, outside the process group's
-    namespace for this start of the group, so that what is written there outlives restarts."""
+    namespace for this start of the group, so that what is written there outlives restarts.
+    `on_store(store)` runs once the store is reached and before the group is joined: an attempt that
+    must not train can stop there, on every rank alike, before any rank waits for another."""
     cuda = torch.cuda.is_available()
     if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
         return 0, 1, torch.device('cuda' if cuda else 'cpu'), None
@@ -26,6 +28,8 @@ def init_distributed():
     if cuda:
         torch.cuda.set_device(device)
     store, rank, world_size = next(dist.rendezvous('env://'))
+    if on_store is not None:
+        on_store(store)
     # After `torchrun --max-restarts` restarts the group, the store still holds the dead
     # attempt's gloo/NCCL addresses under the same keys, and a new rank may connect to a dead
     # peer; a namespace per start of the group keeps the attempts apart.

@@ -130,15 +130,19 @@ def any_process(flags, device):
     return [count > 0 for count in counts.tolist()]
 
 
-@contextlib.contextmanager
-def failures_recorded(store, rank):
-    """Stop at once if an earlier attempt of this torchrun failed; leave rank 0's account of a failure
-    (1, 74) in torchrun's store, which outlives the attempt: torchrun restarts the group after any failed
-    worker (--max-restarts), and the restarted attempt then stops instead of training into it again."""
-    if store is not None and store.check([FAILURE_KEY]):
+def check_earlier_failure(store):
+    """Stop at once if an earlier attempt of this torchrun failed (failures_recorded)."""
+    if store.check([FAILURE_KEY]):
         exit_status, message = store.get(FAILURE_KEY).decode().split(' ', 1)
         raise EarlierAttemptFailed(f"an earlier attempt of this torchrun stopped with: {message}; "
                                    f"not training again", int(exit_status))
+
+
+@contextlib.contextmanager
+def failures_recorded(store, rank):
+    """Leave rank 0's account of a failure (1, 74) in torchrun's store, which outlives the attempt:
+    torchrun restarts the group after any failed worker (--max-restarts), and the restarted attempt then
+    stops (check_earlier_failure) instead of training into it again."""
     try:
         yield
     except (NonFiniteLossError, CheckpointWriteError) as err:
@@ -201,8 +205,8 @@ class RunContext:
 def exit_status(main, config):
     """Run `main(config, stop)` (`stop`: the StopSignals of a training run, None otherwise) and return
     its exit status, each way of stopping reported in one line (see the module docstring)."""
-    def report(line):  # every process stops for the same reason: say it once
-        if not is_distributed() or dist.get_rank() == 0:
+    def report(line):  # every process stops for the same reason: say it once (torchrun sets RANK)
+        if int(os.environ.get('RANK', 0)) == 0:
             print(line, file=sys.stderr)
 
     training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
@@ -227,11 +231,11 @@ def exit_status(main, config):
         except KeyboardInterrupt:
             report("interrupted: stopped by Ctrl-C; the checkpoints saved before it are kept")
             return EXIT_INTERRUPTED
-        except RuntimeError as err:
-            if not (is_distributed() and any(sign in str(err) for sign in PEER_GONE)):
+        except RuntimeError as err:  # in a collective, or while joining the group
+            if not (int(os.environ.get('WORLD_SIZE', 1)) > 1 and any(sign in str(err) for sign in PEER_GONE)):
                 raise
             print(f"error: another process of this run stopped (its error is above); stopping "
-                  f"rank {dist.get_rank()} too", file=sys.stderr)
+                  f"rank {os.environ.get('RANK')} too", file=sys.stderr)
             return EXIT_TRAINING_FAILED
         finally:
             if is_distributed():

@@ -41,8 +41,8 @@ from torch.utils.tensorboard import SummaryWriter
 from config import ConfigError, add_legacy_options, get_config, with_classes
 from data import UnreadableImages
 from distributed import init_distributed
-from lifecycle import (BAD_INPUT_ERRORS, EXIT_BAD_INPUT, NonFiniteLossError, RunContext, exit_status,
-                       failures_recorded, output_folder)
+from lifecycle import (BAD_INPUT_ERRORS, EXIT_BAD_INPUT, NonFiniteLossError, RunContext, check_earlier_failure,
+                       exit_status, failures_recorded, output_folder)
 from logger import create_logger, memory_mb, release_log_file
 from lr_scheduler import build_scheduler, scaled_learning_rates
 from models.build import freeze_as_configured, name_config_keys
@@ -109,7 +109,7 @@ def seed_step(seed, epoch, step, rank):
 def main(config, stop=None):
     """Train (or evaluate) as `config` says; `stop` is the StopSignals of a training run. Returns 0,
     or raises what lifecycle.exit_status turns into the exit status."""
-    rank, world_size, device, store = init_distributed()
+    rank, world_size, device, store = init_distributed(on_store=check_earlier_failure)
     with failures_recorded(store, rank):
         config = scaled_learning_rates(config, world_size)
         torch.manual_seed(config.SEED)  # the same initial weights on every process

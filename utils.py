@@ -162,9 +162,14 @@ def load_checkpoint(path, config, state, logger, steps_per_epoch=None):
     would mean other things."""
     logger.info(f"==> Resuming from {path}")
     contents = read_checkpoint(resolve_logged(path, logger))
-    backbone.load_weights(state.model, contents, path, adapt=False)
     if config.EVAL_MODE or config.THROUGHPUT_MODE:
+        # scored on the data's classes: a head of others (ImageNet-22K's for ImageNet-1K) by its rows of them
+        report = backbone.load_weights(state.model, contents, path, adapt=False, classes=config.MODEL.CLASS_NAMES,
+                                       class_order=config.MODEL.PRETRAINED_CLASS_ORDER)
+        if report.head is not None:
+            logger.info(f"=> {path}: {report.head.summary()}")
         return
+    backbone.load_weights(state.model, contents, path, adapt=False)
     if not is_training_checkpoint(contents):
         logger.info(f"{path} holds weights only: training starts at epoch 0")
         return
@@ -192,11 +197,13 @@ def load_checkpoint(path, config, state, logger, steps_per_epoch=None):
 def load_pretrained(config, model, logger):
     """--pretrained: the weights of MODEL.PRETRAINED into the Focal Transformer that `model` is (a
     classifier) or holds (a detector's or segmenter's backbone), adapted to its geometry
-    (models.backbone.load_pretrained), its classifier left out when the checkpoint was trained on other classes
-    than MODEL.CLASS_NAMES; what happened to each tensor is logged."""
+    (models.backbone.load_pretrained), a classifier's rows picked by class where the data's classes and
+    the head's are ImageNet synsets (ImageNet-22K -> 1K, MODEL.PRETRAINED_CLASS_ORDER), left out where the
+    checkpoint was trained on other classes than MODEL.CLASS_NAMES; what happened to each tensor is logged."""
     path = config.MODEL.PRETRAINED
     logger.info(f"==> Loading pretrained weights from {path}")
-    report = backbone.load_pretrained(model, resolve_logged(path, logger), config.MODEL.CLASS_NAMES)
+    report = backbone.load_pretrained(model, resolve_logged(path, logger), config.MODEL.CLASS_NAMES,
+                                      config.MODEL.PRETRAINED_CLASS_ORDER)
     logger.info(f"=> {path}: {report.summary()}")
     for line in report.details():
         logger.debug(line)

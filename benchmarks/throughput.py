@@ -26,6 +26,17 @@ are not cached yet (the cache is cleared before each), and the difference to a c
 the time to build them. The focal models take the detection recipes' focal windows (15 13 9 7;
 `--focal-windows 7 5 3 1` measures the classifiers').
 
+`--memory` measures only the training peak memory per image, each model with and without activation
+checkpointing (timm's `set_grad_checkpointing`, what TRAIN.USE_CHECKPOINT sets): at each batch size of
+`--memory-batches`, one process per model, setting and batch builds the model and AdamW, runs one training
+step (so that the optimizer's state and the gradients exist; the gradients are zeroed, not freed), then
+measures the growth of its peak resident set during a second step over the resident set before it: the
+activations and temporaries of a step, what grows with the batch and what checkpointing saves. glibc is told to
+return every freed block of 64 KiB or more to the system at once, so that the resident set is what the
+process holds. The slope between the smallest and largest batch is the memory per image.
+
+    python benchmarks/throughput.py --memory --models swin_large_patch4_window7_224 focal_large_patch4_window7_224
+
 `--profile N` then says where the time goes: after timing, each model runs N more training steps
 and N inference passes under `torch.profiler`, and the operators with the most self time (CPU
 time, or CUDA kernel time with `--device cuda`) are printed under the table, model by model.
@@ -70,6 +81,17 @@ def peak_rss_bytes() -> int:
 def current_rss_bytes() -> int:
     with open('/proc/self/statm') as f:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def reset_peak_rss():
+    """Start the process's peak resident set (VmHWM) again from its current resident set (Linux)."""
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
+
+
+def peak_rss_since_reset() -> int:
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith('VmHWM:'))
 
 
 def cpu_info() -> tuple:
@@ -205,10 +227,41 @@ def measure_detector(name: str, args) -> dict:
     return row
 
 
+def measure_memory(name: str, args) -> dict:
+    """Peak resident-set growth of a training step after the first, at args.batch_size, with or without
+    activation checkpointing (see the module docstring)."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=args.img_size).train()
+    model.set_grad_checkpointing(args.checkpointing)
+    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    labels = torch.randint(0, 1000, (args.batch_size,))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = torch.autocast('cpu', dtype=torch.bfloat16, enabled=VARIANTS[args.variant].bf16)
+
+    def train_step():
+        with autocast:
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)  # the gradients stay allocated: the same in every setting
+
+    train_step()
+    before = current_rss_bytes()
+    reset_peak_rss()
+    train_step()
+    return {'model': name, 'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
+            'batch_size': args.batch_size, 'checkpointing': args.checkpointing,
+            'step_peak_mib': (peak_rss_since_reset() - before) / 2 ** 20}
+
+
 def measure(name: str, args) -> dict:
     import timm
     import models  # noqa: F401  (registers the focal models with timm)
 
+    if args.memory:
+        return measure_memory(name, args)
     if args.detector:
         return measure_detector(name, args)
     device = torch.device(args.device)
@@ -301,6 +354,59 @@ def print_table(results: dict):
                   f'{row["train_img_s"] / base["train_img_s"]:11.2f}x {memory:>15s}')
 
 
+def print_memory_table(results: dict, batches: list):
+    """Per variant: each model's step peak at each batch, with and without checkpointing, and the slope
+    (MiB per image); then each model's per-image figure against the first model's, and checkpointing's
+    against none."""
+    low, high = min(batches), max(batches)
+    columns = (f'{"variant":16s} {"model":34s} {"checkpointing":>13s} '
+               + ' '.join(f'{f"batch {b} MiB":>13s}' for b in batches) + f' {"MiB per image":>14s}')
+    print(columns)
+    print('-' * len(columns))
+    for key, rows in results.items():
+        per_image = {}
+        for row in rows:
+            peaks = row['peaks']
+            per_image[row['model'], row['checkpointing']] = (peaks[high] - peaks[low]) / (high - low)
+            print(f'{VARIANTS[key].label:16s} {row["model"]:34s} {"yes" if row["checkpointing"] else "no":>13s} '
+                  + ' '.join(f'{peaks[b]:13.0f}' for b in batches)
+                  + f' {per_image[row["model"], row["checkpointing"]]:14.1f}')
+        models = list(dict.fromkeys(row['model'] for row in rows))
+        for checkpointing in (False, True):
+            for model in models[1:]:
+                print(f'{"":16s} per image, {short_name(model)} / {short_name(models[0])}, checkpointing '
+                      f'{"yes" if checkpointing else "no"}: '
+                      f'{per_image[model, checkpointing] / per_image[models[0], checkpointing]:.2f}x')
+        for model in models:
+            print(f'{"":16s} per image, {short_name(model)} with / without checkpointing: '
+                  f'{per_image[model, True] / per_image[model, False]:.2f}x')
+
+
+def run_memory(args, variants: list):
+    batches = sorted(set(args.memory_batches))
+    print(f'device cpu, {args.img_size} px, training step peak memory at batches {" ".join(map(str, batches))}, '
+          f'{args.threads} threads')
+    # every freed block of 64 KiB or more goes back to the system: the resident set is what is held
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_='65536', MALLOC_TRIM_THRESHOLD_='0')
+    results = {}
+    for key in variants:
+        results[key] = []
+        for name in args.models:
+            for checkpointing in (False, True):
+                peaks = {}
+                for batch in batches:
+                    command = [sys.executable, os.path.abspath(__file__), '--worker', name, '--variant', key,
+                               '--memory', f'--batch-size={batch}', f'--img-size={args.img_size}',
+                               f'--threads={args.threads}'] + (['--checkpointing'] if checkpointing else [])
+                    result = subprocess.run(command, capture_output=True, text=True, env=env)
+                    if result.returncode != 0:
+                        sys.exit(f'error: measuring {name} ({VARIANTS[key].label}, batch {batch}) failed:\n'
+                                 f'{result.stderr.strip()}')
+                    peaks[batch] = json.loads(result.stdout.strip().splitlines()[-1])['step_peak_mib']
+                results[key].append({'model': name, 'checkpointing': checkpointing, 'peaks': peaks})
+    print_memory_table(results, batches)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
@@ -324,11 +430,20 @@ def main():
     parser.add_argument('--profile', type=int, default=0, metavar='N',
                         help='after timing, profile N training steps and N inference passes per model '
                              'and print the operators with the most self time')
+    parser.add_argument('--memory', action='store_true',
+                        help='training peak memory per image only, with and without activation checkpointing')
+    parser.add_argument('--memory-batches', type=int, nargs='+', default=(1, 3), metavar='N',
+                        help='with --memory: the batch sizes measured; the per-image figure is the slope '
+                             'between the smallest and the largest')
+    parser.add_argument('--checkpointing', action='store_true', help=argparse.SUPPRESS)
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     parser.add_argument('--variant', default='eager', choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.detector and (args.variants or args.profile):
         parser.error('--detector measures plain inference; it takes no --variants or --profile')
+    if args.memory and (args.detector or args.profile or args.device != 'cpu' or len(set(args.memory_batches)) < 2):
+        parser.error('--memory measures the CPU at two or more --memory-batches; it takes no --detector, --profile '
+                     'or --device cuda')
     torch.set_num_threads(args.threads)
 
     if args.worker:
@@ -348,6 +463,9 @@ def main():
     if args.device == 'cpu' and 'all' in (args.variants or ()) and not cpu_bf16:
         print('note: bf16 rows left out, this CPU has no bf16 instructions')
 
+    if args.memory:
+        run_memory(args, variants)
+        return
     results = {}
     for key in variants:
         results[key] = []
@@ -355,7 +473,7 @@ def main():
             command = [sys.executable, os.path.abspath(__file__), '--worker', name, '--variant', key] + [
                 f'--{option.replace("_", "-")}={value}' for option, value in vars(args).items()
                 if option not in ('worker', 'models', 'variants', 'variant', 'detector', 'detector_size',
-                                  'focal_windows')]
+                                  'focal_windows', 'memory', 'memory_batches', 'checkpointing')]
             if args.detector:
                 command += ['--detector', '--detector-size', *map(str, args.detector_size),
                             '--focal-windows', *map(str, args.focal_windows)]

@@ -2,7 +2,8 @@
 # Focal Transformer: datasets, transforms and loaders
 # Licensed under The MIT License [see LICENSE for details]
 # --------------------------------------------------------
-"""Classification data: ImageNet layouts and the digits demo, their transforms, and Mixup/CutMix."""
+"""Classification data: ImageNet layouts (ImageNet-22K's: data.imagenet22k) and the digits demo, their
+transforms, and Mixup/CutMix."""
 import os
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
@@ -12,6 +13,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .cached_image_folder import CachedImageFolder
 from .image_io import DataError, dataset_folder, load_rgb
+from .imagenet22k import ImageNet22K, check_synset_classes, open_index
 from .loaders import LoaderSettings, build_loaders
 
 
@@ -21,8 +23,12 @@ def build_loader(config, rank=0, world_size=1):
     is None. ``class_names``: the class folders in label order, or for zipped data the labels' first
     folder in the map file's paths. The labels are checked to fit a set MODEL.NUM_CLASSES."""
     root = _data_root(config, rank)
-    dataset_val = _build_dataset('val', root, config, rank, world_size)
-    dataset_train = None if config.EVAL_MODE else _build_dataset('train', root, config, rank, world_size)
+    synset_index = None
+    if config.DATA.DATASET == 'imagenet22k' and not config.DATA.ZIP_MODE:  # both splits of one index
+        synset_index, _ = open_index(root, config.DATA.INDEX_PATH, is_writer=rank == 0)
+    dataset_val = _build_dataset('val', root, config, rank, world_size, synset_index)
+    dataset_train = None if config.EVAL_MODE else _build_dataset('train', root, config, rank, world_size,
+                                                                 synset_index)
     class_names = _class_names(root, dataset_train, dataset_val)
     if config.MODEL.NUM_CLASSES and len(class_names) > config.MODEL.NUM_CLASSES:
         raise DataError(f"the data in {root} has {len(class_names)} classes, more than "
@@ -52,22 +58,29 @@ def _data_root(config, rank):
     if config.DATA.DATASET == 'digits':
         from .digits import ensure_digits_imagefolder  # only the demo needs scikit-learn
         return ensure_digits_imagefolder(config.DATA.DATA_PATH, config.DATA.IMG_SIZE, is_writer=rank == 0)
+    if config.DATA.DATASET == 'imagenet22k':
+        return dataset_folder(config.DATA.DATA_PATH, 'the folder of synset folders, or of train.zip and val.zip')
     if config.DATA.DATASET != 'imagenet':
-        raise DataError(f"unknown DATA.DATASET {config.DATA.DATASET!r} (use 'imagenet' or 'digits')")
+        raise DataError(f"unknown DATA.DATASET {config.DATA.DATASET!r} (use 'imagenet', 'imagenet22k' or 'digits')")
     return dataset_folder(config.DATA.DATA_PATH, 'the folder holding train/ and val/')
 
 
-def _build_dataset(split, root, config, rank, world_size):
-    """The dataset of ``split`` ('train' or 'val') under ``root``."""
+def _build_dataset(split, root, config, rank, world_size, synset_index=None):
+    """The dataset of ``split`` ('train' or 'val') under ``root`` (ImageNet-22K's folder layout: of
+    ``synset_index``)."""
     transform = build_transform(split == 'train', config)
-    if config.DATA.ZIP_MODE and config.DATA.DATASET == 'imagenet':
+    if config.DATA.ZIP_MODE and config.DATA.DATASET in ('imagenet', 'imagenet22k'):
         # the val shard of a process is its cache shard, so 'part' covers what it reads
         cache_mode = config.DATA.CACHE_MODE if split == 'train' else \
             ('no' if config.DATA.CACHE_MODE == 'no' else 'part')
-        dataset = CachedImageFolder(os.path.join(root, f'{split}.zip'),
-                                    os.path.join(root, f'{split}_map.txt'),
-                                    transform, cache_mode, rank, world_size)
+        map_file = os.path.join(root, f'{split}_map.txt')
+        dataset = CachedImageFolder(os.path.join(root, f'{split}.zip'), map_file, transform, cache_mode, rank,
+                                    world_size)
+        if config.DATA.DATASET == 'imagenet22k':
+            check_synset_classes(dataset.class_names, map_file)
         return dataset
+    if synset_index is not None:
+        return ImageNet22K(synset_index, split, config.DATA.HOLDOUT_FRACTION, transform)
     folder = os.path.join(root, split)
     if not os.path.isdir(folder):
         raise DataError(f"data folder not found: {folder}")

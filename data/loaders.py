@@ -4,8 +4,9 @@
 sampling over `SeededSamples(ReplaceUnreadable(train_set))`, batches of `(samples, targets, replaced)`,
 drop_last) and the validation loader (each sample once over all processes), with the same worker set-up:
 
-- a worker ignores the stop signals a scheduler sends to every process of a job (SIGTERM, SIGUSR1): the
-  training process decides when to stop, after its next optimizer step, and then shuts the workers down;
+- a worker ignores the stop signals a scheduler sends to every process of a job (SIGTERM, SIGUSR1) from
+  its first instruction (they are blocked while it starts): the training process decides when to stop,
+  after its next optimizer step, and then shuts the workers down;
 - a worker dies with the process that started it (Linux's parent-death signal), so that a killed training
   process leaves no worker behind;
 - `Loader.shut_down()` ends the workers of every iterator the loader gave out: the training loop calls it
@@ -91,7 +92,15 @@ class Loader(DataLoader):
         self._iterators = weakref.WeakSet()
 
     def __iter__(self):
-        iterator = super().__iter__()
+        # a stop signal to the whole job between a worker's start and its `_worker_init` would kill it
+        # (the default action): the workers start with those signals blocked, and `_worker_init` ignores
+        # them before unblocking; this process then receives any that arrived meanwhile
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if self.num_workers > 0 else None
+        try:
+            iterator = super().__iter__()
+        finally:
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self._iterators.add(iterator)
         _LIVE_ITERATORS.add(iterator)
         return iterator
@@ -127,6 +136,7 @@ def _shut_down_live_iterators():
 def _worker_init(worker_id):
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by `Loader.__iter__` while it forked
     if sys.platform.startswith('linux'):
         # Sent when the thread that started the worker ends: loaders are iterated from the main thread.
         # (A parent that died before this call is caught by DataLoader's own watchdog within seconds.)

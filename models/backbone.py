@@ -8,7 +8,9 @@ torchvision backbone of `models.detection` all hold one `FocalTransformer`; `fin
   URL (`models.checkpoint.read_checkpoint`: PyTorch weights-only, safetensors or .pdparams, by content),
   **filter** it once for the Focal Transformer inside `model` (`focal_transformer.checkpoint_filter_fn`
   with `adapt=True`: the focal tables follow the model's geometry, a new classifier or neighbour table
-  starts fresh, what a backbone has no use for is left out), **load** it; returns the TransferReport.
+  starts fresh, what a backbone has no use for is left out; with `classes`, a classifier of ImageNet
+  synsets takes the checkpoint head's rows of its synsets: models.class_orders, and one of other named
+  classes starts fresh), **load** it; returns the TransferReport.
 - `load_weights(model, contents, source, adapt)`: the same filter and load for contents already read
   (--resume reads the rest of a training checkpoint too); `adapt=False` loads the whole model exactly.
 - `no_weight_decay_names(model)`: the Focal parameters that train without weight decay, in `model`'s
@@ -18,7 +20,7 @@ torchvision backbone of `models.detection` all hold one `FocalTransformer`; `fin
 Every mismatch is one CheckpointError naming the file and the keys.
 """
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from timm.models import group_parameters
 from torch import nn
@@ -38,28 +40,29 @@ def find_focal(model: nn.Module) -> tuple[str, FocalTransformer]:
     return found[0]
 
 
-def load_pretrained(model: nn.Module, location, classes: Sequence[str] = ()) -> TransferReport:
+def load_pretrained(model: nn.Module, location, classes: Sequence[str] = (), class_order: str = '') -> TransferReport:
     """Read the checkpoint at `location` (a path or URL) and load it into the Focal Transformer that `model`
-    is or holds, adapted to its geometry (see the module docstring). With `classes`, the names of the
-    model's labels, a checkpoint that records other class names (a training checkpoint's 'classes') leaves
-    its classifier out, even of the same shape: its outputs mean other classes. Returns the TransferReport."""
+    is or holds, adapted to its geometry (see the module docstring); a classifier's rows are picked by
+    class where `classes` (the model's) and the head's are ImageNet synsets (`checkpoint_filter_fn`).
+    A checkpoint that records other class names (a training checkpoint's 'classes') starts the classifier
+    fresh, even of the same shape: its outputs mean other classes. Returns the TransferReport."""
     location = os.fspath(location)
-    contents = read_checkpoint(location)
-    recorded = contents.get('classes') if isinstance(contents, Mapping) else None
-    return load_weights(model, contents, location, adapt=True,
-                        fresh_head=bool(classes and recorded and list(recorded) != list(classes)))
+    return load_weights(model, read_checkpoint(location), location, adapt=True, classes=classes,
+                        class_order=class_order)
 
 
-def load_weights(model: nn.Module, contents, source: str, adapt: bool, fresh_head: bool = False) -> TransferReport:
+def load_weights(model: nn.Module, contents, source: str, adapt: bool, classes: Sequence[str] = (),
+                 class_order: str = '') -> TransferReport:
     """Load the weights in `contents` (what a checkpoint file holds; `source` names it in errors): with
-    `adapt`, into the Focal Transformer inside `model`, adapted to its geometry (and with `fresh_head` its
-    classifier started fresh); without, into the whole model, which they must fit exactly."""
+    `adapt`, into the Focal Transformer inside `model`, adapted to its geometry; without, into the whole
+    model, which they must fit exactly but for a classifier's rows picked by class (`classes`,
+    `class_order`: see `checkpoint_filter_fn`)."""
     target, name = model, 'this model'
     if adapt:
         target = find_focal(model)[1]
         name = 'this model' if target is model else 'the Focal backbone'
     report = TransferReport()
-    target.load_state_dict(checkpoint_filter_fn(contents, target, adapt, source, name, report, fresh_head),
+    target.load_state_dict(checkpoint_filter_fn(contents, target, adapt, source, name, report, classes, class_order),
                            strict=True)
     return report
 

@@ -30,6 +30,7 @@ from timm.models._features import feature_take_indices
 
 from .attention_tables import block_attention_tables, neighbour_key_positions, relative_position_index
 from .checkpoint import CheckpointError, key_mismatch, model_weights, read_checkpoint
+from .class_orders import head_for_classes
 from .pretrained import HEAD, GeometryMismatch, TransferReport, adapt_tensor, missing_tensor_note, surplus_tensor_note
 from .window_attention import window_attention
 
@@ -751,7 +752,7 @@ class FocalTransformer(nn.Module):
 
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module, adapt: bool = False, source: str = 'the checkpoint',
                          target: str = 'this model', report: Optional[TransferReport] = None,
-                         fresh_head: bool = False) -> dict:
+                         classes: Sequence[str] = (), class_order: str = '') -> dict:
     """The state dict that `model.load_state_dict(strict=True)` takes from a checkpoint's contents: the one
     filter between every reader (models.checkpoint.read_checkpoint) and every model.
 
@@ -761,9 +762,14 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module, adapt: bool = False
     tensor must fit `model`, any model, exactly. With `adapt` True (--pretrained, backbones) `model` is a
     FocalTransformer that may differ in image size, window, focal windows, neighbour keys or classes, and
     each of its tensors is copied, resized where only the geometry differs, or started fresh
-    (models.pretrained), each recorded in `report`; with `fresh_head` as well the classifier, whatever its
-    shape (the checkpoint's was trained on other classes). Anything else that does not fit is a CheckpointError
+    (models.pretrained), each recorded in `report`. Anything else that does not fit is a CheckpointError
     naming `source`, `target` and the keys.
+
+    `classes`: the names of the model's classes (MODEL.CLASS_NAMES). Where they and the checkpoint head's
+    classes are ImageNet synsets (its saved 'classes', `class_order` or its row count: models.class_orders),
+    the head's rows are picked by synset, adapt or not (an ImageNet-22K head evaluated or fine-tuned as
+    ImageNet-1K's), recorded as `report.head`. Otherwise, with `adapt`, a checkpoint whose saved 'classes'
+    differ from them has its classifier started fresh whatever its shape: its outputs mean other classes.
     """
     unwrapped = model_weights(state_dict, source)
     checkpoint = {key: value for key, value in unwrapped.items()
@@ -771,10 +777,17 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module, adapt: bool = False
     report = report if report is not None else TransferReport()
     report.dropped_buffers = len(unwrapped) - len(checkpoint)
     expected = model.state_dict()
+    if classes and all(key in checkpoint and key in expected for key in HEAD):
+        report.head = head_for_classes(state_dict, checkpoint['head.weight'], checkpoint['head.bias'],
+                                       expected['head.weight'], expected['head.bias'], classes, class_order, source)
+        if report.head is not None:
+            checkpoint.update({'head.weight': report.head.weight, 'head.bias': report.head.bias})
+    carried = state_dict.get('classes') if isinstance(state_dict, dict) else None
+    fresh_head = adapt and report.head is None and bool(classes and carried) and list(carried) != list(classes)
     missing, wrong_shape, result = [], [], {}
     for key, fresh in expected.items():
         old = checkpoint.get(key)
-        if adapt and fresh_head and key in HEAD:
+        if fresh_head and key in HEAD:
             result[key] = fresh.clone()
             report.add(key, None if old is None else tuple(old.shape), tuple(fresh.shape), 'fresh',
                        "the checkpoint's classifier is of other classes")
@@ -838,9 +851,11 @@ def _create_focal(variant: str, pretrained: bool = False, **kwargs) -> FocalTran
     return model
 
 
-def _cfg(file_name: str, **kwargs) -> dict:
+def _cfg(file_name: Optional[str], **kwargs) -> dict:
+    """timm's pretrained config of a variant; `file_name` None: no released weights (Focal-L)."""
     return {
-        'url': f'https://projects4jw.blob.core.windows.net/model/focal-transformer/imagenet1k/{file_name}',
+        'url': f'https://projects4jw.blob.core.windows.net/model/focal-transformer/imagenet1k/{file_name}'
+               if file_name else '',
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.875,
         'interpolation': 'bicubic', 'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
         'first_conv': 'patch_embed.proj', 'classifier': 'head', **kwargs,
@@ -854,6 +869,7 @@ default_cfgs = generate_default_cfgs({
     'focal_small_useconv_patch4_window7_224': _cfg('focal-small-useconv-is224-ws7.pth'),
     'focal_base_patch4_window7_224': _cfg('focal-base-is224-ws7.pth'),
     'focal_base_useconv_patch4_window7_224': _cfg('focal-base-useconv-is224-ws7.pth'),
+    'focal_large_patch4_window7_224': _cfg(None),
 })
 
 # The recipe every released model shares: two focal levels with fc pooling, expand size 3.
@@ -862,6 +878,11 @@ _RELEASED = dict(window_size=7, focal_pool='fc', focal_stages=(0, 1, 2, 3), foca
 _TINY = dict(_RELEASED, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
 _SMALL = dict(_RELEASED, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
 _BASE = dict(_RELEASED, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
+# Focal-L, the paper's ImageNet-22K model (never released). Its layout is inferred, not read from the paper
+# (whose text is not reachable here): Swin-L's shape with the released recipe's focal settings is the one
+# whose UPerNet at 640 px with ADE20K's 150 classes has the 240M parameters of the paper's table (237.5M
+# here; window 12 would give about 254M).
+_LARGE = dict(_RELEASED, embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48))
 
 
 # Each constructor's keyword arguments override its architecture (timm.create_model(name, embed_dim=64)).
@@ -899,3 +920,9 @@ def focal_base_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTr
 def focal_base_useconv_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
     model_args = dict(_BASE, use_conv_embed=True)
     return _create_focal('focal_base_useconv_patch4_window7_224', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def focal_large_patch4_window7_224(pretrained: bool = False, **kwargs) -> FocalTransformer:
+    model_args = _LARGE
+    return _create_focal('focal_large_patch4_window7_224', pretrained, **dict(model_args, **kwargs))

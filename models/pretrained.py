@@ -64,6 +64,7 @@ class TransferReport:
     def __init__(self):
         self.entries = []
         self.dropped_buffers = 0
+        self.head = None  # the classifier's rows picked by class (models.class_orders.HeadRows), if they were
 
     def add(self, key, old_shape, new_shape, action, note=''):
         self.entries.append(TransferEntry(key, old_shape, new_shape, action, note))
@@ -81,6 +82,8 @@ class TransferReport:
         line = 'pretrained weights: ' + ', '.join(parts)
         if self.dropped_buffers:
             line += f'; {self.dropped_buffers} reference index buffers dropped'
+        if self.head is not None:
+            line += f'; {self.head.summary()}'
         return line
 
     def details(self):

@@ -1,12 +1,15 @@
 """Shared pieces of the main.py tests: a small image folder, a tiny focal config, and running
 main.py as users do (python or torchrun) in a subprocess with a timeout."""
 import concurrent.futures
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import zipfile
+
+from unittest import mock
 
 import numpy as np
 import torch
@@ -51,6 +54,21 @@ TINY_KWARGS = dict(img_size=32, embed_dim=8, depths=[1, 1], num_heads=[1, 2], wi
 # stages: for tests that build it through timm at the released image size.
 TIMM_NAME = 'focal_tiny_patch4_window7_224'
 TIMM_TINY_ARCH = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2))
+
+
+@contextlib.contextmanager
+def uninitialised():
+    """Models built inside hold their weights uninitialised (whatever torch.empty gives): for tests that
+    count the parameters of full-size models or compare their shapes, which initialisation makes take
+    seconds."""
+    import models.focal_transformer
+    leave = lambda tensor, *args, **kwargs: tensor  # noqa: E731
+    with contextlib.ExitStack() as stack:
+        for name in ('kaiming_uniform_', 'kaiming_normal_', 'xavier_uniform_', 'uniform_', 'normal_',
+                     'trunc_normal_'):
+            stack.enter_context(mock.patch.object(torch.nn.init, name, leave))
+        stack.enter_context(mock.patch.object(models.focal_transformer, 'trunc_normal_', leave))
+        yield
 
 
 def write_image_folder(root, n_train=14, n_val=7, size=32, seed=0):
@@ -159,6 +177,21 @@ def children(pid):
 def environ(pid):
     with open(f'/proc/{pid}/environ', 'rb') as f:
         return dict(item.split(b'=', 1) for item in f.read().split(b'\0') if b'=' in item)
+
+
+def tagged_processes(name, value):
+    """'pid: command' of every process whose environment has `name`=`value`."""
+    found = []
+    for pid in os.listdir('/proc'):
+        if pid.isdigit():
+            try:
+                if environ(int(pid)).get(name.encode()) == value.encode():
+                    with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                        command = f.read().replace(b'\0', b' ').decode()
+                    found.append(f"{pid}: {command[:150]}")
+            except (ProcessLookupError, FileNotFoundError, PermissionError):
+                pass
+    return found
 
 
 def wait_for(condition, process, timeout=120, poll=0.02):

@@ -131,8 +131,8 @@ def test_two_urls_with_one_file_name_are_two_checkpoints(two_hosts):
     for url, weights, httpd in two_hosts:
         model = FocalTransformer(**TINY_KWARGS)
         logger = recorded_logger()
-        config = argparse.Namespace(EVAL_MODE=True,
-                                    THROUGHPUT_MODE=False)
+        config = argparse.Namespace(EVAL_MODE=True, THROUGHPUT_MODE=False,
+                                    MODEL=argparse.Namespace(CLASS_NAMES=[], PRETRAINED_CLASS_ORDER=''))
         utils.load_checkpoint(url, config, argparse.Namespace(model=model), logger)
         assert torch.equal(model.state_dict()['head.weight'], weights['head.weight'])
         path = resolve(url)

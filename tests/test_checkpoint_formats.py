@@ -98,8 +98,8 @@ def test_resume_and_pretrained_read_pdparams_and_safetensors(files, name, expect
     for location in (str(files[name]), files[name].as_uri()):
         resumed, pretrained = FocalTransformer(**TINY_KWARGS), FocalTransformer(**TINY_KWARGS)
         load_weights(resumed, read_checkpoint(location), location, adapt=False)
-        utils.load_pretrained(argparse.Namespace(MODEL=argparse.Namespace(PRETRAINED=location, CLASS_NAMES=[])),
-                              pretrained, logger)
+        model_settings = argparse.Namespace(PRETRAINED=location, CLASS_NAMES=[], PRETRAINED_CLASS_ORDER='')
+        utils.load_pretrained(argparse.Namespace(MODEL=model_settings), pretrained, logger)
         for key, value in files[expected].items():
             assert torch.equal(resumed.state_dict()[key], value), (location, key)
             assert torch.equal(pretrained.state_dict()[key], value), (location, key)

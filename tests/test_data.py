@@ -273,3 +273,17 @@ def test_digits_dataset_is_written_and_loaded(tmp_path):
     config = make_config('', 'DATA.DATASET', 'digits', 'DATA.DATA_PATH', str(tmp_path), eval=True)
     _, loader_val, class_names = build_loader(config)
     assert len(loader_val.dataset) == 360 and class_names == [str(digit) for digit in range(10)]
+
+
+def test_the_default_randaugment_runs_at_its_top_magnitude():
+    """AUG.AUTO_AUGMENT's 'rand-m9-mstd0.5-inc1' draws magnitudes around 9, clipped at 10, where timm
+    posterizes to 0 bits (a black image): every op of the policy must run there with the installed
+    Pillow (Pillow 13 refuses 0 bits, which crashed a training run at a random sample)."""
+    from timm.data.auto_augment import rand_augment_transform
+    policy = rand_augment_transform('rand-m10-n1-inc1', {'img_mean': (124, 116, 104)})
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    for op in policy.ops:
+        op.prob = 1.0
+        assert op(image).size == image.size, op.name
+    posterize = next(op for op in policy.ops if op.name == 'PosterizeIncreasing')
+    assert np.asarray(posterize(image)).max() == 0  # 0 bits kept: what timm means at the top magnitude

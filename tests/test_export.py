@@ -56,8 +56,8 @@ def test_onnxruntime_matches_eager(exported, shape):
 
 
 # The registered architectures with their own window, focal levels and windows, expand sizes and
-# embedding, at a small width and one block per stage. At that width the six released models are two
-# layouts (the patch and the convolutional embedding): Focal-S and -B differ from Focal-T only in the
+# embedding, at a small width and one block per stage. At that width the seven registered models are two
+# layouts (the patch and the convolutional embedding): Focal-S, -B and -L differ from Focal-T only in the
 # width, depths and heads it overrides, so exporting them again would test nothing more.
 SMALL_WIDTH = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
 REGISTERED = timm.list_models('focal_*')
@@ -72,7 +72,7 @@ def test_torch_export_from_the_models_own_size_covers_its_minimum_to_2048(name):
     """torch.export from a 224 px example, where the last stage is one window and the third four:
     the exported program must take any batch, height and width in the dimensions' ranges and
     match eager PyTorch."""
-    assert len(REGISTERED) == 6 and set(LAYOUTS) <= set(REGISTERED)
+    assert len(REGISTERED) == 7 and set(LAYOUTS) <= set(REGISTERED)
     torch.manual_seed(0)
     model = timm.create_model(name, **SMALL_WIDTH).eval()
     assert model.min_img_size == 32

@@ -5,6 +5,7 @@ timm's own model tests are not copied here; they pass for the six registered mod
 excluded) when run from the repository root against a checkout of pytorch-image-models:
     python -m pytest <pytorch-image-models>/tests/test_models.py -k "focal_ and not pretrained" -p models
 """
+import argparse
 import json
 import re
 import os
@@ -16,6 +17,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from config import get_config
 from golden import LAYOUTS
+from helpers import REPO, uninitialised
 from models import build_model  # importing models registers the focal models with timm
 from models.attention_tables import (attention_table_cache_info, attention_tables, clear_attention_table_cache,
                                      neighbour_key_positions, shift_region_mask)
@@ -50,6 +52,30 @@ def test_registered_model_matches_released_layout(name):
     # The paper prints one decimal: Focal-T with conv embedding counts 5.17 (0.56% below its 5.2).
     assert round(model.flops() / 1e9, 1) == PAPER_GFLOPS[name]
     assert model.flops() / 1e9 == pytest.approx(layout['gflops'], rel=1e-9)
+
+
+# Focal-L's parameters as counted here (the paper gives only its UPerNet's 240M, tested with the
+# segmentation recipe): the classifier at ImageNet-1K's and ImageNet-22K's class counts.
+FOCAL_L_PARAMETERS = {1000: 199_602_640, 21841: 231_635_257}
+
+
+@pytest.mark.parametrize('num_classes', sorted(FOCAL_L_PARAMETERS))
+def test_focal_large_is_swin_large_shaped_with_the_released_focal_settings(num_classes):
+    """The registered Focal-L and configs/focal_large_patch4_window7_224.yaml build the same network:
+    Swin-L's widths, depths and heads, the released models' two fc-pooled levels."""
+    config = get_config(argparse.Namespace(cfg=os.path.join(REPO, 'configs', 'focal_large_patch4_window7_224.yaml'),
+                                           opts=['MODEL.NUM_CLASSES', str(num_classes)]))
+    with uninitialised():
+        registered = timm.create_model('focal_large_patch4_window7_224', num_classes=num_classes)
+        from_config = build_model(config)
+    shapes = {key: value.shape for key, value in registered.state_dict().items()}
+    assert shapes == {key: value.shape for key, value in from_config.state_dict().items()}
+    assert [stage.dim for stage in registered.layers] == [192, 384, 768, 1536]
+    assert [len(stage.blocks) for stage in registered.layers] == [2, 2, 18, 2]
+    assert [stage.blocks[0].num_heads for stage in registered.layers] == [6, 12, 24, 48]
+    block = registered.layers[0].blocks[0]
+    assert (block.window_size, block.focal_level, block.pool_method, block.expand_size) == (7, 2, 'fc', 3)
+    assert sum(p.numel() for p in registered.parameters()) == FOCAL_L_PARAMETERS[num_classes]
 
 
 def test_released_state_dict_loads_and_errors_name_keys():
@@ -237,6 +263,32 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model(images).square().sum().backward()
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize('amp', [False, True], ids=['float32', 'bf16-autocast'])
+def test_focal_large_training_step_with_activation_checkpointing_is_bit_identical(amp):
+    """TRAIN.USE_CHECKPOINT on Focal-L's layout at 224 px (narrowed to 12 channels): the same loss and
+    gradients, bit for bit, with drop path on (the recomputed blocks draw the same masks), in float32 and
+    under bf16 autocast."""
+    def training_step(use_checkpoint):
+        config = get_config(argparse.Namespace(
+            cfg=os.path.join(REPO, 'configs', 'focal_large_patch4_window7_224.yaml'),
+            opts=['MODEL.FOCAL.EMBED_DIM', '12', 'MODEL.NUM_CLASSES', '10',
+                  'TRAIN.USE_CHECKPOINT', str(use_checkpoint)]))
+        torch.manual_seed(0)
+        model = build_model(config).train()
+        assert all(stage.use_checkpoint == use_checkpoint for stage in model.layers)
+        images, labels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1)), torch.tensor([7])
+        torch.manual_seed(2)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=amp):
+            loss = torch.nn.functional.cross_entropy(model(images), labels)
+        loss.backward()
+        return loss, {name: p.grad for name, p in model.named_parameters()}
+
+    plain, checkpointed = training_step(False), training_step(True)
+    assert torch.equal(plain[0], checkpointed[0])
+    for name, gradient in plain[1].items():
+        assert torch.equal(gradient, checkpointed[1][name]), name
 
 
 @pytest.mark.parametrize('training', [True, False], ids=['fused-training-function', 'sdpa'])

@@ -154,7 +154,7 @@ def test_main_evaluates_a_pdparams(tmp_path):
 
     config = get_config(argparse.Namespace(cfg=str(cfg), data_path=str(data), eval=True,
                                            output=str(tmp_path / 'here')))
-    _, _, _, loader, _ = build_loader(config)
+    _, loader, _ = build_loader(config)
     model, _ = paddlevit_model(TRAINING_CASE)
     assert relative_error(logits(model, case), torch.tensor(case['output'], dtype=torch.float64)) < BOUND
     assert set(build_model(config).state_dict()) == set(model.state_dict())

@@ -83,11 +83,13 @@ def test_signals_to_the_whole_job_save_the_step_and_the_restart_ends_bit_identic
     stops = STOPPED.findall(output)
     assert len(stops) == 1, output[-3000:]
     name, epoch, step, _, saved = stops[0]
-    assert name == 'SIGTERM' and epoch == '1' and 3 <= int(step) <= 10
+    # the first signal recorded: Python runs the handlers of signals pending together in signal-number
+    # order, so on a busy machine SIGUSR1 (10) can come before a SIGTERM (15) sent first
+    assert name in ('SIGTERM', 'SIGUSR1') and epoch == '1' and 3 <= int(step) <= 10
     assert saved == os.path.join(run, f'ckpt_epoch_1_step_{step}.pth')
     # one checkpoint at the step, complete: no temporary file, nothing else written since epoch 0
     assert checkpoints(run) == ['ckpt_best.pth', 'ckpt_epoch_0.pth', f'ckpt_epoch_1_step_{step}.pth']
-    assert output.strip().splitlines()[-1].startswith('preempted: stopped by SIGTERM')
+    assert output.strip().splitlines()[-1].startswith(f'preempted: stopped by {name}')
     print(f"SIGTERM to exit: {seconds:.2f} s")
     assert seconds < 10
 

@@ -251,7 +251,8 @@ def test_resume_pretrained_and_timm_filter_unwrap_a_checkpoint_alike(tmp_path, l
         torch.save(contents, path)
         resumed, pretrained = FocalTransformer(**TINY_KWARGS), FocalTransformer(**TINY_KWARGS)
         backbone.load_weights(resumed, read_checkpoint(path), path, adapt=False)
-        config = argparse.Namespace(MODEL=argparse.Namespace(PRETRAINED=path, CLASS_NAMES=[]))
+        model_settings = argparse.Namespace(PRETRAINED=path, CLASS_NAMES=[], PRETRAINED_CLASS_ORDER='')
+        config = argparse.Namespace(MODEL=model_settings)
         utils.load_pretrained(config, pretrained, logger)
         filtered = checkpoint_filter_fn(torch.load(path, weights_only=True), FocalTransformer(**TINY_KWARGS))
         for key, value in trained.items():

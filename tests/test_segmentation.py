@@ -24,7 +24,8 @@ from data import DataError
 from data.ade20k import (IGNORE_INDEX, ADE20KSegmentation, CategoryBalancedCrop, eval_transform, rescaled_size,
                          train_transform)
 from data.digit_scenes import ADE_CLASSES, draw_scene
-from helpers import REPO, TIMM_TINY_ARCH, assert_ok, assert_same_training_state, run_main, start_main, stop_when
+from helpers import (REPO, TIMM_TINY_ARCH, assert_ok, assert_same_training_state, run_main, start_main, stop_when,
+                     uninitialised)
 from models.segmentation import FocalUPerNet
 from tasks.segmentation import (Segmentation, build_segmenter, confusion_matrix, segmentation_loss,
                                 segmentation_scores)
@@ -416,6 +417,33 @@ def test_recipe_builds_its_upernet_with_the_counted_parameters(size):
     model = build_segmenter(config)
     count = sum(p.numel() for p in model.parameters())
     assert round(count / 1e6) == RECIPES[size], count
+
+
+def flat_config(config, prefix=''):
+    items = {}
+    for key, value in config.items():
+        items.update(flat_config(value, f'{prefix}{key}.') if isinstance(value, dict) else {prefix + key: value})
+    return items
+
+
+def test_large_640_recipe_builds_the_papers_240m_upernet():
+    """The paper's Focal-L row: UPerNet at 640 px with 150 classes, 240M parameters (within 3M: the layout
+    is inferred from this count); the recipe is the Focal-B one with Swin-L's 640 setting."""
+    recipe = os.path.join(REPO, 'configs', 'segmentation', 'upernet_focal_large_640_160k.yaml')
+    _, config = main.parse_option(['--cfg', recipe])
+    base_recipe = os.path.join(REPO, 'configs', 'segmentation', 'upernet_focal_base_160k.yaml')
+    _, base = main.parse_option(['--cfg', base_recipe])
+    changed = {key: value for key, value in flat_config(config).items() if flat_config(base)[key] != value}
+    assert changed == {
+        'DATA.IMG_SIZE': 640, 'DATA.SEG_SCALE': [2560, 640], 'MODEL.NAME': 'upernet_focal_large_640_160k',
+        'MODEL.FOCAL.EMBED_DIM': 192, 'MODEL.FOCAL.NUM_HEADS': [6, 12, 24, 48],
+        'OUTPUT': os.path.join('output', 'upernet_focal_large_640_160k', 'default')}
+    config.defrost()
+    config.MODEL.NUM_CLASSES = 150  # what the ADE20K data fills in
+    with uninitialised():
+        model = build_segmenter(config)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - 240e6) < 3e6, count
 
 
 def test_pretrained_released_classifier_fills_the_recipes_encoder(tmp_path, caplog):

@@ -7,12 +7,14 @@ Each run is a subprocess in its own session, watched: once its error line is out
 EXIT_GRACE seconds (a run that printed its error and then waited on live workers used to hang there
 forever), and after it ends its process group must be empty."""
 import dataclasses
+import glob
 import os
 import resource
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from typing import Callable, Optional
 
 import numpy as np
@@ -21,7 +23,7 @@ from PIL import Image
 
 import lifecycle
 import utils
-from helpers import REPO, main_command, run_dir, subprocess_env, write_config, write_image_folder
+from helpers import REPO, main_command, subprocess_env, tagged_processes, write_config, write_image_folder
 from models.checkpoint import read_checkpoint
 from test_detection import TINY_DETECTION, write_coco
 from test_segmentation import TINY_SEGMENTATION, write_ade_folder
@@ -70,6 +72,7 @@ CLASSIFICATION_STOPS = {
                                          opts=('TRAIN.EPOCHS', '1'), file_limit=64 * 1024),
     'SIGTERM': Stop(lifecycle.EXIT_PREEMPTED, 'preempted: stopped by SIGTERM', signal=signal.SIGTERM),
     'SIGUSR1': Stop(lifecycle.EXIT_PREEMPTED, 'preempted: stopped by SIGUSR1', signal=signal.SIGUSR1),
+    # (torchrun's workers run in sessions of their own, out of the terminal's reach; torchrun passes Ctrl-C on)
     'Ctrl-C': Stop(lifecycle.EXIT_INTERRUPTED, 'interrupted: stopped by Ctrl-C', signal=signal.SIGINT),
 }
 EARLIER_ATTEMPT = Stop(lifecycle.EXIT_TRAINING_FAILED, 'error: an earlier attempt of this torchrun stopped with: ',
@@ -83,27 +86,29 @@ def file_size_limit(limit):
     return apply
 
 
-def group_members(pgid):
-    members = []
-    for pid in os.listdir('/proc'):
-        if pid.isdigit():
-            try:
-                if os.getpgid(int(pid)) == pgid:
-                    with open(f'/proc/{pid}/cmdline', 'rb') as f:
-                        command = f.read().replace(b'\0', b' ').decode()
-                    members.append(f"{pid}: {command[:150]}")
-            except (ProcessLookupError, FileNotFoundError, PermissionError):
-                pass
-    return members
+def job_processes(tag):
+    """'pid: command' of every process whose environment carries this run's tag: the launched command,
+    torchrun's workers (each in its own session) and every data worker, wherever they were reparented."""
+    return tagged_processes('FOCAL_TEST_RUN', tag)
+
+
+def signal_job(tag, signum):
+    """`signum` to every process of the job, as SLURM and Kubernetes send a stop signal."""
+    for entry in job_processes(tag):
+        try:
+            os.kill(int(entry.split(':', 1)[0]), signum)
+        except ProcessLookupError:
+            pass
 
 
 def run_until_stopped(tmp_path, args, stop, nproc):
     """Run main.py (or torchrun) as `stop` says; returns (exit status, stdout, stderr)."""
     stdout_path, stderr_path = tmp_path / 'stdout.txt', tmp_path / 'stderr.txt'
+    tag = uuid.uuid4().hex
     with open(stdout_path, 'w') as stdout, open(stderr_path, 'w') as stderr:
         process = subprocess.Popen(main_command(args, nproc, stop.torchrun_args), cwd=REPO,
-                                   env=subprocess_env(tmp_path), stdout=stdout, stderr=stderr,
-                                   start_new_session=True,
+                                   env=dict(subprocess_env(tmp_path), FOCAL_TEST_RUN=tag), stdout=stdout,
+                                   stderr=stderr, start_new_session=True,
                                    preexec_fn=file_size_limit(stop.file_limit) if stop.file_limit else None)
     start, signalled, error_seen = time.time(), False, None
     try:
@@ -116,18 +121,21 @@ def run_until_stopped(tmp_path, args, stop, nproc):
             assert error_seen is None or now - error_seen < EXIT_GRACE, \
                 f"the run printed its error and then did not end: {text[-2000:]}"
             if stop.signal is not None and not signalled and 'Train: [0/' in stdout_path.read_text():
-                os.killpg(process.pid, stop.signal)  # the whole job, as a scheduler or a terminal signals
+                if stop.signal == signal.SIGINT:  # Ctrl-C: the terminal's foreground process group
+                    os.killpg(process.pid, signal.SIGINT)
+                else:
+                    signal_job(tag, stop.signal)
                 signalled = True
             time.sleep(0.05)
-        deadline = time.time() + 5  # data workers of torchrun's workers die with them: allow a moment
-        while group_members(process.pid) and time.time() < deadline:
+        # what the launched command leaves (orphaned torchrun workers, data workers) must end as promptly
+        deadline = time.time() + EXIT_GRACE
+        while job_processes(tag) and time.time() < deadline:
             time.sleep(0.05)
-        left = group_members(process.pid)
+        left = job_processes(tag)
         assert not left, f"processes left behind: {left}"
     finally:
-        if process.poll() is None or group_members(process.pid):
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        signal_job(tag, signal.SIGKILL)
+        process.wait()
     return process.returncode, stdout_path.read_text(), stderr_path.read_text()
 
 
@@ -138,16 +146,20 @@ def check_stop(tmp_path, args, stop, nproc, out):
     assert stop.line in stderr, stderr[-3000:]
     if nproc == 1:
         assert status == stop.status, stderr[-3000:]
-    else:  # torchrun exits with 1 after any failed worker; its summary lists the workers' statuses
+    elif stop.signal is None:  # torchrun exits with 1 after any failed worker; its summary lists their statuses
         assert status != 0 and f'exitcode  : {stop.status}' in stderr, stderr[-3000:]
-    run = run_dir(out) if os.path.isdir(run_dir(out)) else None
+    else:  # a signal to the job reaches torchrun too, which then exits with 1 and no summary
+        assert status != 0, stderr[-3000:]
+    runs = glob.glob(os.path.join(out, '*', 'default'))  # OUTPUT/MODEL.NAME/TAG, if the run got that far
+    run = runs[0] if runs else None
     if run is not None:  # no half-written checkpoint, whatever stopped the run
         for name in os.listdir(run):
             assert not name.endswith('.tmp'), name
             if utils.parse_checkpoint_name(name) or name == utils.BEST_CHECKPOINT:
                 assert utils.is_training_checkpoint(read_checkpoint(os.path.join(run, name)))
     if stop.status == lifecycle.EXIT_PREEMPTED:
-        assert any(utils.parse_checkpoint_name(name) for name in os.listdir(run)), 'the step was not saved'
+        assert run is not None and any(utils.parse_checkpoint_name(name) for name in os.listdir(run)), \
+            f'the step was not saved: {stderr[-2000:]}'
     return stdout, stderr
 
 
@@ -190,13 +202,14 @@ def dense_case(tmp_path, task, stop, workers):
     cfg = tmp_path / 'tiny.yaml'
     cfg.write_text(config)
     out = str(tmp_path / 'out')
+    # two crops a step: UPerNet's pooling module normalises over the batch
     return ['--cfg', str(cfg), '--data-path', data, '--output', out, '--opts', 'DATA.NUM_WORKERS', str(workers),
-            'DATA.BATCH_SIZE', '1', 'TEST.MULTI_SCALE', 'False', *stop.opts], out
+            'DATA.BATCH_SIZE', '2', 'TEST.MULTI_SCALE', 'False', *stop.opts], out
 
 
-DENSE_STOPS = {
-    'unreadable training image': Stop(lifecycle.EXIT_BAD_INPUT, 'error: cannot read image ', damage=unreadable('')),
-    'unreadable validation image': Stop(lifecycle.EXIT_BAD_INPUT, 'error: cannot read image '),
+DENSE_STOPS = {  # (ADE20K's loader reads an image and its label: 'cannot read <file>')
+    'unreadable training image': Stop(lifecycle.EXIT_BAD_INPUT, 'error: cannot read ', damage=unreadable('')),
+    'unreadable validation image': Stop(lifecycle.EXIT_BAD_INPUT, 'error: cannot read '),
     'SIGTERM': Stop(lifecycle.EXIT_PREEMPTED, 'preempted: stopped by SIGTERM', signal=signal.SIGTERM),
 }
 
@@ -219,25 +232,25 @@ def test_a_killed_training_process_takes_its_data_workers_with_it(tmp_path):
     ignore the job's stop signals, die with it at once through the parent-death signal instead of living
     on until DataLoader's own watchdog looks, seconds later."""
     args, _ = classification_case(tmp_path, Stop(0, ''), workers=2)
+    tag = uuid.uuid4().hex
     with open(tmp_path / 'stdout.txt', 'w') as stdout:
-        process = subprocess.Popen(main_command(args), cwd=REPO, env=subprocess_env(tmp_path), stdout=stdout,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(main_command(args), cwd=REPO, env=dict(subprocess_env(tmp_path), FOCAL_TEST_RUN=tag),
+                                   stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + RUN_LIMIT
         while 'Train: [0/' not in (tmp_path / 'stdout.txt').read_text():
             assert process.poll() is None and time.time() < deadline, (tmp_path / 'stdout.txt').read_text()
             time.sleep(0.05)
-        workers = [member for member in group_members(process.pid) if not member.startswith(f'{process.pid}:')]
+        workers = [entry for entry in job_processes(tag) if not entry.startswith(f'{process.pid}:')]
         assert len(workers) == 2, workers
         process.kill()
         process.wait()
         deadline = time.time() + 2
-        while group_members(process.pid) and time.time() < deadline:
+        while job_processes(tag) and time.time() < deadline:
             time.sleep(0.02)
-        assert not group_members(process.pid), group_members(process.pid)
+        assert not job_processes(tag), job_processes(tag)
     finally:
-        if group_members(process.pid):
-            os.killpg(process.pid, signal.SIGKILL)
+        signal_job(tag, signal.SIGKILL)
 
 
 def test_workers_of_an_iterator_an_error_keeps_alive_do_not_hold_the_exit(tmp_path):
@@ -271,3 +284,23 @@ print('done')
     result = subprocess.run([sys.executable, str(script)], env=subprocess_env(tmp_path), capture_output=True,
                             text=True, timeout=120, start_new_session=True)
     assert result.returncode == 0 and result.stdout == 'done\n', result.stderr[-2000:]
+
+
+def test_a_stop_signal_to_a_worker_before_its_set_up_does_not_kill_it(tmp_path):
+    """SLURM signals every process of the job: a worker forked a moment before must not die of the
+    signal's default action before `_worker_init` ignores it (each worker here signals itself at once)."""
+    script = tmp_path / 'early_signal.py'
+    script.write_text(f"""\
+import os, signal, sys
+sys.path.insert(0, {REPO!r})
+import torch
+from data.loaders import LoaderSettings, build_loaders
+settings = LoaderSettings(batch_size=2, num_workers=2, pin_memory=False, seed=0, max_bad_samples=0,
+                          steps_per_epoch=0, rank=0, world_size=1)
+_, loader = build_loaders(settings, None, torch.arange(8.0), 'a test')
+os.register_at_fork(after_in_child=lambda: os.kill(os.getpid(), signal.SIGTERM))
+print(torch.cat(list(loader)).tolist())
+""")
+    result = subprocess.run([sys.executable, str(script)], env=subprocess_env(tmp_path), capture_output=True,
+                            text=True, timeout=120, start_new_session=True)
+    assert result.returncode == 0 and result.stdout == f'{[float(i) for i in range(8)]}\n', result.stderr[-2000:]
