@@ -365,7 +365,6 @@ def test_class_count_that_does_not_fit_is_one_line(tmp_path):
                         r"the value \d+, more than the 5 classes \(1\.\.5; 0 is ignored\)", line), line
 
 
-
 def test_an_own_folder_names_its_classes(tmp_path):
     """An ADE20K-style folder of one's own: its class_names.txt gives the class count and names (label value i
     on line i), ADE20K's own objectInfo150.txt its names; a file that leaves a class unnamed, or names more
@@ -398,6 +397,7 @@ def test_an_own_folder_names_its_classes(tmp_path):
     assert class_names('MODEL.NUM_CLASSES', '11').MODEL.CLASS_NAMES == ['wall', 'building, edifice']
     os.remove(root / 'objectInfo150.txt')
     assert class_names('MODEL.NUM_CLASSES', '11').MODEL.CLASS_NAMES == [str(value) for value in range(11)]
+
 
 # ---------------------------------------------------------------- recipes
 
