@@ -41,6 +41,7 @@ def test_ab_builds_each_checkouts_own_model_and_reports_a_ratio(tmp_path, option
     assert spread is None or 0 < float(spread.group(1)) <= float(spread.group(2))
 
 
+@pytest.mark.slow  # a minute of benchmark runs: the slow run (pytest.ini)
 def test_throughput_profile_prints_each_models_busiest_operators():
     """throughput.py end to end on a small input, with --profile: the table row, then the profiler's
     operator tables for training and inference, which must show the model's matrix products."""
@@ -57,6 +58,7 @@ def test_throughput_profile_prints_each_models_busiest_operators():
         assert 'Self CPU time total' in table and 'aten::addmm' in table, table
 
 
+@pytest.mark.slow  # a minute of benchmark runs: the slow run (pytest.ini)
 def test_ceiling_bound_is_the_time_without_attention_plus_the_products():
     """ceiling.py end to end at batch 1: it reads every block's attention shape from the model (2, 2, 6
     and 2 blocks per stage at 224 px) and the distinct, unmasked keys of its windows (the 12 duplicate
@@ -90,6 +92,7 @@ def test_ceiling_bound_is_the_time_without_attention_plus_the_products():
                      r'\d+\.\d\dx over distinct keys only$', out, re.MULTILINE)
 
 
+@pytest.mark.slow  # a minute of benchmark runs: the slow run (pytest.ini)
 def test_checkpoint_read_times_a_released_size_pdparams():
     """checkpoint_read.py end to end on Focal-T's layout: a line with its tensor count, the
     .pdparams size and the three times."""
@@ -102,6 +105,7 @@ def test_checkpoint_read_times_a_released_size_pdparams():
                         result.stdout), result.stdout
 
 
+@pytest.mark.slow  # a minute of benchmark runs: the slow run (pytest.ini)
 def test_throughput_detector_rows_measure_the_asked_focal_windows():
     """throughput.py --detector end to end on a small image: the Mask R-CNN rows of both backbones and
     their ratios, the focal model built with the focal windows asked for (its parameter count shows it)."""
@@ -119,3 +123,29 @@ def test_throughput_detector_rows_measure_the_asked_focal_windows():
     assert re.search(rf'\nfocal_tiny_patch4_window7_224\s+{params / 1e6:.2f}\s', result.stdout), result.stdout
     assert re.search(r'focal_tiny_patch4_window7_224 / swin_tiny_patch4_window7_224: inference \d+\.\d\dx, '
                      r'Mask R-CNN training \d+\.\d\dx', result.stdout), result.stdout
+
+
+def test_cuda_check_plans_every_section_within_its_budget():
+    """cuda_check.py, which a GPU session runs as is: --dry-run names the five sections in order with
+    limits that fit the budget; a real run without a GPU stops with a one-line error, as do the
+    per-kernel timings; --cuda-attention without --device cuda is a usage error."""
+    import torch
+
+    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'cuda_check.py'), '--dry-run', '--budget', '400'],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    plan = re.findall(r'=== (\w+): (.*) \(at most (\d+) s\)', result.stdout)
+    assert [name for name, _, _ in plan] == ['versions', 'tests', 'kernels', 'throughput', 'compiled']
+    assert sum(int(limit) for _, _, limit in plan) == 400
+    assert 'tests/test_cuda.py' in plan[1][1] and '--cuda-attention sdpa fused --variants eager bf16' in plan[3][1]
+    assert '--variants compile compile-bf16' in plan[4][1]
+    if not torch.cuda.is_available():
+        for script in ('cuda_check.py', 'attention_kernels.py'):
+            result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / script)],
+                                    capture_output=True, text=True, timeout=60)
+            assert result.returncode == 1 and re.fullmatch(r'error: [^\n]*no CUDA device[^\n]*\n', result.stderr), \
+                result.stderr
+    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'throughput.py'), '--cuda-attention', 'fused'],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and '--cuda-attention chooses the CUDA attention; it needs --device cuda' in \
+        result.stderr
