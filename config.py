@@ -17,6 +17,7 @@ file, key or value at fault.
 """
 import ast
 import os
+import re
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -77,6 +78,15 @@ _C.DATA.MAX_SIZE = 1333
 _C.DATA.SEG_SCALE = [2048, 512]
 # (added, segmentation) range of that training ratio; DATA.IMG_SIZE is the training crop
 _C.DATA.SEG_RATIO_RANGE = [0.5, 2.0]
+# (added, detection) COCO-format data at any paths, each '' for COCO 2017's; a relative path is taken
+# under DATA.DATA_PATH. The training images' folder ('' = train2017/)
+_C.DATA.TRAIN_IMAGES = ''
+# (added, detection) the training annotation file ('' = annotations/instances_train2017.json)
+_C.DATA.TRAIN_ANNOTATIONS = ''
+# (added, detection) the validation images' folder ('' = val2017/)
+_C.DATA.VAL_IMAGES = ''
+# (added, detection) the validation annotation file ('' = annotations/instances_val2017.json)
+_C.DATA.VAL_ANNOTATIONS = ''
 # (added, imagenet22k) share of the images held out for validation in the folder layout, chosen by a
 # hash of each image's path (the same on every process and restart): 0.0035 is about 50,000 of
 # fall11's 14.2M images, as many as ImageNet-1K's val/
@@ -245,6 +255,14 @@ _C.TRAIN.SAVE_EVERY_STEPS = 0
 _C.TRAIN.COMPILE = False
 # (added) channels-last memory format for model and inputs
 _C.TRAIN.CHANNELS_LAST = False
+# (added, from BEiT) layer-wise learning-rate decay: the layer k below the top (the head, or every
+# parameter outside the Focal Transformer) trains at LAYER_DECAY ** k of the rate, the layers being the
+# model's group_matcher blocks as timm numbers them; 0 or 1 = off
+_C.TRAIN.LAYER_DECAY = 0.0
+# (added) what does not train: 'none'; 'stages:K', the patch embedding and the first K stages (kept in
+# eval mode: no drop path); 'linear-probe', the whole Focal Transformer (only the classifier head, or a
+# detector's or segmenter's neck and heads, trains)
+_C.TRAIN.FREEZE = 'none'
 
 # LR scheduler, stepped every optimizer step
 _C.TRAIN.LR_SCHEDULER = CN()
@@ -552,6 +570,14 @@ def _check_values(config):
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"config key '{key}' must not be negative, got {value}")
+    if not 0 <= config.TRAIN.LAYER_DECAY <= 1:
+        raise ConfigError(f"config key 'TRAIN.LAYER_DECAY' must lie in [0, 1] (0 or 1 = off), "
+                          f"got {config.TRAIN.LAYER_DECAY}")
+    freeze = re.fullmatch(r'none|linear-probe|stages:(\d+)', config.TRAIN.FREEZE)
+    num_stages = len(config.MODEL.FOCAL.DEPTHS)
+    if freeze is None or (freeze.group(1) is not None and int(freeze.group(1)) > num_stages):
+        raise ConfigError(f"config key 'TRAIN.FREEZE' must be 'none', 'stages:K' with 0 <= K <= {num_stages} "
+                          f"(the stages of MODEL.FOCAL.DEPTHS) or 'linear-probe', got {config.TRAIN.FREEZE!r}")
     crop_range = config.AUG.DET_CROP_SIZE_RANGE
     if len(crop_range) != 2 or not 0 < crop_range[0] <= crop_range[1]:
         raise ConfigError(f"config key 'AUG.DET_CROP_SIZE_RANGE' must be [min, max] with "

@@ -44,7 +44,7 @@ from lifecycle import (BAD_INPUT_ERRORS, EXIT_BAD_INPUT, NonFiniteLossError, One
                        check_earlier_failure, exit_status, failures_recorded, output_folder)
 from logger import create_logger, memory_mb, release_log_file
 from lr_scheduler import build_scheduler, scaled_learning_rates
-from models.build import name_config_keys
+from models.build import freeze_as_configured, name_config_keys
 from models.checkpoint import atomic_write, error_line
 from optimizer import build_optimizer
 from tasks import build_task
@@ -114,7 +114,7 @@ def main(config, stop=None):
         try:
             config = with_classes(config, class_names)
             try:
-                model = task.build_model(config)
+                model = freeze_as_configured(config, task.build_model(config))
             except ValueError as err:
                 raise ConfigError(f"invalid model configuration: {name_config_keys(error_line(err))}") from None
             with output_folder(config.OUTPUT, rank):
@@ -320,7 +320,7 @@ def train_one_epoch(context, state, data_loader):
         loss_meter.update(loss_value, len(samples))
         batch_time.update(time.time() - end)
         end = time.time()
-        lr = optimizer.param_groups[0]['lr']
+        lr = max(group['lr'] for group in optimizer.param_groups)  # the top layer's, with TRAIN.LAYER_DECAY
         if writer is not None:
             writer.add_scalar('train/loss', loss_value, epoch * num_steps + step)
             writer.add_scalar('train/lr', lr, epoch * num_steps + step)

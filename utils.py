@@ -198,8 +198,8 @@ def load_pretrained(config, model, logger):
     """--pretrained: the weights of MODEL.PRETRAINED into the Focal Transformer that `model` is (a
     classifier) or holds (a detector's or segmenter's backbone), adapted to its geometry
     (models.backbone.load_pretrained), a classifier's rows picked by class where the data's classes and
-    the head's are ImageNet synsets (ImageNet-22K -> 1K, MODEL.PRETRAINED_CLASS_ORDER); what happened to
-    each tensor is logged."""
+    the head's are ImageNet synsets (ImageNet-22K -> 1K, MODEL.PRETRAINED_CLASS_ORDER), left out where the
+    checkpoint was trained on other classes than MODEL.CLASS_NAMES; what happened to each tensor is logged."""
     path = config.MODEL.PRETRAINED
     logger.info(f"==> Loading pretrained weights from {path}")
     report = backbone.load_pretrained(model, resolve_logged(path, logger), config.MODEL.CLASS_NAMES,

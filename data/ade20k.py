@@ -7,9 +7,12 @@
     <root>/images/{training,validation}/<name>.jpg (or .png)
     <root>/annotations/{training,validation}/<name>.png   one byte per pixel
 
+    <root>/class_names.txt                                 optional: the name of label value i on line i
+
 A label value 0 is "not annotated" and is ignored (IGNORE_INDEX in the targets); 1..N are the
-classes 0..N-1 (mmseg's `reduce_zero_label`). The real data has 150 classes; the digit-scene demo
-its own count. `ADE20KSegmentation` checks the pairing and the sizes of every image and label
+classes 0..N-1 (mmseg's `reduce_zero_label`). The real data has 150 classes, named in the
+objectInfo150.txt it ships with; a folder of one's own has its own count and names, in
+class_names.txt (`read_class_names`). `ADE20KSegmentation` checks the pairing and the sizes of every image and label
 (headers only) before training starts, and the class values of each label when it is read; every
 problem is a one-line `DataError` naming the file, with `path` set for the bad-sample policy.
 
@@ -41,6 +44,31 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png')
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CROP_TRIES = 10
 FILES_NAMED = 3
+# The class names of a folder: one's own (a name per line), or those ADE20K ships (a header line, then
+# tab-separated Idx, Ratio, Train, Val, Name)
+CLASS_NAMES_FILE, ADE20K_OBJECT_INFO = 'class_names.txt', 'objectInfo150.txt'
+
+
+def read_class_names(root):
+    """The names of label values 1..N of the folder `root`, from its CLASS_NAMES_FILE, else from ADE20K's
+    ADE20K_OBJECT_INFO; None when it has neither. A file that names no class, or leaves one unnamed, is a
+    DataError naming it."""
+    path = os.path.join(root, CLASS_NAMES_FILE)
+    is_ade20k = not os.path.isfile(path)
+    if is_ade20k:
+        path = os.path.join(root, ADE20K_OBJECT_INFO)
+        if not os.path.isfile(path):
+            return None
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = f.read().rstrip().splitlines()[1 if is_ade20k else 0:]
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read the class names in {path}: {err}") from None
+    names = [line.split('\t')[-1].strip() if is_ade20k else line.strip() for line in lines]
+    if '' in names or not names:
+        where = f"line {names.index('') + 1 + is_ade20k} names no class" if names else "it names no class"
+        raise DataError(f"{path}: {where} (one name per label value 1, 2, ...)")
+    return names
 
 
 def rescaled_size(height, width, scale):

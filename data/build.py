@@ -9,6 +9,7 @@ import os
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
 from timm.data.transforms import str_to_interp_mode
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .cached_image_folder import CachedImageFolder
 from .image_io import DataError, dataset_folder, load_rgb
@@ -84,20 +85,28 @@ def _build_dataset(split, root, config, rank, world_size, synset_index=None):
     if not os.path.isdir(folder):
         raise DataError(f"data folder not found: {folder}")
     try:
-        dataset = datasets.ImageFolder(folder, transform=transform, loader=load_rgb)
-    except FileNotFoundError:
+        dataset = datasets.ImageFolder(folder, transform=transform, loader=load_rgb, allow_empty=True)
+    except FileNotFoundError:  # no sub-folder at all
         raise DataError(f"no images in {folder}: expected one sub-folder of images per class") from None
+    empty = sorted(set(dataset.classes) - {dataset.classes[target] for target in dataset.targets})
+    if empty:
+        more = f" (and {len(empty) - 1} more)" if len(empty) > 1 else ''
+        raise DataError(f"no images in class folder {os.path.join(folder, empty[0])}{more}: expected image files "
+                        f"({', '.join(IMG_EXTENSIONS)})")
     return dataset
 
 
 def _class_names(root, dataset_train, dataset_val):
-    """The names of the classes in label order; the train and val class folders must agree."""
+    """The names of the classes in label order; the train and val class folders must agree, since
+    ImageFolder numbers each split's sorted folders."""
     if isinstance(dataset_val, CachedImageFolder):
         return max((d.class_names for d in (dataset_train, dataset_val) if d is not None), key=len)
     if dataset_train is not None and dataset_train.classes != dataset_val.classes:
-        differing = sorted(set(dataset_train.classes) ^ set(dataset_val.classes))
-        raise DataError(f"the class folders of {root}/train and {root}/val differ "
-                        f"(e.g. {differing[:3]}): their labels would not match")
+        only_val = sorted(set(dataset_val.classes) - set(dataset_train.classes))
+        only_train = sorted(set(dataset_train.classes) - set(dataset_val.classes))
+        split, other, name = ('val', 'train', only_val[0]) if only_val else ('train', 'val', only_train[0])
+        raise DataError(f"the class folders of {root}/train and {root}/val differ: {split}/{name} has no "
+                        f"{other}/{name}, so the labels of the two splits would not match")
     return list(dataset_val.classes)
 
 
@@ -105,9 +114,15 @@ def build_transform(is_train, config):
     """Training: timm's ``create_transform`` (random resized crop, flip, RandAugment or colour
     jitter, random erasing). Evaluation: resize to 256/224 of the input size and centre-crop
     (TEST.CROP), or resize straight to the input size. Inputs of 32 px or less are not resized
-    (CIFAR-style: a padded random crop for training), as Swin does."""
+    (CIFAR-style: a padded random crop for training), as Swin does; an image of another size is first
+    resized to that size."""
     size = config.DATA.IMG_SIZE
     resize_im = size > 32
+    # 'random' interpolation is a training augmentation; other resizes are bilinear then, as Swin's evaluation
+    interpolation = str_to_interp_mode(
+        'bilinear' if config.DATA.INTERPOLATION == 'random' else config.DATA.INTERPOLATION)
+    # an image already at the size passes unchanged (PIL copies it)
+    to_size = transforms.Resize((size, size), interpolation=interpolation)
     if is_train:
         transform = create_transform(
             input_size=size, is_training=True,
@@ -116,17 +131,14 @@ def build_transform(is_train, config):
             re_prob=config.AUG.REPROB, re_mode=config.AUG.REMODE, re_count=config.AUG.RECOUNT,
             interpolation=config.DATA.INTERPOLATION, hflip=config.AUG.HFLIP)
         if not resize_im:
-            transform.transforms[0] = transforms.RandomCrop(size, padding=4)
+            transform.transforms[0:1] = [to_size, transforms.RandomCrop(size, padding=4)]
         return transform
 
-    # 'random' interpolation is a training augmentation; evaluation resizes bilinearly, as Swin
-    interpolation = str_to_interp_mode(
-        'bilinear' if config.DATA.INTERPOLATION == 'random' else config.DATA.INTERPOLATION)
     steps = []
     if resize_im and config.TEST.CROP:
         steps += [transforms.Resize(int(256 / 224 * size), interpolation=interpolation),
                   transforms.CenterCrop(size)]
-    elif resize_im:
-        steps.append(transforms.Resize((size, size), interpolation=interpolation))
+    else:
+        steps.append(to_size)
     steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)]
     return transforms.Compose(steps)

@@ -9,15 +9,18 @@ torchvision's `CocoDetection` wrapped for `transforms.v2` (`wrap_dataset_for_tra
 samples are `(image, {'boxes', 'labels', 'masks', 'image_id'})`: boxes and masks are tv_tensors,
 so the v2 transforms of `detection_transform` (a shorter side drawn per image under a cap on the
 longer side, optionally Swin's random-size crop policy in between, horizontal flip) move them with
-the image. Category ids are the labels as they stand (COCO's 1..90, 0 the background), as
-torchvision's detectors number them.
+the image. The file's categories, sorted by id, are the labels 1..K whatever their ids (COCO 2017's
+80 categories, ids 1..90, are labels 1..80): torchvision's detectors take 0 for the background, which
+a category id 0 would otherwise become. `CocoImages.category_ids` maps the labels back, for the
+results that pycocotools scores against the file.
 
 Every problem found before training is a one-line `DataError` naming the file: a file that is
-not COCO JSON, a listed image that is missing, a category id the model has no class for. An
+not COCO JSON, a listed image that is missing, more categories than the model has classes. An
 image that turns out unreadable during training raises `DataError(path=...)`, for the bad-sample
 policy (`data.bad_samples.ReplaceUnreadable`).
 """
 import contextlib
+import functools
 import io
 import json
 import os
@@ -39,14 +42,25 @@ FILES_NAMED = 3
 
 class CocoImages(datasets.CocoDetection):
     """`CocoDetection` that reads images with `data.image_io.load_rgb` (a `DataError` naming the
-    file when one cannot be read) and leaves crowd regions out of the targets, as torchvision's
-    detection references train (COCOeval still reads them from the annotation file)."""
+    file when one cannot be read), gives each annotation its category's label (1..K, in the order of
+    `category_ids`) and leaves crowd regions out of the targets, as torchvision's detection references
+    train (COCOeval still reads them from the annotation file)."""
+
+    @functools.cached_property
+    def category_ids(self):
+        """The category id of each label 1..K (index 0 is label 1)."""
+        return sorted(category['id'] for category in self.coco.dataset['categories'])
+
+    @functools.cached_property
+    def _labels(self):
+        return {category_id: label for label, category_id in enumerate(self.category_ids, start=1)}
 
     def _load_image(self, id):
         return load_rgb(os.path.join(self.root, self.coco.loadImgs(id)[0]['file_name']))
 
     def _load_target(self, id):
-        return [annotation for annotation in super()._load_target(id) if not annotation['iscrowd']]
+        return [dict(annotation, category_id=self._labels[annotation['category_id']])
+                for annotation in super()._load_target(id) if not annotation['iscrowd']]
 
 
 def read_coco(annotation_file, image_folder, with_masks):
@@ -82,6 +96,9 @@ def read_coco(annotation_file, image_folder, with_masks):
                                 f"{str(entry)[:80]}")
     image_ids = {image['id'] for image in content['images']}
     category_ids = {category['id'] for category in content['categories']}
+    if len(category_ids) < len(content['categories']):
+        repeated = sorted(id for id in category_ids if dataset.category_ids.count(id) > 1)
+        raise DataError(f"{annotation_file}: 'categories' lists the id {repeated[0]} more than once")
     for annotation in content['annotations']:
         if annotation['image_id'] not in image_ids:
             raise DataError(f"{annotation_file}: annotation {annotation['id']} is of image "
@@ -107,11 +124,6 @@ def check_images_exist(dataset, annotation_file, tolerated):
         raise DataError(f"{len(missing)} images listed in {annotation_file} are missing: "
                         + ', '.join(missing[:FILES_NAMED]) + more, path=missing[0])
     return missing
-
-
-def num_classes_needed(dataset):
-    """Classes a detector needs for this file's categories: the largest id and the background."""
-    return max((category['id'] for category in dataset.coco.dataset['categories']), default=0) + 1
 
 
 def keep_trainable_images(dataset):

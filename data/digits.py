@@ -7,12 +7,18 @@ into 1,437 training and 360 validation images, upsampled to the model's input si
     <root>/digits_<img_size>/train/<class>/<index>.png
     <root>/digits_<img_size>/val/<class>/<index>.png
 
-where <index> is the image's position in `load_digits()`. The folder is built under a temporary
+where <index> is the image's position in `load_digits()`. `write_digit_folder` writes the same
+split for some of the digits only, as a folder of one's own classes (the fine-tuning demo):
+
+    python3 -m data.digits demo_data/digits_5-9 --digits 5 6 7 8 9
+
+The folder is built under a temporary
 name and renamed into place only when every file (and the completion marker) is written, so a
 folder under the final name is always complete; a temporary folder left by an interrupted write is
 discarded and written again. Problems raise `DataError` (one line naming the folder or value),
 which main.py reports as bad input.
 """
+import argparse
 import fcntl
 import json
 import os
@@ -99,17 +105,29 @@ def _write_locked(folder, write):
         raise DataError(f"digits: cannot write the demo data set under {root}: {error}") from None
 
 
-def _write_split_images(folder, img_size):
+def write_digit_folder(folder, digits, img_size=32):
+    """Write `folder`/train and `folder`/val with a class folder of PNGs for each of `digits` (0-9), the
+    scans of the demo's split (`train_val_scans`) at `img_size` pixels, once (as the demo's folder)."""
+    digits = sorted(set(digits))
+    if not digits or not set(digits) <= set(range(10)):
+        raise DataError(f"digits: the classes must be digits 0-9, got {digits}")
+    return build_once(os.path.abspath(folder), lambda partial: _write_split_images(partial, img_size, digits),
+                      is_writer=True)
+
+
+def _write_split_images(folder, img_size, classes=range(10)):
     digits = load_digits()
     train_indices, val_indices = train_val_scans(digits)
+    counts = {}
     for split, split_indices in (('train', train_indices), ('val', val_indices)):
-        for label in np.unique(digits.target):
+        for label in classes:
             os.makedirs(os.path.join(folder, split, str(label)))
-        for index in sorted(split_indices):
+        kept = [index for index in sorted(split_indices) if digits.target[index] in classes]
+        for index in kept:
             image = _upsampled_rgb(digits.images[index], img_size)
             image.save(os.path.join(folder, split, str(digits.target[index]), f'{index}.png'))
-    return {'img_size': img_size, 'train': len(train_indices), 'val': len(val_indices),
-            'split_seed': SPLIT_SEED}
+        counts[split] = len(kept)
+    return dict(img_size=img_size, **counts, split_seed=SPLIT_SEED)
 
 
 def _upsampled_rgb(scan, img_size):
@@ -126,3 +144,16 @@ def _wait_for(folder, timeout, poll_interval):
                 f"digits: waited {timeout:.0f} s for the writer rank to build {folder}; "
                 "is rank 0 running, and does every rank see the same DATA.DATA_PATH?")
         time.sleep(poll_interval)
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description='Write some of the digits as an image folder of PNGs '
+                                                 '(train/ and val/ of class folders).')
+    parser.add_argument('folder')
+    parser.add_argument('--digits', type=int, nargs='+', required=True, help='the classes, e.g. 5 6 7 8 9')
+    parser.add_argument('--img-size', type=int, default=32)
+    arguments = parser.parse_args()
+    try:
+        print(write_digit_folder(arguments.folder, arguments.digits, arguments.img_size))
+    except DataError as error:
+        raise SystemExit(f"error: {error}") from None

@@ -13,7 +13,8 @@ drop_last) and the validation loader (each sample once over all processes), with
   whatever way the run ends. An iterator left to the garbage collector lives on in an error's traceback,
   and at exit the interpreter would wait for its workers, which ignore the SIGTERM it sends them; so
   the workers of every Loader still alive at exit are shut down first (an `atexit` hook, which runs
-  before multiprocessing's own, registered earlier), for any script or test that iterates a Loader.
+  before multiprocessing's own, registered earlier), for any script or test that iterates a Loader, and
+  so are those an iterator collected after a worker's error left waiting.
 """
 import atexit
 import ctypes
@@ -103,6 +104,7 @@ class Loader(DataLoader):
                 signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self._iterators.add(iterator)
         _LIVE_ITERATORS.add(iterator)
+        _WORKERS.update(getattr(iterator, '_workers', ()))
         return iterator
 
     def shut_down(self):
@@ -125,12 +127,19 @@ def _shut_down(iterator):
 
 
 _LIVE_ITERATORS = weakref.WeakSet()
+# Every worker started, until multiprocessing forgets it once joined: an iterator collected after a worker
+# raised (a DataError in `list(loader)`) can leave its workers waiting for work, and they ignore SIGTERM.
+_WORKERS = weakref.WeakSet()
 
 
 @atexit.register
 def _shut_down_live_iterators():
     for iterator in list(_LIVE_ITERATORS):
         _shut_down(iterator)
+    for worker in list(_WORKERS):
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 def _worker_init(worker_id):

@@ -4,22 +4,25 @@ of it: the one path every weight takes.
 segmentation_models_pytorch's `tu-focal_*` encoders, timm's `features_only=True` models and the
 torchvision backbone of `models.detection` all hold one `FocalTransformer`; `find_focal` finds it.
 
-- `load_pretrained(model, location)`: --pretrained and the backbones' `pretrained=`: **read** the file or
+- `load_pretrained(model, location, classes)`: --pretrained and the backbones' `pretrained=`: **read** the file or
   URL (`models.checkpoint.read_checkpoint`: PyTorch weights-only, safetensors or .pdparams, by content),
   **filter** it once for the Focal Transformer inside `model` (`focal_transformer.checkpoint_filter_fn`
   with `adapt=True`: the focal tables follow the model's geometry, a new classifier or neighbour table
   starts fresh, what a backbone has no use for is left out; with `classes`, a classifier of ImageNet
-  synsets takes the checkpoint head's rows of its synsets: models.class_orders), **load** it; returns
-  the TransferReport.
+  synsets takes the checkpoint head's rows of its synsets: models.class_orders, and one of other named
+  classes starts fresh), **load** it; returns the TransferReport.
 - `load_weights(model, contents, source, adapt)`: the same filter and load for contents already read
   (--resume reads the rest of a training checkpoint too); `adapt=False` loads the whole model exactly.
 - `no_weight_decay_names(model)`: the Focal parameters that train without weight decay, in `model`'s
   own parameter names, for `optimizer.parameter_groups(model, weight_decay, skip_names=...)`.
+- `layer_ids(model)`: each parameter's depth for layer-wise learning-rate decay, from the Focal
+  Transformer's own `group_matcher` as timm groups it.
 Every mismatch is one CheckpointError naming the file and the keys.
 """
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
+from timm.models import group_parameters
 from torch import nn
 
 from .checkpoint import read_checkpoint
@@ -41,7 +44,8 @@ def load_pretrained(model: nn.Module, location, classes: Sequence[str] = (), cla
     """Read the checkpoint at `location` (a path or URL) and load it into the Focal Transformer that `model`
     is or holds, adapted to its geometry (see the module docstring); a classifier's rows are picked by
     class where `classes` (the model's) and the head's are ImageNet synsets (`checkpoint_filter_fn`).
-    Returns the TransferReport."""
+    A checkpoint that records other class names (a training checkpoint's 'classes') starts the classifier
+    fresh, even of the same shape: its outputs mean other classes. Returns the TransferReport."""
     location = os.fspath(location)
     return load_weights(model, read_checkpoint(location), location, adapt=True, classes=classes,
                         class_order=class_order)
@@ -74,3 +78,23 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     prefix = f'{prefix}.' if prefix else ''
     return {prefix + name for name, _ in focal.named_parameters()
             if name in names or any(keyword in name for keyword in keywords)}
+
+
+def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """({parameter name: layer}, number of layers) for layer-wise learning-rate decay, names as
+    `model.named_parameters()` gives them.
+
+    The Focal Transformer's parameters are numbered by its `group_matcher` as timm numbers them
+    (`timm.models.group_parameters`: the stem 0, then each block with what runs after it); its classifier
+    head and every parameter outside it (a detector's pyramid and heads, a segmenter's decoder) form the
+    top layer (learning-rate scale 1): timm's place for the head, and ConvNeXt's for every parameter outside
+    the backbone in its detection and segmentation recipes (LearningRateDecayOptimizerConstructor).
+    """
+    prefix, focal = find_focal(model)
+    prefix = f'{prefix}.' if prefix else ''
+    head = {f'head.{name}' for name, _ in focal.head.named_parameters()}
+    trunk = {prefix + name: layer
+             for name, layer in group_parameters(focal, focal.group_matcher(coarse=False), reverse=True).items()
+             if name not in head}
+    top = max(trunk.values()) + 1
+    return {name: trunk.get(name, top) for name, _ in model.named_parameters()}, top + 1

@@ -1,6 +1,9 @@
 """Build the network named by a yacs config (the one place in models/ that reads the config)."""
 import re
 
+from torch import nn
+
+from .backbone import find_focal
 from .focal_transformer import FocalTransformer
 
 # FocalTransformer's keyword arguments and the config key each comes from.
@@ -38,6 +41,20 @@ _ARGUMENT = re.compile(r'\b(' + '|'.join(ARGUMENT_KEYS) + r')\b')
 
 def build_model(config) -> FocalTransformer:
     return FocalTransformer(**focal_arguments(config))
+
+
+def freeze_as_configured(config, model: nn.Module) -> nn.Module:
+    """TRAIN.FREEZE applied to the Focal Transformer that `model` is or holds (`FocalTransformer.freeze`):
+    'none'; 'stages:K', its patch embedding and first K stages; 'linear-probe', all of it, so that only
+    what lies outside it trains: a classifier's head, a detector's pyramid and heads, a segmenter's decoder."""
+    setting = config.TRAIN.FREEZE
+    if setting != 'none':
+        focal = find_focal(model)[1]
+        if setting == 'linear-probe':
+            focal.freeze(len(focal.layers), norm=True)
+        else:
+            focal.freeze(int(setting.split(':')[1]))
+    return model
 
 
 def focal_arguments(config) -> dict:

@@ -37,8 +37,8 @@ class FocalFPN(nn.Module):
     `extra_blocks`: torchvision's extra pyramid levels (LastLevelMaxPool for the R-CNN family,
     LastLevelP6P7 for RetinaNet and FCOS); None adds none.
     `frozen_stages`: -1 trains everything; 0 freezes the patch embedding (and absolute position
-    embedding); k >= 1 also freezes stages 0..k-1 (each with its downsampling). Frozen parts keep
-    `requires_grad=False` and stay in eval mode (no drop path) even when the detector trains.
+    embedding); k >= 1 also freezes stages 0..k-1 (each with its downsampling): `FocalTransformer.freeze`,
+    whose frozen parts keep `requires_grad=False` and stay in eval mode (no drop path) when the detector trains.
     """
 
     def __init__(self, body: nn.Module, returned_stages: Sequence[int] = (0, 1, 2, 3), out_channels: int = 256,
@@ -59,26 +59,11 @@ class FocalFPN(nn.Module):
         body.prune_intermediate_layers(returned_stages, prune_norm=True)
         self.body = body
         self.returned_stages = returned_stages
-        self.frozen_stages = frozen_stages
         widths = [body.feature_info[stage]['num_chs'] for stage in returned_stages]
         self.stage_norms = nn.ModuleList(nn.LayerNorm(width) for width in widths)
         self.fpn = FeaturePyramidNetwork(widths, out_channels, extra_blocks=extra_blocks)
         self.out_channels = out_channels
-        for module in self._frozen_modules():
-            module.requires_grad_(False)
-        if frozen_stages >= 0 and body.ape:
-            body.absolute_pos_embed.requires_grad_(False)
-
-    def _frozen_modules(self) -> list:
-        if self.frozen_stages < 0:
-            return []
-        return [self.body.patch_embed, self.body.pos_drop, *self.body.layers[:self.frozen_stages]]
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        for module in self._frozen_modules():
-            module.eval()
-        return self
+        body.freeze(min(frozen_stages, len(body.layers)))  # a stage pruned away needs no freezing
 
     def forward(self, images: torch.Tensor) -> 'OrderedDict[str, torch.Tensor]':
         maps = self.body.forward_intermediates(images, indices=self.returned_stages, output_fmt='NHWC',

@@ -577,6 +577,7 @@ class FocalTransformer(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+        self.frozen_stages, self.frozen_norm = -1, False  # nothing frozen (`freeze`)
 
     @staticmethod
     def _init_weights(m: nn.Module):
@@ -598,14 +599,43 @@ class FocalTransformer(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        """timm's parameter groups (layer-wise learning-rate decay): the stem, then the blocks in order."""
+        """timm's parameter groups (layer-wise learning-rate decay): the stem, then the blocks in order of
+        depth. A stage's downsampling runs after its blocks and the final norm after the last block: each
+        joins the group before it (timm's MATCH_PREV_GROUP, 99999)."""
         return dict(
             stem=r'^absolute_pos_embed|^patch_embed',
             blocks=r'^layers\.(\d+)' if coarse else [
-                (r'^layers\.(\d+)\.downsample', (0,)),
+                (r'^layers\.(\d+)\.downsample', (99999,)),
                 (r'^layers\.(\d+)\.\w+\.(\d+)', None),
                 (r'^norm', (99999,)),
             ])
+
+    @torch.jit.ignore
+    def freeze(self, stages: int, norm: bool = False) -> 'FocalTransformer':
+        """Stop training the patch embedding (with the absolute position embedding) and the first `stages`
+        stages, each with its downsampling, and with `norm` the final norm too; -1 freezes nothing. Their
+        parameters get requires_grad=False and their modules stay in eval mode (no drop path, no dropout)
+        whenever the model is put in training mode, so that they compute what they were trained to."""
+        if not -1 <= stages <= len(self.layers):
+            raise ValueError(f'frozen stages {stages} must lie in [-1, {len(self.layers)}]')
+        self.frozen_stages, self.frozen_norm = stages, norm
+        for module in self._frozen_modules():
+            module.requires_grad_(False)
+        if stages >= 0 and self.absolute_pos_embed is not None:
+            self.absolute_pos_embed.requires_grad_(False)
+        return self.train(self.training)
+
+    def _frozen_modules(self) -> List[nn.Module]:
+        if self.frozen_stages < 0:
+            return [self.norm] if self.frozen_norm else []
+        return ([self.patch_embed, self.pos_drop, *self.layers[:self.frozen_stages]]
+                + ([self.norm] if self.frozen_norm else []))
+
+    def train(self, mode: bool = True) -> 'FocalTransformer':
+        super().train(mode)
+        for module in self._frozen_modules():
+            module.eval()
+        return self
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
@@ -755,7 +785,8 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module, adapt: bool = False
     `classes`: the names of the model's classes (MODEL.CLASS_NAMES). Where they and the checkpoint head's
     classes are ImageNet synsets (its saved 'classes', `class_order` or its row count: models.class_orders),
     the head's rows are picked by synset, adapt or not (an ImageNet-22K head evaluated or fine-tuned as
-    ImageNet-1K's), recorded as `report.head`.
+    ImageNet-1K's), recorded as `report.head`. Otherwise, with `adapt`, a checkpoint whose saved 'classes'
+    differ from them has its classifier started fresh whatever its shape: its outputs mean other classes.
     """
     unwrapped = model_weights(state_dict, source)
     checkpoint = {key: value for key, value in unwrapped.items()
@@ -768,10 +799,16 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module, adapt: bool = False
                                        expected['head.weight'], expected['head.bias'], classes, class_order, source)
         if report.head is not None:
             checkpoint.update({'head.weight': report.head.weight, 'head.bias': report.head.bias})
+    carried = state_dict.get('classes') if isinstance(state_dict, dict) else None
+    fresh_head = adapt and report.head is None and bool(classes and carried) and list(carried) != list(classes)
     missing, wrong_shape, result = [], [], {}
     for key, fresh in expected.items():
         old = checkpoint.get(key)
-        if old is not None and old.shape == fresh.shape:
+        if fresh_head and key in HEAD:
+            result[key] = fresh.clone()
+            report.add(key, None if old is None else tuple(old.shape), tuple(fresh.shape), 'fresh',
+                       "the checkpoint's classifier is of other classes")
+        elif old is not None and old.shape == fresh.shape:
             result[key] = old
             report.add(key, tuple(old.shape), tuple(fresh.shape), 'copied')
         elif not adapt:

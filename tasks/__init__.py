@@ -39,7 +39,7 @@ reference):
       loop), for MODEL.NUM_CLASSES classes (main.py has recorded the data's). A ValueError is
       reported as an invalid model configuration.
   describe(model) -> str
-      One log line: the model's name and parameter count (and GFLOPs where known).
+      One log line: the model's name and `parameter_count(model)` (and GFLOPs where known).
   no_weight_decay(model) -> (names, keywords)
       Parameter names (and name substrings) trained without weight decay, in `model`'s own
       names (`models.backbone.no_weight_decay_names` for a dense model); 1-D tensors and biases are
@@ -72,6 +72,14 @@ TASKS = {
     'detection': ('tasks.detection', 'Detection'),
     'segmentation': ('tasks.segmentation', 'Segmentation'),
 }
+
+
+def parameter_count(model) -> str:
+    """'<N> M parameters' of `model`, and how many of them train when TRAIN.FREEZE holds some fixed: for a
+    task's `describe`."""
+    total = sum(parameter.numel() for parameter in model.parameters())
+    trained = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    return f"{total / 1e6:.2f} M parameters" + (f" ({trained:,} of them train)" if trained < total else '')
 
 
 def build_task(config):

@@ -10,6 +10,7 @@ from data.build import build_mixup
 from distributed import rank_and_world_size, reduce_sum
 from logger import memory_mb
 from models import build_model
+from tasks import parameter_count
 
 
 class Classification:
@@ -36,9 +37,7 @@ class Classification:
         return build_model(config)
 
     def describe(self, model):
-        n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return (f"model {self.config.MODEL.NAME}: {n_parameters / 1e6:.2f} M parameters, "
-                f"{model.flops() / 1e9:.2f} GFLOPs")
+        return f"model {self.config.MODEL.NAME}: {parameter_count(model)}, {model.flops() / 1e9:.2f} GFLOPs"
 
     def no_weight_decay(self, model):
         return model.no_weight_decay(), model.no_weight_decay_keywords()

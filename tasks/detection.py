@@ -29,14 +29,14 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from data import DataError, dataset_folder
 from data.coco import (check_images_exist, collate_detection_eval, collate_detection_training,
-                       detection_transform, keep_trainable_images, num_classes_needed, read_coco,
-                       wrap_for_transforms)
+                       detection_transform, keep_trainable_images, read_coco, wrap_for_transforms)
 from data.loaders import LoaderSettings, build_loaders
 from distributed import is_distributed, rank_and_world_size
 from logger import memory_mb
 from models.backbone import no_weight_decay_names
 from models.build import focal_arguments
 from models.detection import focal_fpn_backbone
+from tasks import parameter_count
 
 ASPECT_RATIOS = [(0.5, 1.0, 2.0)]  # of every level's anchors, torchvision's
 # (image folder, annotation file) of each split under the COCO 2017 root
@@ -44,17 +44,26 @@ COCO_SPLITS = {'train': ('train2017', os.path.join('annotations', 'instances_tra
                'val': ('val2017', os.path.join('annotations', 'instances_val2017.json'))}
 
 
-def coco_root(config, rank):
-    """The COCO-layout folder: DATA.DATA_PATH, or the digit scenes written on first use."""
+def coco_files(config, rank, splits):
+    """{split: (image folder, annotation file)}: DATA.TRAIN_IMAGES, DATA.TRAIN_ANNOTATIONS and the VAL_
+    ones, each by default COCO 2017's, a relative path taken under DATA.DATA_PATH or, for the demo, under
+    the digit scenes written on first use (COCO's layout)."""
+    given = {split: (config.DATA[f'{split.upper()}_IMAGES'], config.DATA[f'{split.upper()}_ANNOTATIONS'])
+             for split in splits}
     if config.DATA.DATASET == 'digits':
         from data.digit_scenes import ensure_digit_scenes  # only the demo needs scikit-learn
-        folder = ensure_digit_scenes(config.DATA.DATA_PATH,
-                                     config.DATA.IMG_SIZE, is_writer=rank == 0)
-        return os.path.join(folder, 'coco')
-    if config.DATA.DATASET != 'coco':
+        root = os.path.join(ensure_digit_scenes(config.DATA.DATA_PATH, config.DATA.IMG_SIZE,
+                                                is_writer=rank == 0), 'coco')
+    elif config.DATA.DATASET != 'coco':
         raise DataError(f"TASK detection reads DATA.DATASET 'coco' or 'digits', "
                         f"not {config.DATA.DATASET!r}")
-    return dataset_folder(config.DATA.DATA_PATH, 'the COCO 2017 folder')
+    elif all(os.path.isabs(path) for paths in given.values() for path in paths):
+        root = ''
+    else:
+        root = dataset_folder(config.DATA.DATA_PATH, 'the COCO 2017 folder, or absolute DATA.TRAIN_IMAGES, '
+                                                     'DATA.TRAIN_ANNOTATIONS, DATA.VAL_IMAGES, DATA.VAL_ANNOTATIONS')
+    return {split: tuple(os.path.join(root, path or default) for path, default in zip(given[split], COCO_SPLITS[split]))
+            for split in splits}
 
 
 def build_detector(config, num_classes):
@@ -102,21 +111,21 @@ class Detection:
     def __init__(self, config):
         self.config = config
         self.coco_val = None  # pycocotools COCO of the val annotations, the ground truth
+        self.category_ids = None  # each label's category id in that file (label 1 first)
 
     def build_loaders(self, config):
         rank, world_size = rank_and_world_size()
-        root = coco_root(config, rank)
         with_masks = config.MODEL.DETECTION.DETECTOR == 'mask_rcnn'
-        splits = ['val'] if config.EVAL_MODE else ['train', 'val']
+        files = coco_files(config, rank, ['val'] if config.EVAL_MODE else ['train', 'val'])
         datasets = {}
-        for split in splits:
-            folder, annotations = (os.path.join(root, part) for part in COCO_SPLITS[split])
+        for split, (folder, annotations) in files.items():
             datasets[split] = read_coco(annotations, folder, with_masks)
             # a missing validation image always stops; training tolerates DATA.MAX_BAD_SAMPLES
             check_images_exist(datasets[split], annotations,
                                config.DATA.MAX_BAD_SAMPLES if split == 'train' else 0)
-        class_names = self._class_names(config, datasets)
+        class_names = self._class_names(config, datasets, files)
         self.coco_val = datasets['val'].coco
+        self.category_ids = datasets['val'].category_ids
 
         val_set = wrap_for_transforms(datasets['val'], detection_transform(
             False, config.DATA.MIN_SIZES, config.DATA.MAX_SIZE, 0.0), target_keys=('image_id',))
@@ -127,37 +136,36 @@ class Detection:
                 True, config.DATA.MIN_SIZES, config.DATA.MAX_SIZE, config.AUG.HFLIP,
                 config.AUG.DET_CROP_MIN_SIZES, config.AUG.DET_CROP_SIZE_RANGE), target_keys)
             if len(train_set) == 0:
-                raise DataError(f"{os.path.join(root, COCO_SPLITS['train'][1])} has no image with a box "
-                                f"to train on")
+                raise DataError(f"{files['train'][1]} has no image with a box to train on")
         # one image per evaluation forward pass, at its own size
         data_loader_train, data_loader_val = build_loaders(
-            LoaderSettings.from_config(config, rank, world_size), train_set, val_set, root, val_batch_size=1,
+            LoaderSettings.from_config(config, rank, world_size), train_set, val_set, files['val'][0],
+            val_batch_size=1,
             train_collate=collate_detection_training, val_collate=collate_detection_eval)
         return data_loader_train, data_loader_val, class_names
 
     @staticmethod
-    def _class_names(config, datasets):
-        """Each label's name: 'background' at 0, then the category of that id ('' for ids no category has);
-        a set MODEL.NUM_CLASSES must have a class for every category id."""
-        categories = {}
-        for split, dataset in datasets.items():
-            needed = num_classes_needed(dataset)
-            if config.MODEL.NUM_CLASSES and needed > config.MODEL.NUM_CLASSES:
-                annotations = os.path.join(dataset.root, '..', COCO_SPLITS[split][1])
-                raise DataError(f"{os.path.normpath(annotations)} has category id {needed - 1}, "
-                                f"beyond MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES} (ids "
-                                f"1..{config.MODEL.NUM_CLASSES - 1}, 0 the background)")
-            categories.update({category['id']: str(category.get('name', category['id']))
-                               for category in dataset.coco.dataset['categories']})
-        return ['background'] + [categories.get(label, '') for label in range(1, max(categories, default=0) + 1)]
+    def _class_names(config, datasets, files):
+        """Each label's name: 'background' at 0, then the categories in id order (their 'name', or the id);
+        the two files must list the same category ids, and a set MODEL.NUM_CLASSES must hold them all."""
+        if 'train' in datasets and datasets['train'].category_ids != datasets['val'].category_ids:
+            differing = sorted(set(datasets['train'].category_ids) ^ set(datasets['val'].category_ids))
+            raise DataError(f"{files['train'][1]} and {files['val'][1]} list other categories (e.g. id "
+                            f"{differing[0]} in one only): their labels would not match")
+        dataset = datasets['val']
+        if config.MODEL.NUM_CLASSES and len(dataset.category_ids) >= config.MODEL.NUM_CLASSES:
+            raise DataError(f"{files['val'][1]} has {len(dataset.category_ids)} categories, more than "
+                            f"MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES} holds besides the background")
+        names = {category['id']: str(category.get('name', category['id']))
+                 for category in dataset.coco.dataset['categories']}
+        return ['background'] + [names[category_id] for category_id in dataset.category_ids]
 
     def build_model(self, config):
         return build_detector(config, config.MODEL.NUM_CLASSES)
 
     def describe(self, model):
-        n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return (f"model {self.config.MODEL.NAME}: {type(model).__name__} on the Focal FPN, "
-                f"{n_parameters / 1e6:.2f} M parameters, {self.config.MODEL.NUM_CLASSES} classes")
+                f"{parameter_count(model)}, {self.config.MODEL.NUM_CLASSES} classes")
 
     def no_weight_decay(self, model):
         return no_weight_decay_names(model), ()
@@ -179,7 +187,8 @@ class Detection:
             with autocast():
                 outputs = model([image.to(device, non_blocking=True) for image in images])
             for target, output in zip(targets, outputs):
-                for kind, found in coco_results(target['image_id'], output, with_masks).items():
+                for kind, found in coco_results(target['image_id'], output, with_masks,
+                                                self.category_ids).items():
                     results[kind] += found
             batch_time.update(time.time() - end)
             end = time.time()
@@ -192,20 +201,23 @@ class Detection:
         return metrics, metrics['bbox_ap']
 
 
-def coco_results(image_id, output, with_masks):
-    """One image's detections as COCO results: boxes [x, y, w, h], and masks (the detector's
-    probabilities thresholded at 0.5) as RLE."""
-    boxes = output['boxes'].float().cpu()
+def coco_results(image_id, output, with_masks, category_ids):
+    """One image's detections as COCO results of the file's categories (label l is `category_ids[l - 1]`;
+    a label beyond them, of a class MODEL.NUM_CLASSES holds spare, is dropped): boxes [x, y, w, h], and
+    masks (the detector's probabilities thresholded at 0.5) as RLE."""
+    kept = (output['labels'] <= len(category_ids)).cpu()
+    boxes = output['boxes'].float().cpu()[kept]
     boxes[:, 2:] -= boxes[:, :2]
-    scores, labels = output['scores'].float().cpu().tolist(), output['labels'].cpu().tolist()
-    found = {'bbox': [{'image_id': image_id, 'category_id': label, 'bbox': box, 'score': score}
-                      for box, label, score in zip(boxes.tolist(), labels, scores)]}
+    scores = output['scores'].float().cpu()[kept].tolist()
+    categories = [category_ids[label - 1] for label in output['labels'].cpu()[kept].tolist()]
+    found = {'bbox': [{'image_id': image_id, 'category_id': category, 'bbox': box, 'score': score}
+                      for box, category, score in zip(boxes.tolist(), categories, scores)]}
     if with_masks:
-        masks = (output['masks'][:, 0] > 0.5).cpu().numpy().astype(np.uint8)
+        masks = (output['masks'][:, 0] > 0.5).cpu()[kept].numpy().astype(np.uint8)
         rles = coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
-        found['segm'] = [{'image_id': image_id, 'category_id': label, 'score': score,
+        found['segm'] = [{'image_id': image_id, 'category_id': category, 'score': score,
                           'segmentation': {'size': rle['size'], 'counts': rle['counts'].decode()}}
-                         for rle, label, score in zip(rles, labels, scores)]
+                         for rle, category, score in zip(rles, categories, scores)]
     return found
 
 

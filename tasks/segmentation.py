@@ -21,13 +21,14 @@ from timm.utils import AverageMeter
 
 from data import DataError, dataset_folder
 from data.ade20k import (ADE20K_NUM_CLASSES, IGNORE_INDEX, ADE20KSegmentation, eval_transform,
-                         rescaled_size, train_transform)
+                         read_class_names, rescaled_size, train_transform)
 from data.loaders import LoaderSettings, build_loaders
 from distributed import is_distributed, rank_and_world_size, reduce_sum
 from logger import memory_mb
 from models.backbone import no_weight_decay_names
 from models.build import focal_arguments
 from models.segmentation import FocalUPerNet
+from tasks import parameter_count
 
 # Every architecture argument comes from MODEL.FOCAL; the registered name only makes it a timm
 # model, which smp's `tu-` encoders require.
@@ -36,8 +37,8 @@ ENCODER = 'focal_tiny_patch4_window7_224'
 
 def ade20k_root(config, rank):
     """(the ADE20K-layout folder, its class names): the digit scenes, written on first use, with theirs,
-    or DATA.DATA_PATH, whose labels carry no names: MODEL.NUM_CLASSES (ADE20K's 150 when 0) named by
-    their label numbers."""
+    or DATA.DATA_PATH with the names its files give (`data.ade20k.read_class_names`) or, without any,
+    MODEL.NUM_CLASSES (ADE20K's 150 when 0) named by their label numbers."""
     if config.DATA.DATASET == 'digits':
         from data.digit_scenes import ADE_CLASSES, ADE_DIR, ensure_digit_scenes  # scikit-learn
         folder = ensure_digit_scenes(config.DATA.DATA_PATH, config.DATA.IMG_SIZE, is_writer=rank == 0)
@@ -48,7 +49,12 @@ def ade20k_root(config, rank):
     if config.DATA.DATASET != 'ade20k':
         raise DataError(f"TASK segmentation reads DATA.DATASET 'ade20k' or 'digits', not {config.DATA.DATASET!r}")
     root = dataset_folder(config.DATA.DATA_PATH, 'the ADEChallengeData2016 folder')
-    return root, [str(label) for label in range(config.MODEL.NUM_CLASSES or ADE20K_NUM_CLASSES)]
+    names = read_class_names(root)
+    if names is None:
+        return root, [str(label) for label in range(config.MODEL.NUM_CLASSES or ADE20K_NUM_CLASSES)]
+    if config.MODEL.NUM_CLASSES and len(names) > config.MODEL.NUM_CLASSES:
+        raise DataError(f"{root} names {len(names)} classes, more than MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES}")
+    return root, names
 
 
 def build_segmenter(config):
@@ -119,9 +125,8 @@ class Segmentation:
         return model
 
     def describe(self, model):
-        n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return (f"model {self.config.MODEL.NAME}: UPerNet on the Focal encoder, {n_parameters / 1e6:.2f} M "
-                f"parameters, {self.config.MODEL.NUM_CLASSES} classes")
+        return (f"model {self.config.MODEL.NAME}: UPerNet on the Focal encoder, {parameter_count(model)}, "
+                f"{self.config.MODEL.NUM_CLASSES} classes")
 
     def no_weight_decay(self, model):
         return no_weight_decay_names(model), ()

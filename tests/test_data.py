@@ -2,6 +2,8 @@
 sampling, exact validation sharding, transforms, and the errors on bad data."""
 import argparse
 import os
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -15,7 +17,7 @@ from data import DataError, build_loader
 from data.build import build_mixup
 from data.cached_image_folder import CachedImageFolder
 from data.samplers import ResumableDistributedSampler, ShardSampler
-from helpers import zip_dataset
+from helpers import REPO, subprocess_env, zip_dataset
 
 CLASSES = ('cat', 'dog', 'fox')
 RED = (255, 0, 0)
@@ -209,6 +211,32 @@ def test_corrupt_image_error_names_the_file(tmp_path, workers):
         list(loader_val)
     message = str(error.value)
     assert str(bad) in message and '\n' not in message
+
+
+CORRUPT_IMAGE_THEN_EXIT = """
+import argparse, gc, sys
+from config import get_config
+from data import DataError, build_loader
+config = get_config(argparse.Namespace(opts=['DATA.NUM_WORKERS', '2', 'DATA.BATCH_SIZE', '4'], data_path=sys.argv[1]))
+loader = build_loader(config)[1]
+try:
+    list(loader)
+except DataError:
+    pass
+del loader
+gc.collect()
+"""
+
+
+def test_a_script_whose_loader_raised_in_a_worker_exits(tmp_path):
+    """The workers of an iterator collected after a worker's DataError (they ignore SIGTERM) do not keep
+    the interpreter from exiting (its multiprocessing hook waits for every child)."""
+    write_image_folder(tmp_path)
+    (tmp_path / 'val' / 'dog' / '1.png').write_bytes(b'not a png at all')
+    result = subprocess.run([sys.executable, '-c', CORRUPT_IMAGE_THEN_EXIT, str(tmp_path)], cwd=REPO,
+                            env=dict(subprocess_env(tmp_path), PYTHONPATH=REPO), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_truncated_image_in_zip_names_the_member(folder, tmp_path):

@@ -1,7 +1,8 @@
 """Detection through main.py (TASK detection): COCO files read by torchvision's CocoDetection,
 Mask R-CNN on the Focal FPN, COCO AP from pycocotools gathered over every process, AMP and
-TensorBoard, resume after SIGKILL, one-line errors for bad COCO input, the recipes' models at the
-paper's sizes with --pretrained filling their focal windows, and the 3x recipes' random crop."""
+TensorBoard, resume after SIGKILL, COCO files of one's own at any paths with any category ids,
+one-line errors for bad COCO input, the recipes' models at the paper's sizes with --pretrained
+filling their focal windows, and the 3x recipes' random crop."""
 import argparse
 import contextlib
 import io
@@ -25,6 +26,7 @@ from torchvision import tv_tensors
 
 import main
 from config import ConfigError, get_config, with_classes
+from data import DataError
 from data.coco import collate_detection_training, detection_transform
 from lr_scheduler import build_scheduler
 from optimizer import build_optimizer
@@ -80,6 +82,7 @@ PRINT_FREQ: 2
 # The same detector as RetinaNet: without the keys only Mask R-CNN reads, which RetinaNet refuses.
 TINY_RETINANET = re.sub(r'    (BOX_HEAD_WIDTH|MASK_HEAD_LAYERS|ROI_SAMPLES|PROPOSALS): .*\n', '', TINY_DETECTION)
 CATEGORIES = [{'id': 1, 'name': 'disc'}, {'id': 3, 'name': 'square'}]  # ids need not be dense
+LABELS = {1: 1, 3: 2}  # the detector's label of each category id: the categories in id order
 COLOURS = {1: (220, 60, 40), 3: (40, 200, 60)}
 
 
@@ -161,7 +164,8 @@ class KnownDetections(torch.nn.Module):
 
 def test_ap_of_known_detections_is_pycocotools_own(workspace, tmp_path, caplog):
     """The evaluation of set detections (exact, shifted, wrong class, spurious) reports the AP
-    that pycocotools computes from the same detections, box and mask, and its summary table."""
+    that pycocotools computes from the same detections, box and mask, and its summary table: the
+    detector's labels 1 and 2 are the file's category ids 1 and 3."""
     _, data, cfg = workspace
     data = shutil.copytree(data, tmp_path / 'coco')
     gt = COCO(os.path.join(data, 'annotations', 'instances_val2017.json'))
@@ -176,9 +180,9 @@ def test_ap_of_known_detections_is_pycocotools_own(workspace, tmp_path, caplog):
         for n, annotation in enumerate(gt.loadAnns(gt.getAnnIds(imgIds=image_id))):
             x, y, w, h = annotation['bbox']
             shift = [0, 0, 0, 2, 5][(image_id + n) % 5]  # some exact, some off by a few pixels
-            label = annotation['category_id'] if (image_id + n) % 4 else 4 - annotation['category_id']
+            category = annotation['category_id'] if (image_id + n) % 4 else 4 - annotation['category_id']
             boxes.append([x + shift, y, x + w + shift, y + h])
-            labels.append(label)
+            labels.append(LABELS[category])
             scores.append(0.9 - 0.1 * n)
             mask = torch.from_numpy(gt.annToMask(annotation)).float().roll(shift, dims=1)
             masks.append(mask[None])
@@ -193,9 +197,10 @@ def test_ap_of_known_detections_is_pycocotools_own(workspace, tmp_path, caplog):
         for box, label, score, mask in zip(boxes, labels, scores, masks):
             rle = coco_mask.encode(np.asfortranarray((mask[0] > 0.5).numpy().astype(np.uint8)))
             rle['counts'] = rle['counts'].decode()
-            results['bbox'].append({'image_id': image_id, 'category_id': label, 'score': score,
+            category = CATEGORIES[label - 1]['id']
+            results['bbox'].append({'image_id': image_id, 'category_id': category, 'score': score,
                                     'bbox': [box[0], box[1], box[2] - box[0], box[3] - box[1]]})
-            results['segm'].append({'image_id': image_id, 'category_id': label, 'score': score,
+            results['segm'].append({'image_id': image_id, 'category_id': category, 'score': score,
                                     'segmentation': rle})
     expected = {}
     for kind in ('bbox', 'segm'):
@@ -219,6 +224,63 @@ def test_ap_of_known_detections_is_pycocotools_own(workspace, tmp_path, caplog):
     assert metrics['segm_ap'] == pytest.approx(expected['segm'], abs=1e-9)
     assert f" * bbox AP {expected['bbox']:.3f} segm AP {expected['segm']:.3f}" in caplog.text
     assert caplog.text.count('Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all') == 2
+
+
+def test_own_coco_files_at_any_paths_with_any_category_ids(workspace, tmp_path):
+    """COCO files anywhere (DATA.TRAIN_* under DATA.DATA_PATH, DATA.VAL_* absolute elsewhere) with the
+    category ids 7 and 0: the detector learns them as labels 2 and 1 (0 stays the background), the class
+    names are the categories', and detections of the labels reach pycocotools as the file's ids (a
+    perfect answer scores 100). Files that list other categories, or one id twice, are one line."""
+    _, data, cfg = workspace
+    own, elsewhere = tmp_path / 'own', tmp_path / 'elsewhere'
+    shutil.copytree(os.path.join(data, 'train2017'), own / 'pictures')
+    shutil.copytree(os.path.join(data, 'val2017'), elsewhere / 'val')
+    renamed = {1: 7, 3: 0}
+    files = {'train': own / 'labels.json', 'val': elsewhere / 'val.json'}
+    for split, path in files.items():
+        with open(os.path.join(data, 'annotations', f'instances_{split}2017.json')) as f:
+            content = json.load(f)
+        for annotation in content['annotations']:
+            annotation['category_id'] = renamed[annotation['category_id']]
+        content['categories'] = [{'id': 7, 'name': 'disc'}, {'id': 0, 'name': 'square'}]
+        path.write_text(json.dumps(content))
+    opts = ['DATA.TRAIN_IMAGES', 'pictures', 'DATA.TRAIN_ANNOTATIONS', 'labels.json',
+            'DATA.VAL_IMAGES', str(elsewhere / 'val'), 'DATA.VAL_ANNOTATIONS', str(files['val'])]
+    config = load_config(cfg, str(own), *opts)
+    task = Detection(config)
+    train_loader, val_loader, class_names = task.build_loaders(config)
+    assert class_names == ['background', 'square', 'disc']
+    train_loader.sampler.set_epoch(0)
+    labels = {label for _, targets, _ in train_loader for target in targets for label in target['labels'].tolist()}
+    assert labels == {1, 2}
+
+    gt = COCO(str(files['val']))
+    detections = {}
+    for image_id in gt.getImgIds():
+        path = elsewhere / 'val' / gt.loadImgs(image_id)[0]['file_name']
+        pixels = np.array(Image.open(path))
+        pixels[0, 0] = image_id  # for the stand-in to know the image
+        Image.fromarray(pixels).save(path)
+        annotations = gt.loadAnns(gt.getAnnIds(imgIds=image_id))
+        detections[image_id] = {
+            'boxes': torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a['bbox'] for a in annotations)]),
+            'labels': torch.tensor([{0: 1, 7: 2}[a['category_id']] for a in annotations]),
+            'scores': torch.ones(len(annotations)),
+            'masks': torch.stack([torch.from_numpy(gt.annToMask(a)).float()[None] for a in annotations])}
+    metrics, headline = task.evaluate(config, KnownDetections(detections), val_loader, torch.device('cpu'),
+                                      contextlib.nullcontext, logging.getLogger('test_own_coco'))
+    assert headline == pytest.approx(100.0) and metrics['segm_ap'] == pytest.approx(100.0)
+
+    content = json.loads(files['val'].read_text())
+    content['categories'].append({'id': 9, 'name': 'star'})
+    files['val'].write_text(json.dumps(content))
+    with pytest.raises(DataError, match=r"labels\.json and .*val\.json list other categories \(e\.g\. id 9 in "
+                                        r"one only\): their labels would not match$"):
+        task.build_loaders(config)
+    content['categories'][-1]['id'] = 0
+    files['val'].write_text(json.dumps(content))
+    with pytest.raises(DataError, match=r"val\.json: 'categories' lists the id 0 more than once$"):
+        task.build_loaders(config)
 
 
 def test_two_processes_score_what_one_does(workspace):
@@ -323,8 +385,8 @@ def image_missing(root):
     (not_json, [], r"instances_val2017\.json is not COCO JSON: Expecting value: line 1"),
     (not_coco, [], r"instances_train2017\.json: an entry of 'images' has no file_name, height, width"),
     (image_missing, [], r"1 images listed in .*instances_val2017\.json are missing: .*val2017/000004\.png"),
-    (None, ['MODEL.NUM_CLASSES', '3'], r"instances_train2017\.json has category id 3, beyond "
-                                       r"MODEL\.NUM_CLASSES 3"),
+    (None, ['MODEL.NUM_CLASSES', '2'], r"instances_val2017\.json has 2 categories, more than "
+                                       r"MODEL\.NUM_CLASSES 2 holds besides the background"),
 ])
 def test_bad_coco_input_is_one_line_naming_the_file(workspace, tmp_path, capsys, break_it, opts, message):
     _, data, cfg = workspace
@@ -355,7 +417,7 @@ def recipe(detector, size, schedule):
 
 @pytest.mark.parametrize('detector, size', sorted(PAPER_PARAMETERS))
 def test_recipe_models_have_the_papers_parameter_counts(detector, size):
-    """Each 1x recipe builds its detector at the paper's size; torchvision's heads (91 classes,
+    """Each 1x recipe builds its detector at the paper's size; torchvision's heads (81 classes,
     class-specific boxes) differ from mmdetection's by less than a million parameters. The 3x
     recipe builds the same model."""
     config = recipe(detector, size, '1x')

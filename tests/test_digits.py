@@ -1,6 +1,8 @@
-"""The built-in digits demo: the ImageFolder writer, and a short training run that learns."""
+"""The built-in digits demo: the ImageFolder writer (all digits, or some as a folder of one's own), and a
+short training run that learns."""
 import os
 import re
+import runpy
 import signal
 import subprocess
 import sys
@@ -24,6 +26,26 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def image_files(folder):
     return sorted(os.path.join(dirpath, name)
                   for dirpath, _, names in os.walk(folder) for name in names if name.endswith('.png'))
+
+
+@pytest.mark.filterwarnings('ignore:.*found in sys.modules:RuntimeWarning')  # runpy of an imported module
+def test_some_digits_written_as_a_folder_of_ones_own(tmp_path, monkeypatch, capsys):
+    """`python3 -m data.digits FOLDER --digits 5 7` writes those digits' scans of the demo's split, and
+    only those; a class that is no digit is one line."""
+    folder = tmp_path / 'digits_5_7'
+    monkeypatch.setattr(sys, 'argv', ['digits', str(folder), '--digits', '7', '5', '--img-size', '8'])
+    runpy.run_module('data.digits', run_name='__main__')
+    assert capsys.readouterr().out.strip() == str(folder)
+    train_indices, val_indices = data.digits.train_val_scans(load_digits())
+    targets = load_digits().target
+    for split, indices in (('train', train_indices), ('val', val_indices)):
+        written = ImageFolder(str(folder / split))
+        assert written.classes == ['5', '7']
+        expected = sorted(f'{index}.png' for index in indices if targets[index] in (5, 7))
+        assert sorted(os.path.basename(path) for path, _ in written.samples) == expected
+    assert Image.open(written.samples[0][0]).size == (8, 8)
+    with pytest.raises(DataError, match=r'^digits: the classes must be digits 0-9, got \[3, 12\]$'):
+        data.digits.write_digit_folder(str(tmp_path / 'bad'), [12, 3])
 
 
 def test_split_sizes_balance_and_labels(tmp_path):

@@ -1,7 +1,9 @@
 """Semantic segmentation: the ADE20K layout and its augmentation, UPerNet with the auxiliary head,
 mIoU and pixel accuracy (by hand, and exact under torchrun), training under main.py with AMP,
 TensorBoard and the bad-sample policy, preemption and resume on the iteration schedule, the
-recipes' parameter counts and --pretrained into them, and bad input as one line naming the file."""
+recipes' parameter counts and --pretrained into them, an own folder's class names, and bad input as one
+line naming the file."""
+import argparse
 import os
 import re
 import signal
@@ -16,6 +18,7 @@ from torchvision import tv_tensors
 
 import lifecycle
 import main
+from config import get_config, with_classes
 import models  # noqa: F401  (registers the focal models with timm)
 from data import DataError
 from data.ade20k import (IGNORE_INDEX, ADE20KSegmentation, CategoryBalancedCrop, eval_transform, rescaled_size,
@@ -24,7 +27,8 @@ from data.digit_scenes import ADE_CLASSES, draw_scene
 from helpers import (REPO, TIMM_TINY_ARCH, assert_ok, assert_same_training_state, run_main, start_main, stop_when,
                      uninitialised)
 from models.segmentation import FocalUPerNet
-from tasks.segmentation import build_segmenter, confusion_matrix, segmentation_loss, segmentation_scores
+from tasks.segmentation import (Segmentation, build_segmenter, confusion_matrix, segmentation_loss,
+                                segmentation_scores)
 
 NUM_CLASSES = len(ADE_CLASSES)
 
@@ -359,6 +363,40 @@ def test_class_count_that_does_not_fit_is_one_line(tmp_path):
     line = result.stderr.strip()
     assert re.fullmatch(r"error: ADE20K label .*/annotations/validation/ADE_validation_0000000\d\.png holds "
                         r"the value \d+, more than the 5 classes \(1\.\.5; 0 is ignored\)", line), line
+
+
+def test_an_own_folder_names_its_classes(tmp_path):
+    """An ADE20K-style folder of one's own: its class_names.txt gives the class count and names (label value i
+    on line i), ADE20K's own objectInfo150.txt its names; a file that leaves a class unnamed, or names more
+    classes than MODEL.NUM_CLASSES, is one line naming it."""
+    root = tmp_path / 'own'
+    write_ade_folder(root, counts=(('training', 2), ('validation', 1)))
+    cfg = tmp_path / 'tiny.yaml'
+    cfg.write_text(TINY_SEGMENTATION.replace('NUM_CLASSES: 11', 'NUM_CLASSES: 0'))
+
+    def class_names(*opts):
+        config = get_config(argparse.Namespace(cfg=str(cfg), data_path=str(root), opts=list(opts)))
+        task = Segmentation(config)
+        _, loader, names = task.build_loaders(config)
+        loader.shut_down()
+        return with_classes(config, names)
+
+    names = ['sky'] + [f'digit {digit}' for digit in range(10)]
+    (root / 'class_names.txt').write_text('\n'.join(names) + '\n\n')
+    config = class_names()
+    assert config.MODEL.CLASS_NAMES == names and config.MODEL.NUM_CLASSES == 11
+    with pytest.raises(DataError, match=r"names 11 classes, more than MODEL.NUM_CLASSES 10$"):
+        class_names('MODEL.NUM_CLASSES', '10')
+    (root / 'class_names.txt').write_text('sky\n\ndigit 1\n')
+    with pytest.raises(DataError, match=r"class_names\.txt: line 2 names no class \(one name per label value"):
+        class_names()
+
+    os.remove(root / 'class_names.txt')
+    (root / 'objectInfo150.txt').write_text('Idx\tRatio\tTrain\tVal\tName\n1\t0.1576\t11664\t1172\twall\n'
+                                            '2\t0.1072\t6046\t612\tbuilding, edifice\n')
+    assert class_names('MODEL.NUM_CLASSES', '11').MODEL.CLASS_NAMES == ['wall', 'building, edifice']
+    os.remove(root / 'objectInfo150.txt')
+    assert class_names('MODEL.NUM_CLASSES', '11').MODEL.CLASS_NAMES == [str(value) for value in range(11)]
 
 
 # ---------------------------------------------------------------- recipes
