@@ -36,7 +36,8 @@ def detect(model, config, picture, image_id, names, threshold):
     device = next(model.parameters()).device
     output = model([v2.functional.to_dtype(picture.to(device), torch.float32, scale=True)])[0]
     output = {key: value.cpu() for key, value in output.items()}
-    found = coco_results(image_id, dict(output, boxes=output['boxes'].clone()), with_masks)  # it edits the boxes
+    # category ids are the labels here (the JSON's categories list them with their names)
+    found = coco_results(image_id, output, with_masks, range(1, len(names)))
     annotations = found['bbox']
     for annotation, segment_found in zip(annotations, found.get('segm', [])):
         annotation['segmentation'] = segment_found['segmentation']
