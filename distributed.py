@@ -3,11 +3,13 @@
 # Licensed under The MIT License [see LICENSE for details]
 # --------------------------------------------------------
 """The few distributed helpers the training loop and the tasks need: whether this process is one of
-a group and its rank, a name for this start of the group, and a sum over all processes."""
+a group and its rank, a name for this start of the group, a sum over all processes, and rank 0's
+batch-norm statistics on every process."""
 import time
 import uuid
 
 import torch.distributed as dist
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def is_distributed():
@@ -60,3 +62,14 @@ def reduce_sum(tensor):
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def broadcast_batch_norm_statistics(model):
+    """Rank 0's batch-norm statistics (those its checkpoint keeps) on every process. DDP here does
+    not sync buffers, and without SyncBN (on CPUs) each process's statistics differ: an evaluation
+    that splits the images over the processes would depend on their number."""
+    if is_distributed():
+        for module in model.modules():
+            if isinstance(module, _BatchNorm):
+                for buffer in module.buffers():
+                    dist.broadcast(buffer, src=0)

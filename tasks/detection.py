@@ -34,7 +34,7 @@ from data.coco import (check_images_exist, collate_detection_eval, collate_detec
                        detection_transform, keep_trainable_images, num_classes_needed, read_coco,
                        wrap_for_transforms)
 from data.samplers import ResumableDistributedSampler, SeededSamples, ShardSampler
-from distributed import is_distributed, rank_and_world_size
+from distributed import broadcast_batch_norm_statistics, is_distributed, rank_and_world_size
 from logger import memory_mb
 from models.backbone import no_weight_decay_names
 from models.build import focal_arguments
@@ -209,7 +209,7 @@ class Detection:
     @torch.no_grad()
     def evaluate(self, config, model, data_loader, device, autocast, logger):
         model.eval()
-        share_batch_norm_statistics(model)
+        broadcast_batch_norm_statistics(model)  # the cascade's box heads
         with_masks = config.MODEL.DETECTION.DETECTOR in MASK_DETECTORS
         results = {'bbox': [], 'segm': []}
         batch_time, end = AverageMeter(), time.time()
@@ -228,16 +228,6 @@ class Detection:
         metrics = score_on_rank_0({kind: results[kind] for kind in kinds}, self.coco_val, logger)
         logger.info(' * ' + ' '.join(f"{kind} AP {metrics[f'{kind}_ap']:.3f}" for kind in kinds))
         return metrics, metrics['bbox_ap']
-
-
-def share_batch_norm_statistics(model):
-    """Rank 0's batch-norm statistics (those its checkpoint keeps) on every process: without SyncBN
-    (on CPUs) each process's differ, and the detections would depend on the number of processes."""
-    if is_distributed():
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                for buffer in module.buffers():
-                    dist.broadcast(buffer, src=0)
 
 
 def coco_results(image_id, output, with_masks):
