@@ -498,9 +498,7 @@ def _merge_opts(config, opts, sources):
 def _check_values(config):
     """Values that have the right type but cannot work."""
     for full_key, allowed in _CHOICES.items():
-        value = config
-        for part in full_key.split('.'):
-            value = value[part]
+        value = _lookup(config, full_key)
         if value not in allowed:
             raise ConfigError(f"config key '{full_key}' must be one of {list(allowed)}, got {value!r}")
     positive = {
@@ -542,14 +540,21 @@ def _check_values(config):
                           f"use benchmarks/throughput.py")
 
 
+def _lookup(config, full_key):
+    for part in full_key.split('.'):
+        config = config[part]
+    return config
+
+
 def _check_detector_keys(config, sources):
-    """A MODEL.DETECTION key that was set but that the chosen detector does not read (DETECTOR_KEYS)."""
+    """A MODEL.DETECTION key set to other than its default (a dumped config.yaml repeats every
+    default) that the chosen detector does not read (DETECTOR_KEYS)."""
     detector = config.MODEL.DETECTION.DETECTOR
     read = DETECTOR_KEYS[detector]
     for full_key, source in sources.items():
         if not full_key.startswith('MODEL.DETECTION.') or full_key == 'MODEL.DETECTION.DETECTOR':
             continue
-        if full_key.split('.')[2] not in read:
+        if full_key.split('.')[2] not in read and _lookup(config, full_key) != _lookup(_C, full_key):
             raise ConfigError(f"config key '{full_key}' in {source} is not read by MODEL.DETECTION.DETECTOR "
                               f"{detector!r}, which reads {', '.join(read)}")
 
