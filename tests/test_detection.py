@@ -406,7 +406,8 @@ def test_recipe_optimizer_skips_the_focal_no_weight_decay_names():
     assert rates[2:5] == pytest.approx([1e-4, 1e-4, 1e-5]) and rates[5:] == pytest.approx([1e-5, 1e-6])
 
 
-def test_pretrained_classifier_weights_load_into_the_backbone(workspace, tmp_path):
+@pytest.mark.parametrize('detector', sorted(DETECTOR_OPTS))
+def test_pretrained_classifier_weights_load_into_the_backbone(workspace, tmp_path, detector):
     """--pretrained: a released-format classification checkpoint (under 'model', with its head)
     of the backbone's architecture fills the Focal stages exactly; one of another width is
     refused in one line naming the file."""
@@ -414,14 +415,15 @@ def test_pretrained_classifier_weights_load_into_the_backbone(workspace, tmp_pat
     from models.build import focal_arguments
     from models.checkpoint import CheckpointError
     _, data, cfg = workspace
-    config = load_config(cfg, data)
+    config = load_config(cfg, data, *DETECTOR_OPTS[detector])
     arguments = dict(focal_arguments(config), num_classes=7)
     classifier = timm.create_model('focal_tiny_patch4_window7_224', **arguments)
     path = str(tmp_path / 'classifier.pth')
     torch.save({'model': classifier.state_dict()}, path)
-    detector = Detection(config).build_model(config)
-    load_pretrained(load_config(cfg, data, pretrained=path), detector, logging.getLogger('test'))
-    body = detector.backbone.body.state_dict()
+    model = Detection(config).build_model(config)
+    assert config.MODEL.DETECTION.DETECTOR == detector
+    load_pretrained(load_config(cfg, data, *DETECTOR_OPTS[detector], pretrained=path), model, logging.getLogger('test'))
+    body = model.backbone.body.state_dict()
     for key, value in classifier.state_dict().items():
         if key in body:
             assert torch.equal(body[key], value), key
@@ -430,7 +432,8 @@ def test_pretrained_classifier_weights_load_into_the_backbone(workspace, tmp_pat
     torch.save({'model': timm.create_model('focal_tiny_patch4_window7_224',
                                            **dict(arguments, embed_dim=16)).state_dict()}, path)
     with pytest.raises(CheckpointError, match=r'classifier\.pth does not fit the Focal backbone'):
-        load_pretrained(load_config(cfg, data, pretrained=path), detector, logging.getLogger('test'))
+        load_pretrained(load_config(cfg, data, *DETECTOR_OPTS[detector], pretrained=path), model,
+                        logging.getLogger('test'))
 
 
 def test_pretrained_released_classifier_fills_the_recipes_larger_focal_windows(tmp_path, caplog):
