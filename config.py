@@ -10,7 +10,7 @@
 builds; every one is optional (read with ``getattr``), so a partial Namespace works:
 
     cfg, opts, batch_size, data_path, dataset, zip, cache_mode, resume, pretrained,
-    accumulation_steps, use_checkpoint, amp, amp_opt_level, output, tag, eval, throughput
+    accumulation_steps, use_checkpoint, amp, amp_opt_level (legacy), output, tag, eval, throughput
 
 Every problem with the configuration raises ``ConfigError`` with a one-line message naming the
 file, key or value at fault.
@@ -21,7 +21,6 @@ import os
 import yaml
 from yacs.config import CfgNode as CN
 
-from models.focal_transformer import EXPAND_LAYERS, POOL_METHODS
 
 
 class ConfigError(ValueError):
@@ -81,17 +80,18 @@ _C.DATA.SEG_RATIO_RANGE = [0.5, 2.0]
 # Model settings
 # -----------------------------------------------------------------------------
 _C.MODEL = CN()
-# Model type; 'focal' is the only one
-_C.MODEL.TYPE = 'focal'
 # Model name; names the output sub-folder
 _C.MODEL.NAME = 'focal_tiny_patch4_window7_224'
 # Checkpoint to resume training or to evaluate; --resume overrides
 _C.MODEL.RESUME = ''
 # (added, from Swin) weights to start fine-tuning from; --pretrained overrides
 _C.MODEL.PRETRAINED = ''
-# Number of classes. 0 = take it from the dataset (data.build_loader fills it in);
-# the released ImageNet-1K configs set 1000.
+# Number of classes. 0 = as many as the data has (the run records the number it found in its
+# config.yaml); the released ImageNet-1K configs set 1000.
 _C.MODEL.NUM_CLASSES = 0
+# (added) the class names in label order, as the run found them in its data (the class folders, the
+# COCO categories); recorded in config.yaml and in every checkpoint (key 'classes'). Leave it empty.
+_C.MODEL.CLASS_NAMES = []
 # Dropout rate
 _C.MODEL.DROP_RATE = 0.0
 # Stochastic depth (drop path) rate
@@ -194,8 +194,6 @@ _C.MODEL.FOCAL.FOCAL_STAGES = [0, 1, 2, 3]
 _C.MODEL.FOCAL.FOCAL_LEVELS = [1, 1, 1, 1]
 # Focal window per stage: the side, in pooled sub-windows, of the coarse key region (odd)
 _C.MODEL.FOCAL.FOCAL_WINDOWS = [7, 5, 3, 1]
-# Stages whose windows gather neighbour keys (accepted and unused, as in the original)
-_C.MODEL.FOCAL.EXPAND_STAGES = [0, 1, 2, 3]
 # Neighbour ring width per stage
 _C.MODEL.FOCAL.EXPAND_SIZES = [3, 3, 3, 3]
 # Blocks that gather neighbours: 'all', 'even' or 'odd'
@@ -349,9 +347,6 @@ _C.TASK = 'classification'
 _C.AMP_ENABLE = False
 # (added) autocast dtype: 'bf16' or 'fp16' (fp16 uses a gradient scaler)
 _C.AMP_DTYPE = 'bf16'
-# The original's apex level, still accepted: '' = use AMP_ENABLE, 'O0' = off, 'O1'/'O2' = on.
-# --amp-opt-level overrides
-_C.AMP_OPT_LEVEL = ''
 # Output root; runs write to OUTPUT/MODEL.NAME/TAG. --output overrides
 _C.OUTPUT = 'output'
 # Tag of the experiment; --tag overrides
@@ -367,6 +362,29 @@ _C.EVAL_MODE = False
 # Measure throughput only; --throughput sets it
 _C.THROUGHPUT_MODE = False
 
+# -----------------------------------------------------------------------------
+# Legacy: accepted only so that the original repository's YAML files and commands run unchanged.
+# These keys are not in the tree (a dumped config.yaml does not have them); each is checked and its
+# effect applied here: key -> (allowed values or None for any, what it does).
+# -----------------------------------------------------------------------------
+LEGACY_KEYS = {
+    'MODEL.TYPE': (('focal',), "the original's model family switch; this codebase builds only 'focal'"),
+    'MODEL.FOCAL.EXPAND_STAGES': (None, "accepted and unused, as in the original"),
+    'AMP_OPT_LEVEL': (('', 'O0', 'O1', 'O2'), "the original's apex level: when given, 'O0' turns AMP_ENABLE "
+                                              "off and 'O1'/'O2' on, whatever else set it"),
+}
+
+
+def add_legacy_options(parser):
+    """The original's command-line options that main.py still accepts: --amp-opt-level (AMP_OPT_LEVEL
+    above) and --local_rank, which torch.distributed.launch passed and which is ignored (the device comes
+    from the LOCAL_RANK environment variable, which both launchers set)."""
+    parser.add_argument('--amp-opt-level', type=str, choices=['O0', 'O1', 'O2'],
+                        help="legacy: the original's apex level; O0 = AMP off, O1/O2 = on")
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=None,
+                        help='legacy: accepted and ignored, for torch.distributed.launch')
+
+
 # Allowed values of the keys that take one of a few strings.
 _CHOICES = {
     'DATA.DATASET': ('imagenet', 'digits', 'coco', 'ade20k'),
@@ -374,14 +392,10 @@ _CHOICES = {
     'MODEL.DETECTION.DETECTOR': tuple(DETECTOR_KEYS),
     'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic'),
     'DATA.CACHE_MODE': ('no', 'part', 'full'),
-    'MODEL.TYPE': ('focal',),
-    'MODEL.FOCAL.FOCAL_POOL': POOL_METHODS,
-    'MODEL.FOCAL.EXPAND_LAYER': EXPAND_LAYERS,
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep', 'poly'),
     'TRAIN.OPTIMIZER.NAME': ('adamw', 'sgd'),
     'AUG.MIXUP_MODE': ('batch', 'pair', 'elem'),
     'AMP_DTYPE': ('bf16', 'fp16'),
-    'AMP_OPT_LEVEL': ('', 'O0', 'O1', 'O2'),
 }
 
 
@@ -427,9 +441,23 @@ def _same_kind(default, value):
     return value
 
 
-def _set_key(config, full_key, value, source, sources):
-    """Set one dotted key, checking that it exists and that the value has the default's type;
-    `sources` records where each key was last set."""
+class _Merged:
+    """What merging files and options recorded besides the values: where each key was last set, and the
+    legacy keys' values (LEGACY_KEYS), which the tree does not hold."""
+
+    def __init__(self):
+        self.sources = {}
+        self.legacy = {}
+
+
+def _set_key(config, full_key, value, source, merged):
+    """Set one dotted key, checking that it exists and that the value has the default's type."""
+    if full_key in LEGACY_KEYS:
+        allowed = LEGACY_KEYS[full_key][0]
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"config key '{full_key}' in {source} must be one of {list(allowed)}, got {value!r}")
+        merged.legacy[full_key] = value
+        return
     node = config
     *parents, leaf = full_key.split('.')
     for part in parents:
@@ -443,17 +471,17 @@ def _set_key(config, full_key, value, source, sources):
         if not isinstance(value, dict):
             raise ConfigError(f"config key '{full_key}' in {source} is a section; got value {value!r}")
         for key, sub_value in value.items():
-            _set_key(config, f'{full_key}.{key}', sub_value, source, sources)
+            _set_key(config, f'{full_key}.{key}', sub_value, source, merged)
         return
     converted = _same_kind(default, _parse_literal(value, default))
     if converted is _MISMATCH:
         raise ConfigError(f"config key '{full_key}' in {source} expects {type(default).__name__} "
                           f"(default {default!r}), got {value!r}")
     node[leaf] = converted
-    sources[full_key] = source
+    merged.sources[full_key] = source
 
 
-def _merge_yaml_file(config, cfg_file, sources, visiting=()):
+def _merge_yaml_file(config, cfg_file, merged, visiting=()):
     """Merge a YAML file into ``config``: first the files listed in its ``BASE`` (paths relative
     to this file, in order), then its own keys."""
     cfg_file = os.path.abspath(cfg_file)
@@ -481,18 +509,18 @@ def _merge_yaml_file(config, cfg_file, sources, visiting=()):
         bases = [bases]
     for base in bases:
         if base:
-            _merge_yaml_file(config, os.path.join(os.path.dirname(cfg_file), base), sources,
+            _merge_yaml_file(config, os.path.join(os.path.dirname(cfg_file), base), merged,
                              visiting + (cfg_file,))
     for key, value in loaded.items():
-        _set_key(config, str(key), value, cfg_file, sources)
+        _set_key(config, str(key), value, cfg_file, merged)
 
 
-def _merge_opts(config, opts, sources):
+def _merge_opts(config, opts, merged):
     """Merge ``--opts KEY VALUE ...`` pairs."""
     if len(opts) % 2:
         raise ConfigError(f"--opts needs KEY VALUE pairs, got an odd number of items: {' '.join(opts)}")
     for key, value in zip(opts[0::2], opts[1::2]):
-        _set_key(config, key, value, '--opts', sources)
+        _set_key(config, key, value, '--opts', merged)
 
 
 def _check_values(config):
@@ -570,7 +598,7 @@ _FLAG_KEYS = {
     'pretrained': 'MODEL.PRETRAINED',
     'accumulation_steps': 'TRAIN.ACCUMULATION_STEPS',
     'use_checkpoint': 'TRAIN.USE_CHECKPOINT',
-    'amp_opt_level': 'AMP_OPT_LEVEL',
+    'amp_opt_level': 'AMP_OPT_LEVEL',  # legacy
     'output': 'OUTPUT',
     'tag': 'TAG',
     'eval': 'EVAL_MODE',
@@ -582,17 +610,17 @@ def update_config(config, args):
     """Merge ``args.cfg`` (with its BASE files), then ``args.opts``, then the dedicated flags
     (which win over both), check the values, and derive OUTPUT/MODEL.NAME/TAG."""
     config.defrost()
-    sources = {}  # key -> the file or option that set it last
+    merged = _Merged()
     cfg_file = getattr(args, 'cfg', None)
     if cfg_file:
-        _merge_yaml_file(config, cfg_file, sources)
-    _merge_opts(config, list(getattr(args, 'opts', None) or []), sources)
+        _merge_yaml_file(config, cfg_file, merged)
+    _merge_opts(config, list(getattr(args, 'opts', None) or []), merged)
 
     for attribute, key in _FLAG_KEYS.items():
         value = getattr(args, attribute, None)
         # argparse leaves a flag that was not given at None or False (an explicit 0 counts)
         if value is not None and value is not False and value != '':
-            _set_key(config, key, value, '--' + attribute.replace('_', '-'), sources)
+            _set_key(config, key, value, '--' + attribute.replace('_', '-'), merged)
     amp = getattr(args, 'amp', None)
     if amp:
         config.AMP_ENABLE = True
@@ -600,12 +628,23 @@ def update_config(config, args):
             config.AMP_DTYPE = amp
 
     _check_values(config)
-    _check_detector_keys(config, sources)
+    _check_detector_keys(config, merged.sources)
     # the original's apex opt level, when given, decides whether mixed precision is on
-    if config.AMP_OPT_LEVEL:
-        config.AMP_ENABLE = config.AMP_OPT_LEVEL != 'O0'
+    if merged.legacy.get('AMP_OPT_LEVEL'):
+        config.AMP_ENABLE = merged.legacy['AMP_OPT_LEVEL'] != 'O0'
     config.OUTPUT = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
     config.freeze()
+
+
+def with_classes(config, class_names):
+    """A copy of the frozen `config` that records the classes the run found in its data: MODEL.CLASS_NAMES,
+    and MODEL.NUM_CLASSES where it was 0 (a set one may exceed the data's, as the released 1000 do)."""
+    recorded = config.clone()
+    recorded.defrost()
+    recorded.MODEL.CLASS_NAMES = list(class_names)
+    recorded.MODEL.NUM_CLASSES = config.MODEL.NUM_CLASSES or len(class_names)
+    recorded.freeze()
+    return recorded
 
 
 def get_config(args=None):

@@ -2,14 +2,39 @@
 # Focal Transformer: distributed helpers
 # Licensed under The MIT License [see LICENSE for details]
 # --------------------------------------------------------
-"""The few distributed helpers the training loop and the tasks need: whether this process is one of
-a group and its rank, a name for this start of the group, a sum over all processes, and rank 0's
-batch-norm statistics on every process."""
+"""The few distributed helpers the training loop and the tasks need: joining the group torchrun
+started, whether this process is one of a group and its rank, a name for this start of the group,
+a sum over all processes, and rank 0's batch-norm statistics on every process."""
+import os
 import time
 import uuid
 
+import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def init_distributed():
+    """(rank, world size, device, store): one process unless torchrun set RANK and WORLD_SIZE;
+    then a process group on NCCL with one GPU per process, or on gloo on the CPU, and torchrun's
+    key-value store (None for one process): the store itself, outside the process group's
+    namespace for this start of the group, so that what is written there outlives restarts."""
+    cuda = torch.cuda.is_available()
+    if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
+        return 0, 1, torch.device('cuda' if cuda else 'cpu'), None
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    device = torch.device('cuda', local_rank) if cuda else torch.device('cpu')
+    if cuda:
+        torch.cuda.set_device(device)
+    store, rank, world_size = next(dist.rendezvous('env://'))
+    # After `torchrun --max-restarts` restarts the group, the store still holds the dead
+    # attempt's gloo/NCCL addresses under the same keys, and a new rank may connect to a dead
+    # peer; a namespace per start of the group keeps the attempts apart.
+    namespace = round_namespace(dist.PrefixStore('focal_start', store), rank, world_size)
+    dist.init_process_group('nccl' if cuda else 'gloo', rank=rank, world_size=world_size,
+                            store=dist.PrefixStore(namespace, store),
+                            device_id=device if cuda else None)
+    return rank, world_size, device, store
 
 
 def is_distributed():

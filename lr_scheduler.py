@@ -6,6 +6,20 @@
 from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler, StepLRScheduler
 
 
+def scaled_learning_rates(config, world_size):
+    """The frozen `config` with its rates, given for TRAIN.BASE_BATCH_SIZE images per optimizer step,
+    scaled linearly to this run's: batch size x processes x accumulation steps (as the original)."""
+    accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
+    factor = config.DATA.BATCH_SIZE * world_size * accumulation / float(config.TRAIN.BASE_BATCH_SIZE)
+    scaled = config.clone()
+    scaled.defrost()
+    scaled.TRAIN.BASE_LR *= factor
+    scaled.TRAIN.WARMUP_LR *= factor
+    scaled.TRAIN.MIN_LR *= factor
+    scaled.freeze()
+    return scaled
+
+
 def build_scheduler(config, optimizer, n_iter_per_epoch):
     """The schedule named by TRAIN.LR_SCHEDULER.NAME over TRAIN.EPOCHS epochs.
 
@@ -15,7 +29,7 @@ def build_scheduler(config, optimizer, n_iter_per_epoch):
     ``state_dict()`` / restores ``load_state_dict()`` on resume.
 
     TRAIN.WARMUP_LR and TRAIN.MIN_LR are used as they stand in the config (main.py has scaled
-    them by the total batch). 'linear' decays to MIN_LR, which with the default learning rates is
+    them by the total batch: `scaled_learning_rates`). 'linear' decays to MIN_LR, which with the default learning rates is
     the original's floor of 1% of the base rate; 'step' multiplies by DECAY_RATE every
     DECAY_EPOCHS; 'multistep' by DECAY_RATE after each epoch of MILESTONES (the detection
     recipes); 'poly' decays as (1 - t/T) ** POWER to MIN_LR over the whole run, warmup included

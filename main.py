@@ -20,25 +20,7 @@ Everything a run writes goes to OUTPUT/MODEL.NAME/TAG/: config.yaml, log_rank*.t
 tensorboard/, ckpt_epoch_*.pth and ckpt_best.pth. A run started again with the same command
 continues from its newest complete checkpoint (TRAIN.AUTO_RESUME), at the exact batch when
 TRAIN.SAVE_EVERY_STEPS wrote one, and ends with the same weights as a run never interrupted.
-
-Preemption: SIGTERM or SIGUSR1 to the job (every process, data workers included, as SLURM and
-Kubernetes send it; or to torchrun, which forwards SIGTERM) lets the current optimizer step
-finish; all processes agree on that step, rank 0 saves it atomically as ckpt_epoch_E_step_S.pth,
-the log says where, and the run exits with status 75. A signal during evaluation lets it finish
-and saves the epoch; one before the first step saves nothing. Started again, the same command
-resumes there and ends bit-identical to a run never stopped.
-
-Exit status (errors as one `error: ...` line on stderr, from rank 0 alone when every process
-stops for the same reason):
-   0  done
-   1  training failed: non-finite loss
-   2  bad input: config, data, checkpoint, output folder
-  74  a checkpoint could not be written (disk full, I/O error); the complete ones are kept
-  75  preempted by SIGTERM/SIGUSR1 after saving: run the same command again to continue
-Under torchrun, a failure (1, 74) is also left in torchrun's store: the attempts that
---max-restarts starts after it stop at once with the same status instead of training into it
-again. torchrun itself exits with 1 after any failed worker or a signal to itself; its summary
-lists the workers' statuses.
+How a run stops (preemption, errors) and its exit statuses: lifecycle.py.
 """
 import argparse
 import contextlib
@@ -47,51 +29,31 @@ import functools
 import math
 import os
 import random
-import shutil
-import signal
 import sys
 import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from timm.utils import AverageMeter, ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
-from config import ConfigError, get_config
-from data import DataError, UnreadableImages
-from distributed import is_distributed, reduce_sum, round_namespace
+from config import ConfigError, add_legacy_options, get_config, with_classes
+from data import UnreadableImages
+from distributed import init_distributed
+from lifecycle import (BAD_INPUT_ERRORS, EXIT_BAD_INPUT, NonFiniteLossError, RunContext, exit_status,
+                       failures_recorded, output_folder)
 from logger import create_logger, memory_mb, release_log_file
-from lr_scheduler import build_scheduler
-from models.checkpoint import CheckpointError, atomic_write, error_line
+from lr_scheduler import build_scheduler, scaled_learning_rates
+from models.build import name_config_keys
+from models.checkpoint import atomic_write, error_line
 from optimizer import build_optimizer
 from tasks import build_task
-from utils import (BEST_CHECKPOINT, CheckpointWriteError, TrainingState, auto_resume_helper,
-                   load_checkpoint, load_pretrained, parse_checkpoint_name, prune_checkpoints,
-                   save_checkpoint)
+from utils import BEST_CHECKPOINT, TrainingState, checkpoint_to_resume, load_checkpoint, load_pretrained
 
-EXIT_TRAINING_FAILED = 1
-EXIT_BAD_INPUT = 2
-EXIT_CHECKPOINT_WRITE_FAILED = 74  # EX_IOERR of sysexits.h
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL of sysexits.h: temporary failure, run me again
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# torchrun's store key under which a failed attempt leaves its exit status and message
-FAILURE_KEY = 'focal_transformer/training_failed'
 AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 # --throughput: forward passes before timing, then timed forward passes (as the original).
 THROUGHPUT_WARMUP, THROUGHPUT_TIMED = 50, 30
-
-
-class OutputFolderError(Exception):
-    """The output folder cannot be created or written; the message is one line."""
-
-
-BAD_INPUT_ERRORS = (ConfigError, DataError, CheckpointError, OutputFolderError)
-
-
-class NonFiniteLossError(Exception):
-    """The loss (or, without a gradient scaler, the gradient norm) became NaN or infinite."""
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -123,69 +85,15 @@ def parse_option(argv=None):
                         help='gradient checkpointing to save memory')
     parser.add_argument('--amp', nargs='?', const=True, metavar='DTYPE',
                         help='mixed precision (torch.amp); optionally bf16 or fp16 (AMP_DTYPE)')
-    parser.add_argument('--amp-opt-level', type=str, choices=['O0', 'O1', 'O2'],
-                        help="the original's apex level: O0 = off, O1/O2 = mixed precision")
     parser.add_argument('--output', type=str, metavar='PATH',
                         help='root of the output folder: OUTPUT/MODEL.NAME/TAG')
     parser.add_argument('--tag', help='tag of experiment')
     parser.add_argument('--eval', action='store_true', help='evaluate only')
     parser.add_argument('--throughput', action='store_true', help='measure throughput only')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=None,
-                        help='accepted and ignored, for torch.distributed.launch; the device '
-                             'comes from the LOCAL_RANK environment variable')
+    add_legacy_options(parser)
     args = parser.parse_args(argv)
     config = get_config(args)
     return args, config
-
-
-# ---------------------------------------------------------------------------------------------
-# Process setup
-# ---------------------------------------------------------------------------------------------
-def init_distributed():
-    """(rank, world size, device, store): one process unless torchrun set RANK and WORLD_SIZE;
-    then a process group on NCCL with one GPU per process, or on gloo on the CPU, and torchrun's
-    key-value store (None for one process): the store itself, outside the process group's
-    namespace for this start of the group, so that what is written there outlives restarts."""
-    cuda = torch.cuda.is_available()
-    if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:
-        return 0, 1, torch.device('cuda' if cuda else 'cpu'), None
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    device = torch.device('cuda', local_rank) if cuda else torch.device('cpu')
-    if cuda:
-        torch.cuda.set_device(device)
-    store, rank, world_size = next(dist.rendezvous('env://'))
-    # After `torchrun --max-restarts` restarts the group, the store still holds the dead
-    # attempt's gloo/NCCL addresses under the same keys, and a new rank may connect to a dead
-    # peer; a namespace per start of the group keeps the attempts apart.
-    namespace = round_namespace(dist.PrefixStore('focal_start', store), rank, world_size)
-    dist.init_process_group('nccl' if cuda else 'gloo', rank=rank, world_size=world_size,
-                            store=dist.PrefixStore(namespace, store),
-                            device_id=device if cuda else None)
-    return rank, world_size, device, store
-
-
-def scale_learning_rates(config, world_size):
-    """The config's rates are for TRAIN.BASE_BATCH_SIZE images per optimizer step; scale them to
-    ours."""
-    accumulation = max(1, config.TRAIN.ACCUMULATION_STEPS)
-    factor = config.DATA.BATCH_SIZE * world_size * accumulation / float(config.TRAIN.BASE_BATCH_SIZE)
-    config.defrost()
-    config.TRAIN.BASE_LR *= factor
-    config.TRAIN.WARMUP_LR *= factor
-    config.TRAIN.MIN_LR *= factor
-    config.freeze()
-
-
-def prepare_output_dir(path):
-    """Create the run folder and prove it can be written, or raise a one-line OutputFolderError."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f'.write_test.{os.getpid()}')
-        with open(probe, 'w') as f:
-            f.write('ok')
-        os.remove(probe)
-    except OSError as err:
-        raise OutputFolderError(f"output folder {path} cannot be written: {err.strerror or err}") from None
 
 
 def seed_step(seed, epoch, step, rank):
@@ -198,183 +106,37 @@ def seed_step(seed, epoch, step, rank):
     torch.manual_seed(state)
 
 
-# ---------------------------------------------------------------------------------------------
-# Stopping: signals, agreement between processes, failures torchrun must not retry
-# ---------------------------------------------------------------------------------------------
-class StopSignals:
-    """While installed (a context manager), SIGTERM and SIGUSR1 only record that the job was
-    asked to stop (`received`, the first signal's name); the training loop stops at its next
-    optimizer step. Later signals change nothing, so a second one during the save is harmless;
-    once one has come, they stay ignored until the process has exited with EXIT_PREEMPTED."""
-
-    def __init__(self):
-        self.received = None
-        self._previous = {}
-
-    def __enter__(self):
-        for signum in STOP_SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._record)
-        return self
-
-    def __exit__(self, *exc_info):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler if self.received is None else signal.SIG_IGN)
-
-    def _record(self, signum, frame):
-        if self.received is None:
-            self.received = signal.Signals(signum).name
-
-
-def ignore_stop_signals(worker_id, then=None):
-    """DataLoader worker_init_fn: the job's stop signal reaches the workers too (SLURM and
-    Kubernetes signal every process); the main process decides, a worker just goes on. (Forked
-    workers inherit StopSignals' handler, which is harmless there; spawned ones need this.)"""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    if then is not None:
-        then(worker_id)
-
-
-class Preempted(Exception):
-    """The job was asked to stop; the message says what was saved."""
-
-
-class EarlierAttemptFailed(Exception):
-    """A restarted torchrun attempt found that an earlier attempt of the same torchrun failed."""
-
-    def __init__(self, message, exit_status):
-        super().__init__(message)
-        self.exit_status = exit_status
-
-
-def any_process(flags, device):
-    """For each flag, whether it holds on any process: one all-reduce for all of them, so that
-    every process takes the same decision at the same step."""
-    if not is_distributed():
-        return [bool(flag) for flag in flags]
-    counts = reduce_sum(torch.tensor([float(bool(flag)) for flag in flags], device=device))
-    return [count > 0 for count in counts.tolist()]
-
-
-def record_failure(store, rank, exit_status, err):
-    """Leave rank 0's account of the failure in torchrun's store, which outlives the attempt:
-    torchrun restarts the group after any failed worker (--max-restarts), and the restarted
-    attempt stops at once (check_earlier_failure) instead of training into the same failure."""
-    if store is not None and rank == 0:
-        store.set(FAILURE_KEY, f'{exit_status} {err}')
-
-
-def check_earlier_failure(store):
-    if store is not None and store.check([FAILURE_KEY]):
-        exit_status, message = store.get(FAILURE_KEY).decode().split(' ', 1)
-        raise EarlierAttemptFailed(f"an earlier attempt of this torchrun stopped with: {message}; "
-                                   f"not training again", int(exit_status))
-
-
-# ---------------------------------------------------------------------------------------------
-# Main
-# ---------------------------------------------------------------------------------------------
-class RunContext:
-    """What the training loop uses besides the TrainingState (what a checkpoint saves): the
-    task, the models, the process, the logs and the stop signals."""
-
-    def __init__(self, config, logger, device, rank, task, model, ddp_model, train_model,
-                 autocast, writer, stop):
-        self.config, self.logger, self.device, self.rank = config, logger, device, rank
-        self.task = task  # model, data, loss and evaluation of config.TASK
-        self.model = model  # the bare model (clipping, EMA, evaluation)
-        self.ddp_model = ddp_model  # for no_sync() during gradient accumulation; None alone
-        self.train_model = train_model  # what the forward pass runs: DDP and/or compiled
-        self.autocast = autocast
-        self.writer = writer  # TensorBoard, rank 0 only
-        self.stop = stop
-
-    def save(self, state, name=None):
-        """Rank 0 writes `state` (to `name`, default its position's name, then prunes old
-        checkpoints); every process learns whether that worked and raises the same
-        CheckpointWriteError if not. Returns the path."""
-        config, error = self.config, None
-        path = os.path.join(config.OUTPUT, name or state.checkpoint_name())
-        if self.rank == 0:
-            try:
-                save_checkpoint(state, config, self.logger, name)
-                if name is None:
-                    prune_checkpoints(config.OUTPUT, config.TRAIN.KEEP_CHECKPOINTS, self.logger)
-            except CheckpointWriteError as err:
-                error = err
-        if any_process([error is not None], self.device)[0]:
-            raise error or CheckpointWriteError(f"rank 0 could not write a checkpoint in "
-                                                f"{config.OUTPUT}")
-        return path
-
-    def stop_requested(self, *other_flags):
-        """Whether any process received a stop signal, agreed on by all, with `other_flags`
-        agreed on in the same all-reduce."""
-        return any_process([self.stop is not None and self.stop.received is not None,
-                            *other_flags], self.device)
-
-    def preempted(self, state, saved):
-        # from here on this process ignores stop signals too (StopSignals.__exit__)
-        self.stop.received = self.stop.received or 'a signal to another process'
-        where = f"saved {saved}" if saved else "nothing new to save"
-        message = (f"stopped by {self.stop.received} at epoch "
-                   f"{state.epoch} step {state.step}: {where}; run the same command again to "
-                   f"continue (exit status {EXIT_PREEMPTED})")
-        self.logger.warning(message)
-        return Preempted(message)
-
-
 def main(config, stop=None):
-    """Train (or evaluate) as `config` says; `stop` is the StopSignals of a training run."""
+    """Train (or evaluate) as `config` says; `stop` is the StopSignals of a training run. Returns 0,
+    or raises what lifecycle.exit_status turns into the exit status."""
     rank, world_size, device, store = init_distributed()
-    check_earlier_failure(store)
-    try:
-        return build_and_run(config, rank, world_size, device, stop)
-    except NonFiniteLossError as err:
-        record_failure(store, rank, EXIT_TRAINING_FAILED, err)
-        raise
-    except CheckpointWriteError as err:
-        record_failure(store, rank, EXIT_CHECKPOINT_WRITE_FAILED, err)
-        raise
+    with failures_recorded(store, rank):
+        config = scaled_learning_rates(config, world_size)
+        torch.manual_seed(config.SEED)  # the same initial weights on every process
+        if device.type == 'cuda':
+            torch.backends.cudnn.benchmark = True
+        # Validate the data and the model before anything is written.
+        task = build_task(config)
+        data_loader_train, data_loader_val, class_names = task.build_loaders(config)
+        try:
+            config = with_classes(config, class_names)
+            try:
+                model = task.build_model(config)
+            except ValueError as err:
+                raise ConfigError(f"invalid model configuration: {name_config_keys(error_line(err))}") from None
+            with output_folder(config.OUTPUT, rank):
+                # the log file is written once the weights are known to fit (run)
+                logger = create_logger(output_dir=config.OUTPUT, dist_rank=rank, name=config.MODEL.NAME,
+                                       hold_file=True)
+                return run(config, logger, rank, world_size, device, task, model,
+                           data_loader_train, data_loader_val, stop)
+        finally:  # however the run stops, its data workers stop now
+            for loader in (data_loader_train, data_loader_val):
+                if loader is not None:
+                    loader.shut_down()
 
 
-def build_and_run(config, rank, world_size, device, stop):
-    scale_learning_rates(config, world_size)
-    torch.manual_seed(config.SEED)  # the same initial weights on every process
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
-
-    # Validate the data and the model before anything is written.
-    task = build_task(config)
-    data_loader_train, data_loader_val = task.build_loaders(config)
-    if stop is not None:
-        for loader in (data_loader_train, data_loader_val):
-            loader.worker_init_fn = functools.partial(ignore_stop_signals,
-                                                      then=loader.worker_init_fn)
-    try:
-        model = task.build_model(config)
-    except ValueError as err:
-        raise ConfigError(f"invalid model configuration: {err}") from None
-
-    output_existed = os.path.isdir(config.OUTPUT)
-    prepare_output_dir(config.OUTPUT)
-    # the log file is written once the weights are known to fit (run)
-    logger = create_logger(output_dir=config.OUTPUT, dist_rank=rank, name=config.MODEL.NAME,
-                           hold_file=True)
-    try:
-        return run(config, logger, rank, world_size, device, task, model,
-                   data_loader_train, data_loader_val, stop)
-    except BAD_INPUT_ERRORS:
-        # a run stopped by bad input before its first checkpoint leaves no folder behind
-        if rank == 0 and not output_existed and not any(
-                parse_checkpoint_name(name) or name == BEST_CHECKPOINT
-                for name in os.listdir(config.OUTPUT)):
-            shutil.rmtree(config.OUTPUT, ignore_errors=True)
-        raise
-
-
-def run(config, logger, rank, world_size, device, task, model, data_loader_train,
-        data_loader_val, stop):
+def run(config, logger, rank, world_size, device, task, model, data_loader_train, data_loader_val, stop):
     # --- build ---
     logger.info(f"{world_size} process(es) on {device}")
     logger.debug(config.dump())
@@ -399,29 +161,16 @@ def run(config, logger, rank, world_size, device, task, model, data_loader_train
     updates_per_epoch = math.ceil(steps_per_epoch / accumulation) if steps_per_epoch else 1
     lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch)
 
-    # --- resume ---
-    # A restarted training command continues from its own newest checkpoint whatever --resume
-    # says (as the original); an evaluation evaluates the file it was given.
-    evaluating = config.EVAL_MODE or config.THROUGHPUT_MODE
-    if config.TRAIN.AUTO_RESUME and not (evaluating and config.MODEL.RESUME):
-        resume_file = auto_resume_helper(config.OUTPUT, logger)
-        if resume_file:
-            if config.MODEL.RESUME:
-                logger.warning(f"auto-resume changing resume file from {config.MODEL.RESUME} "
-                               f"to {resume_file}")
-            config.defrost()
-            config.MODEL.RESUME = resume_file
-            config.freeze()
-            logger.info(f"auto resuming from {resume_file}")
-        else:
-            logger.info(f"no checkpoint found in {config.OUTPUT}, ignoring auto resume")
-    if config.MODEL.PRETRAINED and not config.MODEL.RESUME:
+    # --- weights: resumed, or pretrained ---
+    resume = checkpoint_to_resume(config, logger)
+    if config.MODEL.PRETRAINED and not resume:
         load_pretrained(config, model, logger)  # into the classifier or the task's backbone
     model_ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
     state = TrainingState(model, optimizer, lr_scheduler, loss_scaler,
-                          UnreadableImages(config.DATA.MAX_BAD_SAMPLES, device), model_ema)
-    if config.MODEL.RESUME:
-        load_checkpoint(config, state, logger, steps_per_epoch)
+                          UnreadableImages(config.DATA.MAX_BAD_SAMPLES, device), config.MODEL.CLASS_NAMES,
+                          model_ema)
+    if resume:
+        load_checkpoint(resume, config, state, logger, steps_per_epoch)
     # The weights fit: from here on the run writes to its folder.
     release_log_file(logger)
     if rank == 0:
@@ -629,37 +378,12 @@ def throughput(data_loader, model, device, autocast, logger):
 
 
 def cli(argv=None):
-    def report(line):  # every process stops for the same reason: say it once
-        if not is_distributed() or dist.get_rank() == 0:
-            print(line, file=sys.stderr)
-
     try:
         _, config = parse_option(argv)
     except BAD_INPUT_ERRORS as err:
         print(f"error: {error_line(err)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    training = not (config.EVAL_MODE or config.THROUGHPUT_MODE)
-    with StopSignals() if training else contextlib.nullcontext() as stop:
-        try:
-            return main(config, stop)
-        except BAD_INPUT_ERRORS as err:
-            print(f"error: {error_line(err)}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except NonFiniteLossError as err:
-            report(f"error: {err}; stopped, the checkpoints saved before it are kept")
-            return EXIT_TRAINING_FAILED
-        except CheckpointWriteError as err:
-            report(f"error: {err}")
-            return EXIT_CHECKPOINT_WRITE_FAILED
-        except EarlierAttemptFailed as err:
-            report(f"error: {err}")
-            return err.exit_status
-        except Preempted as err:
-            report(f"preempted: {err}")
-            return EXIT_PREEMPTED
-        finally:
-            if is_distributed():
-                dist.destroy_process_group()
+    return exit_status(main, config)
 
 
 if __name__ == '__main__':

@@ -24,10 +24,8 @@ import typing
 
 import torch
 
-from models.backbone import load_backbone_checkpoint
-from models.checkpoint import (CheckpointError, atomic_write, check_fits, error_line, model_weights,
-                               read_checkpoint, resolve)
-from models.focal_transformer import checkpoint_filter_fn
+from models import backbone
+from models.checkpoint import CheckpointError, atomic_write, error_line, read_checkpoint, resolve
 
 
 # ckpt_epoch_{E}.pth is written after epoch E; ckpt_epoch_{E}_step_{S}.pth after S batches of it.
@@ -61,24 +59,6 @@ def parse_checkpoint_name(name):
     return CheckpointName(int(match.group(1)), None if match.group(2) is None else int(match.group(2)))
 
 
-# ---------------------------------------------------------------------------------------------
-# Reading
-# ---------------------------------------------------------------------------------------------
-def read_logged(location, logger):
-    """read_checkpoint, the local file a URL was cached as named in the log."""
-    path = resolve(location)
-    if path != location:
-        logger.info(f"{location} is read from {path}")
-    return read_checkpoint(path)
-
-
-def load_model_weights(model, checkpoint, path):
-    """Load the weights of `checkpoint` into `model` strictly, whatever the accepted layout."""
-    state_dict = checkpoint_filter_fn(model_weights(checkpoint, path), model)
-    check_fits(state_dict, model.state_dict(), path)
-    model.load_state_dict(state_dict, strict=True)
-
-
 def is_training_checkpoint(checkpoint):
     return all(key in checkpoint for key in TRAINING_STATE_KEYS)
 
@@ -92,16 +72,17 @@ class TrainingState:
     batches `step` done in it), the best top-1 accuracy so far and the training images found
     unreadable (`unreadable`, a `data.UnreadableImages`, saved as 'bad_samples': their paths, so
     that a resumed run counts on where it stopped). `state_dict()` is what every checkpoint holds,
-    whatever wrote it (a step, the end of an epoch, a stop signal), and `load_state_dict()`
-    restores it.
+    whatever wrote it (a step, the end of an epoch, a stop signal), with the names of the classes in
+    label order ('classes'), and `load_state_dict()` restores it.
 
     On disk the position keeps the original's convention: 'epoch' E with 'step' None is the end
     of epoch E, evaluated; 'step' S is S batches into epoch E (S = the epoch's length: trained,
     not yet evaluated).
     """
 
-    def __init__(self, model, optimizer, lr_scheduler, loss_scaler, unreadable, model_ema=None):
+    def __init__(self, model, optimizer, lr_scheduler, loss_scaler, unreadable, class_names=(), model_ema=None):
         self.model = model
+        self.class_names = list(class_names)
         self.model_ema = model_ema
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -131,23 +112,21 @@ class TrainingState:
             'step': step,
             'max_accuracy': self.max_accuracy,
             'bad_samples': self.unreadable.state_dict(),
+            'classes': self.class_names,
         }
         if self.model_ema is not None:
             state['model_ema'] = self.model_ema.module.state_dict()
         return state
 
     def load_state_dict(self, state_dict, steps_per_epoch=None):
-        """Restore a training checkpoint. One without EMA weights restarts the EMA from the
-        model; a step beyond `steps_per_epoch` (the epoch got shorter) means the epoch's
+        """Restore a training checkpoint but its weights, which `load_checkpoint` has loaded through the
+        one weights path. A step beyond `steps_per_epoch` (the epoch got shorter) means the epoch's
         training is done. The torch objects raise ValueError, KeyError or RuntimeError when the
         checkpoint does not fit them."""
-        self.model.load_state_dict(checkpoint_filter_fn(state_dict['model'], self.model))
         self.optimizer.load_state_dict(state_dict['optimizer'])
         self.lr_scheduler.load_state_dict(state_dict['lr_scheduler'])
         if state_dict.get('scaler'):
             self.loss_scaler.load_state_dict(state_dict['scaler'])
-        if self.model_ema is not None:
-            self.model_ema.module.load_state_dict(state_dict.get('model_ema', self.model.state_dict()))
         epoch, step = state_dict['epoch'], state_dict.get('step')
         if step is None:  # also the original's checkpoints, which have no 'step'
             self.epoch, self.step = epoch + 1, 0
@@ -158,44 +137,77 @@ class TrainingState:
         self.unreadable.load_state_dict(state_dict.get('bad_samples', []))
 
 
-def load_checkpoint(config, state, logger, steps_per_epoch=None):
-    """Resume from `config.MODEL.RESUME`: the model always, and, when the file is one of our
+def checkpoint_to_resume(config, logger):
+    """The checkpoint a run starts from ('' for none): a restarted training command continues from
+    its own newest checkpoint whatever --resume says (as the original), with TRAIN.AUTO_RESUME; an
+    evaluation evaluates the file it was given."""
+    evaluating = config.EVAL_MODE or config.THROUGHPUT_MODE
+    if not config.TRAIN.AUTO_RESUME or (evaluating and config.MODEL.RESUME):
+        return config.MODEL.RESUME
+    resume_file = auto_resume_helper(config.OUTPUT, logger)
+    if not resume_file:
+        logger.info(f"no checkpoint found in {config.OUTPUT}, ignoring auto resume")
+        return config.MODEL.RESUME
+    if config.MODEL.RESUME:
+        logger.warning(f"auto-resume changing resume file from {config.MODEL.RESUME} to {resume_file}")
+    logger.info(f"auto resuming from {resume_file}")
+    return resume_file
+
+
+def load_checkpoint(path, config, state, logger, steps_per_epoch=None):
+    """Resume from the checkpoint at `path`: the model always, and, when the file is one of our
     training checkpoints and we are training, the whole TrainingState. A released or
-    weights-only file just sets the weights (training then starts at epoch 0)."""
-    path = config.MODEL.RESUME
+    weights-only file just sets the weights (training then starts at epoch 0). A training checkpoint
+    of other classes than the data's (another class folder, another order) is refused: its labels
+    would mean other things."""
     logger.info(f"==> Resuming from {path}")
-    checkpoint = read_logged(path, logger)
-    load_model_weights(state.model, checkpoint, path)
+    contents = read_checkpoint(resolve_logged(path, logger))
+    backbone.load_weights(state.model, contents, path, adapt=False)
     if config.EVAL_MODE or config.THROUGHPUT_MODE:
         return
-    if not is_training_checkpoint(checkpoint):
+    if not is_training_checkpoint(contents):
         logger.info(f"{path} holds weights only: training starts at epoch 0")
         return
+    if contents.get('classes') and state.class_names and list(contents['classes']) != state.class_names:
+        differing = [(old, new) for old, new in zip(contents['classes'], state.class_names) if old != new]
+        raise CheckpointError(f"{path} was trained on other classes than the data's: {len(contents['classes'])} "
+                              f"classes against {len(state.class_names)}"
+                              + (f", e.g. {differing[0][0]!r} where the data has {differing[0][1]!r}"
+                                 if differing else ''))
     if state.model_ema is not None:
-        if 'model_ema' in checkpoint:
-            check_fits(checkpoint['model_ema'], state.model_ema.module.state_dict(), path)
+        if 'model_ema' in contents:
+            backbone.load_weights(state.model_ema.module, contents['model_ema'], path, adapt=False)
         else:
+            state.model_ema.module.load_state_dict(state.model.state_dict())
             logger.info(f"{path} has no EMA weights: EMA restarts from the resumed model")
     try:
-        state.load_state_dict(checkpoint, steps_per_epoch)
+        state.load_state_dict(contents, steps_per_epoch)
     except (ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{path}: cannot restore the training state: "
                               f"{error_line(err)}") from None
     logger.info(f"=> resumed {path}: continuing at epoch {state.epoch} step {state.step}, "
-                f"best Acc@1 so far {state.max_accuracy:.3f}")
+                f"best so far {state.max_accuracy:.3f}")
 
 
 def load_pretrained(config, model, logger):
     """--pretrained: the weights of MODEL.PRETRAINED into the Focal Transformer that `model` is (a
-    classifier) or holds (a detector's or segmenter's backbone), adapted by
-    models.pretrained.transfer_weights: copied where they fit, the focal tables resized to a new
-    window or focal window, new tensors (another head, neighbour keys) fresh; logged."""
+    classifier) or holds (a detector's or segmenter's backbone), adapted to its geometry
+    (models.backbone.load_pretrained); what happened to each tensor is logged."""
     path = config.MODEL.PRETRAINED
     logger.info(f"==> Loading pretrained weights from {path}")
-    report = load_backbone_checkpoint(model, read_logged(path, logger), path)
+    report = backbone.load_pretrained(model, resolve_logged(path, logger))
     logger.info(f"=> {path}: {report.summary()}")
     for line in report.details():
         logger.debug(line)
+
+
+def resolve_logged(location, logger):
+    """The local file of a checkpoint location (models.checkpoint.resolve), the file a URL is cached as
+    named in the log."""
+    path = resolve(location)
+    if path != location:
+        logger.info(f"{location} is read from {path}")
+    return path
 
 
 def auto_resume_helper(output_dir, logger=None):

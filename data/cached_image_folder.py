@@ -30,6 +30,19 @@ def read_map_file(map_file):
     return samples
 
 
+def _class_names(samples):
+    """Each label's name in label order: the folder its images sit in inside the zip, as ImageFolder names
+    classes, or the label's number where its images have no folder or several."""
+    folders = {}
+    for path, label in samples:
+        folders.setdefault(label, set()).add(path.split('/', 1)[0] if '/' in path else None)
+    names = []
+    for label in range(max(folders) + 1):
+        found = folders.get(label, {None})
+        names.append(next(iter(found)) if len(found) == 1 and None not in found else str(label))
+    return names
+
+
 class CachedImageFolder(Dataset):
     """Images listed in ``map_file`` and stored in ``zip_path``.
 
@@ -45,7 +58,7 @@ class CachedImageFolder(Dataset):
         self.transform = transform
         self.samples = read_map_file(map_file)
         self.targets = [label for _, label in self.samples]
-        self.num_classes = max(self.targets) + 1
+        self.class_names = _class_names(self.samples)
 
         members = set(ZipReader.archive(zip_path).namelist())
         for path, _ in self.samples:

@@ -36,7 +36,7 @@ from PIL import Image
 from pycocotools import mask as coco_mask
 from sklearn.datasets import load_digits
 
-from .digits import build_once, train_val_scans
+from .digits import DEMO_CACHE, build_once, train_val_scans
 from .image_io import DataError
 
 NUM_SCENES = {'train': 1000, 'val': 200}
@@ -58,14 +58,14 @@ MIN_SIZE = 32
 
 def ensure_digit_scenes(root, size, is_writer, timeout=600.0, poll_interval=0.5):
     """Return the folder `<root>/digit_scenes_<size>` (its `coco/` and `ADEChallengeData2016/`
-    sub-folders hold the two layouts), writing it on first use.
+    sub-folders hold the two layouts; `root` DEMO_CACHE when empty), writing it on first use.
 
     The writer (rank 0) builds the folder if it is missing or incomplete; the other ranks
     (`is_writer=False`) only wait, up to `timeout` seconds, for the writer to finish.
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < MIN_SIZE:
         raise DataError(f"digit scenes: size must be an integer >= {MIN_SIZE}, got {size!r}")
-    folder = os.path.join(os.path.abspath(os.path.expanduser(root)), f'digit_scenes_{size}')
+    folder = os.path.join(os.path.abspath(os.path.expanduser(root or DEMO_CACHE)), f'digit_scenes_{size}')
     return build_once(folder, lambda partial: _write_scenes(partial, size), is_writer,
                       timeout, poll_interval)
 

@@ -26,19 +26,23 @@ from sklearn.model_selection import train_test_split
 
 from .image_io import DataError
 
+# Where the demos write their data when DATA.DATA_PATH is not set.
+DEMO_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'focal_transformer')
 NUM_VAL = 360
 SPLIT_SEED = 0
 COMPLETE_MARKER = 'COMPLETE.json'
 
 
 def ensure_digits_imagefolder(root, img_size, is_writer, timeout=600.0, poll_interval=0.5):
-    """Return the folder holding `train/` and `val/` digits at `img_size`, writing it on first use.
+    """Return the folder holding `train/` and `val/` digits at `img_size` under `root` (DEMO_CACHE/digits
+    when empty), writing it on first use.
 
     The writer (rank 0) builds the folder if it is missing or incomplete; the other ranks
     (`is_writer=False`) only wait, up to `timeout` seconds, for the writer to finish.
     """
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 8:
         raise DataError(f"digits: img_size must be an integer >= 8 (the scans are 8x8), got {img_size!r}")
+    root = root or os.path.join(DEMO_CACHE, 'digits')
     folder = os.path.join(os.path.abspath(os.path.expanduser(root)), f'digits_{img_size}')
     return build_once(folder, lambda partial: _write_split_images(partial, img_size), is_writer,
                       timeout, poll_interval)

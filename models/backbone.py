@@ -1,26 +1,27 @@
-"""A Focal Transformer inside a dense-prediction model that another library built.
+"""Loading weights into a model that is or holds a Focal Transformer, and what the optimizer needs to know
+of it: the one path every weight takes.
 
 segmentation_models_pytorch's `tu-focal_*` encoders, timm's `features_only=True` models and the
-torchvision backbone of `models.detection` all hold one `FocalTransformer`. The two functions here
-find it wherever it sits:
+torchvision backbone of `models.detection` all hold one `FocalTransformer`; `find_focal` finds it.
 
-- `load_backbone_checkpoint(model, checkpoint)` loads a classification checkpoint (any file or URL
-  `models.checkpoint` reads: released, training, .pdparams, safetensors) into it through
-  `models.pretrained.transfer_weights`: the focal tables follow the backbone's geometry (the
-  detection recipes' larger focal windows, the neighbour keys a stage gains at a segmentation
-  crop size), what a backbone has no use for (the classifier, the final norm where the feature
-  wrapper pruned it) is left out, and any other difference is an error naming the keys.
-- `no_weight_decay_names(model)` names, in `model`'s own parameter names, the Focal parameters that
-  train without weight decay (position embedding and relative-position bias tables), for
-  `optimizer.parameter_groups(model, weight_decay, skip_names=...)`.
+- `load_pretrained(model, location)`: --pretrained and the backbones' `pretrained=`: **read** the file or
+  URL (`models.checkpoint.read_checkpoint`: PyTorch weights-only, safetensors or .pdparams, by content),
+  **filter** it once for the Focal Transformer inside `model` (`focal_transformer.checkpoint_filter_fn`
+  with `adapt=True`: the focal tables follow the model's geometry, a new classifier or neighbour table
+  starts fresh, what a backbone has no use for is left out), **load** it; returns the TransferReport.
+- `load_weights(model, contents, source, adapt)`: the same filter and load for contents already read
+  (--resume reads the rest of a training checkpoint too); `adapt=False` loads the whole model exactly.
+- `no_weight_decay_names(model)`: the Focal parameters that train without weight decay, in `model`'s
+  own parameter names, for `optimizer.parameter_groups(model, weight_decay, skip_names=...)`.
+Every mismatch is one CheckpointError naming the file and the keys.
 """
 import os
 
 from torch import nn
 
-from .checkpoint import model_weights, read_checkpoint
-from .focal_transformer import FocalTransformer
-from .pretrained import TransferReport, transfer_weights
+from .checkpoint import read_checkpoint
+from .focal_transformer import FocalTransformer, checkpoint_filter_fn
+from .pretrained import TransferReport
 
 
 def find_focal(model: nn.Module) -> tuple[str, FocalTransformer]:
@@ -33,24 +34,23 @@ def find_focal(model: nn.Module) -> tuple[str, FocalTransformer]:
     return found[0]
 
 
-def load_backbone_checkpoint(model: nn.Module, checkpoint, source: str = 'checkpoint') -> TransferReport:
-    """Load a classification checkpoint into the Focal Transformer inside `model` (or `model` itself).
+def load_pretrained(model: nn.Module, location) -> TransferReport:
+    """Read the checkpoint at `location` (a path or URL) and load it into the Focal Transformer that `model`
+    is or holds, adapted to its geometry (see the module docstring). Returns the TransferReport."""
+    location = os.fspath(location)
+    return load_weights(model, read_checkpoint(location), location, adapt=True)
 
-    `checkpoint`: a file path or URL (read by `models.checkpoint.read_checkpoint`), or what such a
-    file holds (`source` names it in errors): a state dict in the released layout, raw or under
-    'model', DDP / torch.compile prefixes allowed. Tensors are copied, or resized where only the
-    geometry differs (window, focal windows, image size: `models.pretrained`); neighbour tables the
-    checkpoint lacks start fresh, and `head.*` and `norm.*` are left out where the model lacks them.
-    Any other difference raises a CheckpointError (a ValueError) naming the keys. Returns the
-    TransferReport: what was copied, resized, started fresh and left out ('ignored').
-    """
-    if isinstance(checkpoint, (str, os.PathLike)):
-        source = os.fspath(checkpoint)
-        checkpoint = read_checkpoint(source)
-    _, focal = find_focal(model)
-    target = 'this model' if focal is model else 'the Focal backbone'
-    state_dict, report = transfer_weights(model_weights(checkpoint, source), focal, source, target)
-    focal.load_state_dict(state_dict, strict=True)
+
+def load_weights(model: nn.Module, contents, source: str, adapt: bool) -> TransferReport:
+    """Load the weights in `contents` (what a checkpoint file holds; `source` names it in errors): with
+    `adapt`, into the Focal Transformer inside `model`, adapted to its geometry; without, into the whole
+    model, which they must fit exactly."""
+    target, name = model, 'this model'
+    if adapt:
+        target = find_focal(model)[1]
+        name = 'this model' if target is model else 'the Focal backbone'
+    report = TransferReport()
+    target.load_state_dict(checkpoint_filter_fn(contents, target, adapt, source, name, report), strict=True)
     return report
 
 

@@ -1,6 +1,6 @@
-"""Reading, unwrapping, checking and writing checkpoints: the one place every loader goes through
-(main.py's --resume, --pretrained and auto-resume, `models.backbone`, `models.detection`,
-`models.pretrained` and timm's pretrained loading).
+"""Reading and writing checkpoint files: the first step of the one weights path (read here, filter in
+`focal_transformer.checkpoint_filter_fn`, load in `models.backbone`), which main.py's --resume,
+--pretrained and auto-resume, the backbones and timm's pretrained loading all take.
 
 `read_checkpoint(location)` takes a path or an http(s):// or file:// URL (`resolve`) and recognises
 the file by its content:
@@ -17,8 +17,8 @@ No file runs code: nothing is ever unpickled without one of those two restrictio
 checkpoint can be unusable (missing, damaged, refused, of another architecture) raises a
 `CheckpointError` whose message is one line naming the file.
 
-`unwrap_state_dict` finds the model weights in any accepted layout; `check_fits` and
-`key_mismatch` report missing, unexpected and wrong-shape keys; `write_safetensors` converts.
+`unwrap_state_dict` finds the model weights in any accepted layout; `key_mismatch` reports missing,
+unexpected and wrong-shape keys in one line; `write_safetensors` converts.
 """
 import collections
 import hashlib
@@ -332,18 +332,6 @@ def key_mismatch(missing=(), unexpected=(), wrong_shape=()):
     if wrong_shape:
         problems.append(f'wrong shape (checkpoint vs model): {_listed(wrong_shape)}')
     return '; '.join(problems)
-
-
-def check_fits(state_dict, expected, source, target='this model'):
-    """Raise a CheckpointError naming `source`'s missing, unexpected and wrong-shape keys against
-    the state dict `expected` (in the model's order), if any."""
-    wrong_shape = [f'{key} {tuple(state_dict[key].shape)} vs {tuple(value.shape)}'
-                   for key, value in expected.items()
-                   if key in state_dict and state_dict[key].shape != value.shape]
-    report = key_mismatch([key for key in expected if key not in state_dict],
-                          [key for key in state_dict if key not in expected], wrong_shape)
-    if report:
-        raise CheckpointError(f"{source} does not fit {target} (another architecture?): {report}")
 
 
 # ---------------------------------------------------------------------------------------------

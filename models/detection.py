@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 
-from .backbone import find_focal, load_backbone_checkpoint, no_weight_decay_names
+from .backbone import find_focal, load_pretrained, no_weight_decay_names
 
 __all__ = ['FocalFPN', 'focal_fpn_backbone']
 
@@ -103,12 +103,12 @@ def focal_fpn_backbone(model_name: str = 'focal_tiny_patch4_window7_224', pretra
 
     `pretrained`: path or URL of a classification checkpoint (released, training, .pdparams or
     safetensors), loaded into the stages with the focal tables fitted to their geometry
-    (`models.backbone.load_backbone_checkpoint`). `drop_path_rate` and `model_kwargs` (any
+    (`models.backbone.load_pretrained`). `drop_path_rate` and `model_kwargs` (any
     architecture argument of FocalTransformer, e.g. `focal_windows`) go to `timm.create_model`.
     """
     body = timm.create_model(model_name, num_classes=0, drop_path_rate=drop_path_rate, **model_kwargs)
     if pretrained is not None:
-        load_backbone_checkpoint(body, pretrained)
+        load_pretrained(body, pretrained)
     if extra_blocks is None:
         extra_blocks = LastLevelMaxPool()
     return FocalFPN(body, returned_stages, out_channels, extra_blocks, frozen_stages)

@@ -15,6 +15,7 @@ of `attention_tables` say which rows each window's queries and key slots read, a
 `window_attention` attends them.
 """
 import dataclasses
+import functools
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -28,10 +29,11 @@ from timm.models import (build_model_with_cfg, generate_default_cfgs, register_m
 from timm.models._features import feature_take_indices
 
 from .attention_tables import block_attention_tables, neighbour_key_positions, relative_position_index
-from .checkpoint import read_checkpoint, unwrap_state_dict
+from .checkpoint import CheckpointError, key_mismatch, model_weights, read_checkpoint
+from .pretrained import GeometryMismatch, TransferReport, adapt_tensor, missing_tensor_note, surplus_tensor_note
 from .window_attention import window_attention
 
-__all__ = ['FocalTransformer', 'checkpoint_filter_fn', 'POOL_METHODS', 'EXPAND_LAYERS']
+__all__ = ['FocalTransformer', 'checkpoint_filter_fn']
 
 POOL_METHODS = ('none', 'fc', 'conv', 'mean', 'max')
 EXPAND_LAYERS = ('all', 'even', 'odd')
@@ -447,7 +449,6 @@ class FocalTransformer(nn.Module):
     the stem, Conv2d(7, stride 4, padding 2), gives (H + 1) // 4 and each downsampling, Conv2d(3,
     stride 2, padding 1), halves rounding up (233 px: 58, 29, 15, 8); the reference runs no odd map
     there, so those sizes are this codebase's. `global_pool` is timm's: 'avg' or ''.
-    `expand_stages` is accepted for the reference's configs and unused, as in the reference.
 
     timm's conventions: forward_features gives (B, H, W, C) maps (`output_fmt` 'NHWC'),
     forward_intermediates/features_only the stage maps, torch.fx, TorchScript and torch.export work.
@@ -468,7 +469,7 @@ class FocalTransformer(nn.Module):
                  patch_norm: bool = True, use_checkpoint: bool = False, use_shift: bool = False,
                  focal_stages: Sequence[int] = (0, 1, 2, 3), focal_levels: Sequence[int] = (1, 1, 1, 1),
                  focal_windows: Sequence[int] = (7, 5, 3, 1), focal_pool: str = 'fc',
-                 expand_stages: Sequence[int] = (0, 1, 2, 3), expand_sizes: Sequence[int] = (3, 3, 3, 3),
+                 expand_sizes: Sequence[int] = (3, 3, 3, 3),
                  expand_layer: str = 'all', use_conv_embed: bool = False, use_layerscale: bool = False,
                  layerscale_value: float = 1e-4, use_pre_norm: bool = False, strict_img_size: bool = False,
                  global_pool: str = 'avg', **kwargs):
@@ -718,37 +719,82 @@ class FocalTransformer(nn.Module):
         return flops
 
 
-def checkpoint_filter_fn(state_dict: dict, model: FocalTransformer) -> dict:
-    """Adapt a checkpoint (raw, under 'model', DDP names: see unwrap_state_dict) to
-    `model.load_state_dict(strict=True)`.
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module, adapt: bool = False, source: str = 'the checkpoint',
+                         target: str = 'this model', report: Optional[TransferReport] = None) -> dict:
+    """The state dict that `model.load_state_dict(strict=True)` takes from a checkpoint's contents: the one
+    filter between every reader (models.checkpoint.read_checkpoint) and every model.
 
-    The reference stores integer tables it derives from the configuration and the shift mask; this
-    model derives its own, so they are dropped. Parameters pass through untouched: a missing,
-    unexpected or wrong-shape parameter still fails the strict load, which names the key.
+    `state_dict`: a state dict, raw or under 'model' (the original's layout and ours), with the names of a
+    DDP or compiled model allowed. The reference's integer index buffers, which this model derives
+    instead, are dropped. With `adapt` False (resuming, evaluating, timm's pretrained_cfg) every other
+    tensor must fit `model`, any model, exactly. With `adapt` True (--pretrained, backbones) `model` is a
+    FocalTransformer that may differ in image size, window, focal windows, neighbour keys or classes, and
+    each of its tensors is copied, resized where only the geometry differs, or started fresh
+    (models.pretrained), each recorded in `report`. Anything else that does not fit is a CheckpointError
+    naming `source`, `target` and the keys.
     """
-    out = {}
-    for key, value in unwrap_state_dict(state_dict).items():
-        leaf = key.rsplit('.', 1)[-1]
-        if leaf.startswith(REFERENCE_BUFFER_PREFIXES) or leaf == 'attn_mask':
+    unwrapped = model_weights(state_dict, source)
+    checkpoint = {key: value for key, value in unwrapped.items()
+                  if not key.rsplit('.', 1)[-1].startswith(REFERENCE_BUFFER_PREFIXES + ('attn_mask',))}
+    report = report if report is not None else TransferReport()
+    report.dropped_buffers = len(unwrapped) - len(checkpoint)
+    expected = model.state_dict()
+    missing, wrong_shape, result = [], [], {}
+    for key, fresh in expected.items():
+        old = checkpoint.get(key)
+        if old is not None and old.shape == fresh.shape:
+            result[key] = old
+            report.add(key, tuple(old.shape), tuple(fresh.shape), 'copied')
+        elif not adapt:
+            if old is None:
+                missing.append(key)
+            else:
+                wrong_shape.append(f'{key} {tuple(old.shape)} vs {tuple(fresh.shape)}')
+        elif old is None:
+            why = missing_tensor_note(key)
+            if why is None:
+                missing.append(key)
+            else:
+                result[key] = fresh.clone()
+                report.add(key, None, tuple(fresh.shape), 'fresh', why)
+        else:
+            try:  # on the CPU: the model may already sit on a GPU, the checkpoint not
+                result[key], action, note = adapt_tensor(key, old.cpu(), fresh.cpu())
+            except GeometryMismatch as mismatch:
+                wrong_shape.append(f'{key} {tuple(old.shape)} vs {tuple(fresh.shape)}{mismatch.why}')
+                continue
+            report.add(key, tuple(old.shape), tuple(fresh.shape), action, note)
+    unexpected = []
+    for key, old in checkpoint.items():
+        if key in expected:
             continue
-        out[key] = value
-    return out
+        why = surplus_tensor_note(key) if adapt else None
+        if why is None:
+            unexpected.append(key)
+        else:
+            report.add(key, tuple(old.shape), None, 'ignored', why)
+    mismatch = key_mismatch(missing, unexpected, wrong_shape)
+    if mismatch:
+        raise CheckpointError(f'{source} does not fit {target} (another architecture?): {mismatch}')
+    return result
 
 
 def _create_focal(variant: str, pretrained: bool = False, **kwargs) -> FocalTransformer:
+    filter_fn = checkpoint_filter_fn
     if pretrained:
         # timm would read the file or URL with torch.load; models.checkpoint reads it instead (every format
-        # it accepts, nothing unpickled unrestricted, a cache entry per URL) and timm is given the weights.
+        # it accepts, nothing unpickled unrestricted, a cache entry per URL), and timm is given its contents,
+        # which the filter adapts to the model asked for (another size, window or number of classes).
         pretrained_cfg = resolve_pretrained_cfg(variant, kwargs.pop('pretrained_cfg', None),
                                                 kwargs.pop('pretrained_cfg_overlay', None))
         location = pretrained_cfg.file or pretrained_cfg.url
         if pretrained_cfg.state_dict is None and location:
-            weights = unwrap_state_dict(read_checkpoint(location))
-            pretrained_cfg = dataclasses.replace(pretrained_cfg, state_dict=weights)
+            pretrained_cfg = dataclasses.replace(pretrained_cfg, state_dict=read_checkpoint(location))
         kwargs['pretrained_cfg'] = pretrained_cfg
+        filter_fn = functools.partial(checkpoint_filter_fn, adapt=True, source=location or variant)
     model = build_model_with_cfg(
         FocalTransformer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=filter_fn,
         feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
         **kwargs)
     for built in (model, getattr(model, 'model', None)):  # a feature wrapper holds the network as .model

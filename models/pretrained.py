@@ -1,13 +1,10 @@
-"""Carry a checkpoint's weights into a freshly built Focal Transformer: fine-tuning, and the
-backbone of a detector or segmenter (`models.backbone.load_backbone_checkpoint`).
+"""Carry a checkpoint's weights into a Focal Transformer of another geometry: what
+`focal_transformer.checkpoint_filter_fn(..., adapt=True)` does for fine-tuning (--pretrained) and for the
+backbone of a detector or segmenter, which may differ from the checkpoint's model in image size, window
+size, focal windows, expand sizes or number of classes. For each model tensor the filter
 
-`transfer_weights(state_dict, model)` maps every tensor of a checkpoint (a released file with
-the reference's index buffers, a `{'model': ...}` dict or one of our training checkpoints)
-onto the model, which may differ in image size, window size, focal windows, expand sizes or
-number of classes. Each model tensor is
-
-- copied when the checkpoint holds it with the same shape;
-- resized when only the geometry changed:
+- copies it when the checkpoint holds it with the same shape;
+- resizes it where only the geometry changed (`adapt_tensor`):
   * `relative_position_bias_table` ((2ws-1)^2, nH) and `relative_position_bias_table_to_windows.k`
     (nH, S^2): per head, a 2-D grid resized by bicubic interpolation (align_corners=False, as
     Swin resizes its table). Odd sides map centre sample onto centre sample, and the
@@ -19,14 +16,13 @@ number of classes. Each model tensor is
     query and neighbour slot. Each new (query, slot) pair takes the mean of all old pairs with the
     same relative offset key - query; offsets the old geometry never had start fresh;
   * `absolute_pos_embed` (1, H*W, C): the token grid resized bicubically;
-- fresh (the model's own initialisation, as training from scratch) for a classifier with another
-  number of classes and for a neighbour table the checkpoint lacks (at a higher resolution a stage
-  whose map exceeds the window gains neighbour keys).
+- starts it fresh (the model's own initialisation, as training from scratch) for a classifier with
+  another number of classes and for a neighbour table the checkpoint lacks (at a higher resolution a
+  stage whose map exceeds the window gains neighbour keys): `missing_tensor_note`.
 
 Checkpoint tensors the model lacks are ignored when they are a neighbour table (the block has no
-neighbour keys at the new geometry), the classifier or the final norm (a backbone has neither);
-the reference's integer index buffers are dropped. Anything else that does not fit is a different
-architecture: a CheckpointError names the keys.
+neighbour keys at the new geometry), the classifier or the final norm (a backbone has neither):
+`surplus_tensor_note`. `TransferReport` records what happened to each tensor, for the log.
 """
 import functools
 import math
@@ -37,8 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from .attention_tables import neighbour_key_positions
-from .checkpoint import CheckpointError, key_mismatch, unwrap_state_dict
-from .focal_transformer import checkpoint_filter_fn
 
 RELATIVE_TABLE = re.compile(r'\.attn\.relative_position_bias_table$')
 WINDOWS_TABLE = re.compile(r'\.attn\.relative_position_bias_table_to_windows\.\d+$')
@@ -99,79 +93,45 @@ class TransferReport:
         return lines
 
 
-def transfer_weights(state_dict, model, source='the checkpoint', target='this model'):
-    """Adapt `state_dict` (raw, `{'model': ...}`, released layout or ours) to `model`.
-
-    Returns (state dict that `model.load_state_dict(..., strict=True)` accepts, TransferReport).
-    Tensors that start fresh are clones of the model's current (freshly initialised) ones.
-    Raises a CheckpointError naming `source`, `target` and the keys when the checkpoint is of
-    another architecture.
-    """
-    unwrapped = unwrap_state_dict(state_dict)
-    checkpoint = checkpoint_filter_fn(unwrapped, model)  # drops the reference's index buffers
-    expected = model.state_dict()
-    report = TransferReport()
-    report.dropped_buffers = len(unwrapped) - len(checkpoint)
-    missing, unexpected, wrong_shape = [], [], []
-    result = {}
-
-    for key, fresh in expected.items():
-        old = checkpoint.get(key)
-        if old is None:
-            if NEIGHBOURS_TABLE.search(key) or key in HEAD:
-                result[key] = fresh.clone()
-                why = 'no classifier' if key in HEAD else 'no neighbour keys in this block'
-                report.add(key, None, tuple(fresh.shape), 'fresh', f'the checkpoint has {why}')
-            else:
-                missing.append(key)
-            continue
-        if old.shape == fresh.shape:
-            result[key] = old
-            report.add(key, tuple(old.shape), tuple(fresh.shape), 'copied')
-            continue
-        try:  # on the CPU: the model may already sit on a GPU, the checkpoint not
-            result[key], action, note = _adapt(key, old.cpu(), fresh.cpu())
-        except _Mismatch as mismatch:
-            wrong_shape.append(f'{key} {tuple(old.shape)} vs {tuple(fresh.shape)}{mismatch.why}')
-            continue
-        report.add(key, tuple(old.shape), tuple(fresh.shape), action, note)
-
-    for key, old in checkpoint.items():
-        if key in expected:
-            continue
-        if NEIGHBOURS_TABLE.search(key):
-            report.add(key, tuple(old.shape), None, 'ignored',
-                       'the model block has no neighbour keys')
-        elif key in CLASSIFIER_ONLY:
-            report.add(key, tuple(old.shape), None, 'ignored', CLASSIFIER_ONLY[key])
-        else:
-            unexpected.append(key)
-
-    report_line = key_mismatch(missing, unexpected, wrong_shape)
-    if report_line:
-        raise CheckpointError(f'{source} does not fit {target} (another architecture?): {report_line}')
-    return result, report
+def missing_tensor_note(key):
+    """Why a model tensor the checkpoint lacks may start fresh, or None when that means another
+    architecture."""
+    if key in HEAD:
+        return 'the checkpoint has no classifier'
+    if NEIGHBOURS_TABLE.search(key):
+        return 'the checkpoint has no neighbour keys in this block'
+    return None
 
 
-class _Mismatch(Exception):
+def surplus_tensor_note(key):
+    """Why a checkpoint tensor the model lacks may be left out, or None when that means another
+    architecture."""
+    if NEIGHBOURS_TABLE.search(key):
+        return 'the model block has no neighbour keys'
+    return CLASSIFIER_ONLY.get(key)
+
+
+class GeometryMismatch(Exception):
+    """A tensor whose shape differs in more than the geometry; `why` says how, for the mismatch report."""
+
     def __init__(self, why=''):
         super().__init__(why)
         self.why = f' ({why})' if why else ''
 
 
-def _adapt(key, old, fresh):
+def adapt_tensor(key, old, fresh):
     """(tensor, action, note) for a checkpoint tensor whose shape differs from the model's."""
     if key in HEAD:
         if old.shape[1:] != fresh.shape[1:]:
-            raise _Mismatch('different feature width')
+            raise GeometryMismatch('different feature width')
         return fresh.clone(), 'fresh', f'{old.shape[0]} classes in the checkpoint, {fresh.shape[0]} in the model'
     if RELATIVE_TABLE.search(key):
         if old.shape[1] != fresh.shape[1]:
-            raise _Mismatch('different number of heads')
+            raise GeometryMismatch('different number of heads')
         return _resize_grid_columns(old, fresh.shape[0], fresh.dtype)
     if WINDOWS_TABLE.search(key):
         if old.shape[0] != fresh.shape[0]:
-            raise _Mismatch('different number of heads')
+            raise GeometryMismatch('different number of heads')
         resized, action, note = _resize_grid_columns(old.t(), fresh.shape[1], fresh.dtype)
         return resized.t().contiguous(), action, note
     if POOL_WEIGHT.search(key):
@@ -180,10 +140,10 @@ def _adapt(key, old, fresh):
         return _map_neighbour_table(old, fresh)
     if key == 'absolute_pos_embed':
         if old.shape[0] != 1 or old.shape[2] != fresh.shape[2]:
-            raise _Mismatch('different embedding width')
+            raise GeometryMismatch('different embedding width')
         resized, action, note = _resize_grid_columns(old[0], fresh.shape[1], fresh.dtype)
         return resized[None], action, note
-    raise _Mismatch()
+    raise GeometryMismatch()
 
 
 def _resize_grid_columns(table, new_size, dtype):
@@ -203,7 +163,7 @@ def _resize_pool_weight(old, fresh):
         old_side, new_side = old.shape[2], fresh.shape[2]
         kernels = old.reshape(-1, old_side, old_side)
     else:
-        raise _Mismatch('not the same pooling layer')
+        raise GeometryMismatch('not the same pooling layer')
     old_sums = kernels.double().sum(dim=(1, 2), keepdim=True)
     resized = _resize_grids(kernels, new_side) * (old_side / new_side) ** 2
     resized += (old_sums - resized.sum(dim=(1, 2), keepdim=True)) / new_side ** 2
@@ -213,7 +173,7 @@ def _resize_pool_weight(old, fresh):
 
 def _map_neighbour_table(old, fresh):
     if old.dim() != 4 or fresh.dim() != 4 or old.shape[:2] != fresh.shape[:2]:
-        raise _Mismatch('different number of heads')
+        raise GeometryMismatch('different number of heads')
     old_window, old_expand = _neighbour_geometry(old.shape)
     new_window, new_expand = _neighbour_geometry(fresh.shape)
     reach = max(old_window + old_expand, new_window + new_expand)
@@ -241,7 +201,7 @@ def _neighbour_geometry(shape):
     for expand in range(1, window + 1):
         if 4 * window ** 2 - 4 * (window - expand) ** 2 == shape[3]:
             return window, expand
-    raise _Mismatch(f'{shape[3]} neighbour slots fit no expand size for window {window}')
+    raise GeometryMismatch(f'{shape[3]} neighbour slots fit no expand size for window {window}')
 
 
 @functools.lru_cache(maxsize=None)
@@ -263,7 +223,7 @@ def _resize_grids(grids, side):
 def _square_side(size):
     side = math.isqrt(size)
     if side * side != size:
-        raise _Mismatch('not a square grid')
+        raise GeometryMismatch('not a square grid')
     return side
 
 

@@ -5,7 +5,8 @@ share (processes, seeding, AMP, the optimizer and schedule, DDP, checkpoints and
 stop signals, the bad-sample count, TensorBoard, exit statuses); a task owns what differs:
 
     task = build_task(config)
-    data_loader_train, data_loader_val = task.build_loaders(config)
+    data_loader_train, data_loader_val, class_names = task.build_loaders(config)
+    config = with_classes(config, class_names)   # config.py: the classes recorded, visibly
     model = task.build_model(config)
     ...
     loss = task.training_loss(train_model, samples, targets, device)   # under autocast
@@ -17,14 +18,17 @@ reference):
   HEADLINE: str
       Name of the metric that decides ckpt_best.pth, e.g. 'Acc@1', 'bbox AP', 'mIoU'. Its best
       value so far is the TrainingState's `max_accuracy` (the checkpoint key keeps that name).
-  build_loaders(config) -> (data_loader_train, data_loader_val)
+  build_loaders(config) -> (data_loader_train, data_loader_val, class_names)
       Reads and checks the data before anything is written: every problem is a one-line
-      `data.DataError` naming the file and what is wrong. May fill MODEL.NUM_CLASSES (defrost,
-      set, freeze). data_loader_train is None under EVAL_MODE. The training loader
+      `data.DataError` naming the file and what is wrong; leaves the config as it is.
+      `class_names`: the names of the data's classes in label order (their number is the number
+      of classes the data needs); a set MODEL.NUM_CLASSES smaller than that is a DataError.
+      The loaders come from `data.loaders.build_loaders` (one assembly for every task);
+      data_loader_train is None under EVAL_MODE. The training loader
         * draws with `data.samplers.ResumableDistributedSampler` (the loop calls
-          `sampler.set_epoch(epoch, start_step)`; pass `steps_per_epoch=config.TRAIN.STEPS_PER_EPOCH`
-          for iteration schedules) over `SeededSamples(ReplaceUnreadable(dataset, limit), seed)`,
-          so that each sample's augmentation depends on (seed, epoch, index) alone;
+          `sampler.set_epoch(epoch, start_step)`; TRAIN.STEPS_PER_EPOCH makes iteration
+          schedules) over `SeededSamples(ReplaceUnreadable(dataset, limit), seed)`, so that each
+          sample's augmentation depends on (seed, epoch, index) alone;
         * yields `(samples, targets, replaced)`: `replaced` the (path, error) pairs of the
           unreadable images the bad-sample policy replaced; `len(samples)` is the batch size;
         * has drop_last=True and len() = optimizer steps x accumulation in one epoch.
@@ -32,7 +36,8 @@ reference):
       yields `(samples, targets)`.
   build_model(config) -> torch.nn.Module
       The whole model on the CPU, initialised from torch's global generator (seeded by the
-      loop). A ValueError is reported as an invalid model configuration.
+      loop), for MODEL.NUM_CLASSES classes (main.py has recorded the data's). A ValueError is
+      reported as an invalid model configuration.
   describe(model) -> str
       One log line: the model's name and parameter count (and GFLOPs where known).
   no_weight_decay(model) -> (names, keywords)

@@ -6,7 +6,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import AverageMeter
 
 from data import build_loader
-from distributed import reduce_sum
+from data.build import build_mixup
+from distributed import rank_and_world_size, reduce_sum
 from logger import memory_mb
 from models import build_model
 
@@ -20,14 +21,16 @@ class Classification:
         self.criterion = None
 
     def build_loaders(self, config):
-        _, _, data_loader_train, data_loader_val, self.mixup_fn = build_loader(config)
+        data_loader_train, data_loader_val, class_names = build_loader(config, *rank_and_world_size())
+        if data_loader_train is not None:
+            self.mixup_fn = build_mixup(config, config.MODEL.NUM_CLASSES or len(class_names))
         if self.mixup_fn is not None:
             self.criterion = SoftTargetCrossEntropy()  # Mixup/CutMix give soft, smoothed targets
         elif config.MODEL.LABEL_SMOOTHING > 0.:
             self.criterion = LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
         else:
             self.criterion = torch.nn.CrossEntropyLoss()
-        return data_loader_train, data_loader_val
+        return data_loader_train, data_loader_val, class_names
 
     def build_model(self, config):
         return build_model(config)

@@ -21,7 +21,6 @@ import torch.distributed as dist
 from pycocotools import mask as coco_mask
 from pycocotools.cocoeval import COCOeval
 from timm.utils import AverageMeter
-from torch.utils.data import DataLoader
 from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
@@ -29,11 +28,10 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from data import DataError, dataset_folder
-from data.bad_samples import ReplaceUnreadable
 from data.coco import (check_images_exist, collate_detection_eval, collate_detection_training,
                        detection_transform, keep_trainable_images, num_classes_needed, read_coco,
                        wrap_for_transforms)
-from data.samplers import ResumableDistributedSampler, SeededSamples, ShardSampler
+from data.loaders import LoaderSettings, build_loaders
 from distributed import broadcast_batch_norm_statistics, is_distributed, rank_and_world_size
 from logger import memory_mb
 from models.backbone import no_weight_decay_names
@@ -41,7 +39,6 @@ from models.build import focal_arguments
 from models.detection import focal_fpn_backbone
 from models.detectors import CascadeMaskRCNN
 
-DIGIT_SCENES_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'focal_transformer')
 ASPECT_RATIOS = [(0.5, 1.0, 2.0)]  # of every level's anchors, torchvision's
 # (image folder, annotation file) of each split under the COCO 2017 root
 COCO_SPLITS = {'train': ('train2017', os.path.join('annotations', 'instances_train2017.json')),
@@ -53,7 +50,7 @@ def coco_root(config, rank):
     """The COCO-layout folder: DATA.DATA_PATH, or the digit scenes written on first use."""
     if config.DATA.DATASET == 'digits':
         from data.digit_scenes import ensure_digit_scenes  # only the demo needs scikit-learn
-        folder = ensure_digit_scenes(config.DATA.DATA_PATH or DIGIT_SCENES_CACHE,
+        folder = ensure_digit_scenes(config.DATA.DATA_PATH,
                                      config.DATA.IMG_SIZE, is_writer=rank == 0)
         return os.path.join(folder, 'coco')
     if config.DATA.DATASET != 'coco':
@@ -132,57 +129,41 @@ class Detection:
             # a missing validation image always stops; training tolerates DATA.MAX_BAD_SAMPLES
             check_images_exist(datasets[split], annotations,
                                config.DATA.MAX_BAD_SAMPLES if split == 'train' else 0)
-        self._set_num_classes(config, datasets)
+        class_names = self._class_names(config, datasets)
         self.coco_val = datasets['val'].coco
-        generator = torch.Generator().manual_seed(config.SEED)
-        pin_memory = config.DATA.PIN_MEMORY and torch.cuda.is_available()
 
         val_set = wrap_for_transforms(datasets['val'], detection_transform(
             False, config.DATA.MIN_SIZES, config.DATA.MAX_SIZE, 0.0), target_keys=('image_id',))
-        data_loader_val = DataLoader(
-            val_set, sampler=ShardSampler(len(val_set), world_size, rank), batch_size=1,
-            num_workers=config.DATA.NUM_WORKERS, collate_fn=collate_detection_eval,
-            pin_memory=pin_memory, generator=generator)
-        if config.EVAL_MODE:
-            return None, data_loader_val
-
-        target_keys = ('image_id', 'boxes', 'labels') + (('masks',) if with_masks else ())
-        train_set = wrap_for_transforms(keep_trainable_images(datasets['train']), detection_transform(
-            True, config.DATA.MIN_SIZES, config.DATA.MAX_SIZE, config.AUG.HFLIP,
-            config.AUG.DET_CROP_MIN_SIZES, config.AUG.DET_CROP_SIZE_RANGE), target_keys)
-        if len(train_set) == 0:
-            raise DataError(f"{os.path.join(root, COCO_SPLITS['train'][1])} has no image with a box "
-                            f"to train on")
-        sampler = ResumableDistributedSampler(len(train_set), config.DATA.BATCH_SIZE, world_size,
-                                              rank, config.SEED,
-                                              steps_per_epoch=config.TRAIN.STEPS_PER_EPOCH)
-        data_loader_train = DataLoader(
-            SeededSamples(ReplaceUnreadable(train_set, config.DATA.MAX_BAD_SAMPLES), config.SEED),
-            sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
-            collate_fn=collate_detection_training, pin_memory=pin_memory, drop_last=True,
-            generator=generator)
-        if len(data_loader_train) == 0:
-            raise DataError(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is larger than the "
-                            f"{len(sampler)} training images of each of {world_size} process(es) "
-                            f"in {root}")
-        return data_loader_train, data_loader_val
+        train_set = None
+        if not config.EVAL_MODE:
+            target_keys = ('image_id', 'boxes', 'labels') + (('masks',) if with_masks else ())
+            train_set = wrap_for_transforms(keep_trainable_images(datasets['train']), detection_transform(
+                True, config.DATA.MIN_SIZES, config.DATA.MAX_SIZE, config.AUG.HFLIP,
+                config.AUG.DET_CROP_MIN_SIZES, config.AUG.DET_CROP_SIZE_RANGE), target_keys)
+            if len(train_set) == 0:
+                raise DataError(f"{os.path.join(root, COCO_SPLITS['train'][1])} has no image with a box "
+                                f"to train on")
+        # one image per evaluation forward pass, at its own size
+        data_loader_train, data_loader_val = build_loaders(
+            LoaderSettings.from_config(config, rank, world_size), train_set, val_set, root, val_batch_size=1,
+            train_collate=collate_detection_training, val_collate=collate_detection_eval)
+        return data_loader_train, data_loader_val, class_names
 
     @staticmethod
-    def _set_num_classes(config, datasets):
-        """MODEL.NUM_CLASSES 0 becomes the classes the categories need (ids and background);
-        a set value must have a class for every category id."""
-        needed = {split: num_classes_needed(dataset) for split, dataset in datasets.items()}
-        if config.MODEL.NUM_CLASSES == 0:
-            config.defrost()
-            config.MODEL.NUM_CLASSES = max(needed.values())
-            config.freeze()
-            return
-        for split, count in needed.items():
-            if count > config.MODEL.NUM_CLASSES:
-                annotations = os.path.join(datasets[split].root, '..', COCO_SPLITS[split][1])
-                raise DataError(f"{os.path.normpath(annotations)} has category id {count - 1}, "
+    def _class_names(config, datasets):
+        """Each label's name: 'background' at 0, then the category of that id ('' for ids no category has);
+        a set MODEL.NUM_CLASSES must have a class for every category id."""
+        categories = {}
+        for split, dataset in datasets.items():
+            needed = num_classes_needed(dataset)
+            if config.MODEL.NUM_CLASSES and needed > config.MODEL.NUM_CLASSES:
+                annotations = os.path.join(dataset.root, '..', COCO_SPLITS[split][1])
+                raise DataError(f"{os.path.normpath(annotations)} has category id {needed - 1}, "
                                 f"beyond MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES} (ids "
                                 f"1..{config.MODEL.NUM_CLASSES - 1}, 0 the background)")
+            categories.update({category['id']: str(category.get('name', category['id']))
+                               for category in dataset.coco.dataset['categories']})
+        return ['background'] + [categories.get(label, '') for label in range(1, max(categories, default=0) + 1)]
 
     def build_model(self, config):
         model = build_detector(config, config.MODEL.NUM_CLASSES)

@@ -18,36 +18,37 @@ import time
 import torch
 import torch.nn.functional as F
 from timm.utils import AverageMeter
-from torch.utils.data import DataLoader
 
 from data import DataError, dataset_folder
 from data.ade20k import (ADE20K_NUM_CLASSES, IGNORE_INDEX, ADE20KSegmentation, eval_transform,
                          rescaled_size, train_transform)
-from data.bad_samples import ReplaceUnreadable, collate_training_batch
-from data.samplers import ResumableDistributedSampler, SeededSamples, ShardSampler
+from data.loaders import LoaderSettings, build_loaders
 from distributed import is_distributed, rank_and_world_size, reduce_sum
 from logger import memory_mb
 from models.backbone import no_weight_decay_names
 from models.build import focal_arguments
 from models.segmentation import FocalUPerNet
 
-DIGIT_SCENES_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'focal_transformer')
 # Every architecture argument comes from MODEL.FOCAL; the registered name only makes it a timm
 # model, which smp's `tu-` encoders require.
 ENCODER = 'focal_tiny_patch4_window7_224'
 
 
 def ade20k_root(config, rank):
-    """(the ADE20K-layout folder, its number of classes): DATA.DATA_PATH with ADE20K's 150
-    classes, or the digit scenes, written on first use, with theirs."""
+    """(the ADE20K-layout folder, its class names): the digit scenes, written on first use, with theirs,
+    or DATA.DATA_PATH, whose labels carry no names: MODEL.NUM_CLASSES (ADE20K's 150 when 0) named by
+    their label numbers."""
     if config.DATA.DATASET == 'digits':
         from data.digit_scenes import ADE_CLASSES, ADE_DIR, ensure_digit_scenes  # scikit-learn
-        folder = ensure_digit_scenes(config.DATA.DATA_PATH or DIGIT_SCENES_CACHE, config.DATA.IMG_SIZE,
-                                     is_writer=rank == 0)
-        return os.path.join(folder, ADE_DIR), len(ADE_CLASSES)
+        folder = ensure_digit_scenes(config.DATA.DATA_PATH, config.DATA.IMG_SIZE, is_writer=rank == 0)
+        if config.MODEL.NUM_CLASSES and config.MODEL.NUM_CLASSES < len(ADE_CLASSES):
+            raise DataError(f"the digit scenes in {folder} have {len(ADE_CLASSES)} classes, more than "
+                            f"MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES}")
+        return os.path.join(folder, ADE_DIR), list(ADE_CLASSES)
     if config.DATA.DATASET != 'ade20k':
         raise DataError(f"TASK segmentation reads DATA.DATASET 'ade20k' or 'digits', not {config.DATA.DATASET!r}")
-    return dataset_folder(config.DATA.DATA_PATH, 'the ADEChallengeData2016 folder'), ADE20K_NUM_CLASSES
+    root = dataset_folder(config.DATA.DATA_PATH, 'the ADEChallengeData2016 folder')
+    return root, [str(label) for label in range(config.MODEL.NUM_CLASSES or ADE20K_NUM_CLASSES)]
 
 
 def build_segmenter(config):
@@ -97,39 +98,18 @@ class Segmentation:
 
     def build_loaders(self, config):
         rank, world_size = rank_and_world_size()
-        root, data_classes = ade20k_root(config, rank)
-        if config.MODEL.NUM_CLASSES == 0:
-            config.defrost()
-            config.MODEL.NUM_CLASSES = data_classes
-            config.freeze()
-        elif config.DATA.DATASET == 'digits' and config.MODEL.NUM_CLASSES < data_classes:
-            raise DataError(f"the digit scenes in {root} have {data_classes} classes, more than "
-                            f"MODEL.NUM_CLASSES {config.MODEL.NUM_CLASSES}")
-        num_classes = config.MODEL.NUM_CLASSES
-        generator = torch.Generator().manual_seed(config.SEED)
-        pin_memory = config.DATA.PIN_MEMORY and torch.cuda.is_available()
-
+        root, class_names = ade20k_root(config, rank)
+        num_classes = config.MODEL.NUM_CLASSES or len(class_names)
         val_set = ADE20KSegmentation(root, 'val', num_classes, eval_transform())
-        # one image per forward pass, at its own size
-        data_loader_val = DataLoader(val_set, sampler=ShardSampler(len(val_set), world_size, rank), batch_size=1,
-                                     num_workers=config.DATA.NUM_WORKERS, pin_memory=pin_memory,
-                                     generator=generator)
-        if config.EVAL_MODE:
-            return None, data_loader_val
-
-        transform = train_transform(config.DATA.IMG_SIZE, config.DATA.SEG_SCALE, config.DATA.SEG_RATIO_RANGE,
-                                    config.AUG.CAT_MAX_RATIO, config.AUG.HFLIP, config.AUG.PHOTOMETRIC)
-        train_set = ADE20KSegmentation(root, 'train', num_classes, transform)
-        sampler = ResumableDistributedSampler(len(train_set), config.DATA.BATCH_SIZE, world_size, rank,
-                                              config.SEED, steps_per_epoch=config.TRAIN.STEPS_PER_EPOCH)
-        data_loader_train = DataLoader(
-            SeededSamples(ReplaceUnreadable(train_set, config.DATA.MAX_BAD_SAMPLES), config.SEED),
-            sampler=sampler, batch_size=config.DATA.BATCH_SIZE, num_workers=config.DATA.NUM_WORKERS,
-            collate_fn=collate_training_batch, pin_memory=pin_memory, drop_last=True, generator=generator)
-        if len(data_loader_train) == 0:
-            raise DataError(f"DATA.BATCH_SIZE {config.DATA.BATCH_SIZE} is larger than the {len(sampler)} "
-                            f"training images of each of {world_size} process(es) in {root}")
-        return data_loader_train, data_loader_val
+        train_set = None
+        if not config.EVAL_MODE:
+            transform = train_transform(config.DATA.IMG_SIZE, config.DATA.SEG_SCALE, config.DATA.SEG_RATIO_RANGE,
+                                        config.AUG.CAT_MAX_RATIO, config.AUG.HFLIP, config.AUG.PHOTOMETRIC)
+            train_set = ADE20KSegmentation(root, 'train', num_classes, transform)
+        # one image per evaluation forward pass, at its own size
+        data_loader_train, data_loader_val = build_loaders(
+            LoaderSettings.from_config(config, rank, world_size), train_set, val_set, root, val_batch_size=1)
+        return data_loader_train, data_loader_val, class_names
 
     def build_model(self, config):
         model = build_segmenter(config)

@@ -58,15 +58,15 @@ def test_an_unreadable_image_is_replaced_by_the_next_one(tmp_path, layout, worke
         with open(os.path.join(broken, 'train', FIRST), 'wb') as f:
             f.write(NOT_AN_IMAGE)
         bad_path, error = os.path.join(broken, 'train', FIRST), 'cannot read image'
-        loader = build_loader(make_config(broken, *opts))[2]
-        expected = build_loader(make_config(replaced_by_hand, *opts))[2]
+        loader = build_loader(make_config(broken, *opts))[0]
+        expected = build_loader(make_config(replaced_by_hand, *opts))[0]
     else:
         zipped = zip_dataset(broken, tmp_path / 'broken_zip')
         damage_zip_member(os.path.join(zipped, 'train.zip'), 'circle/0.png')
         bad_path, error = os.path.join(zipped, 'train.zip') + '@/circle/0.png', 'Bad CRC-32'
-        loader = build_loader(make_config(zipped, *opts, zip=True, cache_mode='full'))[2]
+        loader = build_loader(make_config(zipped, *opts, zip=True, cache_mode='full'))[0]
         expected = build_loader(make_config(zip_dataset(replaced_by_hand, tmp_path / 'by_hand_zip'),
-                                            *opts, zip=True, cache_mode='full'))[2]
+                                            *opts, zip=True, cache_mode='full'))[0]
 
     for epoch in (0, 1):
         batches, by_hand = training_epoch(loader, epoch), training_epoch(expected, epoch)
@@ -87,10 +87,10 @@ def test_without_a_limit_or_past_it_the_error_names_the_files(tmp_path, workers)
     first, second = (os.path.join(data, 'train', name) for name in (FIRST, SECOND))
     # the default, 0: the first unreadable image stops the run, as always
     with pytest.raises(DataError, match=f'cannot read image {first}'):
-        training_epoch(build_loader(make_config(data, 'DATA.NUM_WORKERS', str(workers)))[2], 0)
+        training_epoch(build_loader(make_config(data, 'DATA.NUM_WORKERS', str(workers)))[0], 0)
     # 1: two unreadable images in a row cannot be replaced within the limit
     loader = build_loader(make_config(data, 'DATA.NUM_WORKERS', str(workers),
-                                      'DATA.MAX_BAD_SAMPLES', '1'))[2]
+                                      'DATA.MAX_BAD_SAMPLES', '1'))[0]
     with pytest.raises(DataError) as error:
         training_epoch(loader, 0)
     assert str(error.value) == (f"2 unreadable training images, more than DATA.MAX_BAD_SAMPLES 1: "

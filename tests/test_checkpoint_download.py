@@ -17,6 +17,7 @@ import torch
 
 import utils
 from helpers import TINY_KWARGS, run_main_together, write_config, write_image_folder
+from models.backbone import load_weights
 from models.checkpoint import CheckpointError, read_checkpoint, resolve
 from models.focal_transformer import FocalTransformer
 
@@ -130,14 +131,14 @@ def test_two_urls_with_one_file_name_are_two_checkpoints(two_hosts):
     for url, weights, httpd in two_hosts:
         model = FocalTransformer(**TINY_KWARGS)
         logger = recorded_logger()
-        config = argparse.Namespace(MODEL=argparse.Namespace(RESUME=url), EVAL_MODE=True,
+        config = argparse.Namespace(EVAL_MODE=True,
                                     THROUGHPUT_MODE=False)
-        utils.load_checkpoint(config, argparse.Namespace(model=model), logger)
+        utils.load_checkpoint(url, config, argparse.Namespace(model=model), logger)
         assert torch.equal(model.state_dict()['head.weight'], weights['head.weight'])
         path = resolve(url)
         assert os.path.basename(path) == 'ckpt_best.pth' and f"{url} is read from {path}" in logger.lines
         cached.append(path)
-        utils.load_model_weights(model, read_checkpoint(url), url)  # from the cache now
+        load_weights(model, read_checkpoint(url), url, adapt=False)  # from the cache now
         assert httpd.requests == ['/ckpt_best.pth']
     assert cached[0] != cached[1]
 

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+import lifecycle
 import main
 import utils
 from models.checkpoint import read_checkpoint
@@ -61,7 +62,7 @@ def test_a_failed_checkpoint_write_stops_with_one_line_and_keeps_the_earlier_one
               for name in ('ckpt_epoch_0.pth', 'ckpt_best.pth')}
 
     result = run_limited(root, args + ['2'], limit=64 * 1024)
-    assert result.returncode == main.EXIT_CHECKPOINT_WRITE_FAILED, result.stderr[-3000:]
+    assert result.returncode == lifecycle.EXIT_CHECKPOINT_WRITE_FAILED, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr[-3000:]
     name, folder, reason, code = WRITE_ERROR.match(lines[0]).groups()
@@ -102,7 +103,7 @@ def test_a_full_disk_stops_with_one_line_and_auto_resume_finds_the_newest_comple
     # a checkpoint after every step and none removed: the disk fills within the first epoch
     result = run_main(root, ['--cfg', cfg, '--data-path', data, '--output', out, '--opts',
                              'TRAIN.SAVE_EVERY_STEPS', '1', 'TRAIN.KEEP_CHECKPOINTS', '0'])
-    assert result.returncode == main.EXIT_CHECKPOINT_WRITE_FAILED, result.stderr[-3000:]
+    assert result.returncode == lifecycle.EXIT_CHECKPOINT_WRITE_FAILED, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr[-3000:]
     name, folder, reason, code = WRITE_ERROR.match(lines[0]).groups()
@@ -150,5 +151,5 @@ def test_torchrun_ranks_stop_together_when_rank_0_cannot_write(workspace):
                       f"not training again"
     # the restarted attempt's failure, as torchrun's summary lists it (a peer that torchrun stops
     # before it exits by itself is listed as signalled, so only the first failure is certain)
-    assert f'exitcode  : {main.EXIT_CHECKPOINT_WRITE_FAILED}' in result.stderr
+    assert f'exitcode  : {lifecycle.EXIT_CHECKPOINT_WRITE_FAILED}' in result.stderr
     assert_complete_checkpoints_only(run_dir(out))

@@ -22,7 +22,7 @@ import main
 import utils
 from helpers import (REPO, TIMM_NAME, TIMM_TINY_ARCH, TINY_KWARGS, run_dir, write_config,
                      write_image_folder)
-from models.backbone import load_backbone_checkpoint
+from models.backbone import load_pretrained, load_weights
 from models.checkpoint import read_checkpoint
 from models.detection import focal_fpn_backbone
 from models.focal_transformer import FocalTransformer, checkpoint_filter_fn
@@ -97,7 +97,7 @@ def test_resume_and_pretrained_read_pdparams_and_safetensors(files, name, expect
     logger = logging.getLogger('test_checkpoint_formats')
     for location in (str(files[name]), files[name].as_uri()):
         resumed, pretrained = FocalTransformer(**TINY_KWARGS), FocalTransformer(**TINY_KWARGS)
-        utils.load_model_weights(resumed, read_checkpoint(location), location)
+        load_weights(resumed, read_checkpoint(location), location, adapt=False)
         utils.load_pretrained(argparse.Namespace(MODEL=argparse.Namespace(PRETRAINED=location)), pretrained, logger)
         for key, value in files[expected].items():
             assert torch.equal(resumed.state_dict()[key], value), (location, key)
@@ -112,7 +112,7 @@ def test_timm_and_the_backbone_loaders_read_pdparams_and_safetensors(files, exte
         classifier = timm.create_model(TIMM_NAME, pretrained=True, pretrained_cfg_overlay=dict(file=location),
                                        **TIMM_TINY_ARCH)
         features = timm.create_model(TIMM_NAME, features_only=True, **TIMM_TINY_ARCH)
-        load_backbone_checkpoint(features, location)
+        load_pretrained(features, location)
         fpn = focal_fpn_backbone(TIMM_NAME, pretrained=location, **TIMM_TINY_ARCH)
         for key, value in expected.items():
             assert torch.equal(classifier.state_dict()[key], value), key

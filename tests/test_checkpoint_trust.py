@@ -17,7 +17,7 @@ import main
 import utils
 from helpers import (TIMM_NAME, TIMM_TINY_ARCH, TINY_KWARGS, run_dir, run_main_together, write_config,
                      write_image_folder)
-from models.backbone import load_backbone_checkpoint
+from models.backbone import load_pretrained
 from models.checkpoint import CheckpointError
 from models.detection import focal_fpn_backbone
 from models.focal_transformer import FocalTransformer
@@ -83,7 +83,7 @@ def test_backbone_detector_and_timm_loaders_refuse_a_payload(tmp_path, kind):
     marker = tmp_path / 'marker'
     path = poisoned(tmp_path, timm.create_model(TIMM_NAME, **TIMM_TINY_ARCH), marker, kind)
     loaders = {
-        'load_backbone_checkpoint': lambda location: load_backbone_checkpoint(
+        'load_pretrained': lambda location: load_pretrained(
             timm.create_model(TIMM_NAME, features_only=True, **TIMM_TINY_ARCH), location),
         'focal_fpn_backbone': lambda location: focal_fpn_backbone(TIMM_NAME, pretrained=location,
                                                                   **TIMM_TINY_ARCH),
@@ -201,5 +201,5 @@ def test_a_pdparams_with_an_object_array_is_refused(tmp_path):
     weights = {key: value.numpy() for key, value in FocalTransformer(**TINY_KWARGS).state_dict().items()}
     path.write_bytes(pickle.dumps(dict(weights, note=np.array(['trained', 3], dtype=object)), protocol=4))
     with pytest.raises(CheckpointError) as error:
-        load_backbone_checkpoint(FocalTransformer(**TINY_KWARGS), str(path))
+        load_pretrained(FocalTransformer(**TINY_KWARGS), str(path))
     assert_refused(error, path, 'a numpy array of dtype object')

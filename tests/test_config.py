@@ -36,7 +36,7 @@ def test_defaults():
     assert config.TRAIN.BASE_LR == 5e-4 and config.TRAIN.OPTIMIZER.BETAS == (0.9, 0.999)
     assert config.TRAIN.AUTO_RESUME and config.TRAIN.KEEP_CHECKPOINTS == 3
     assert config.TRAIN.EMA.DECAY == 0.9998 and not config.TRAIN.EMA.ENABLE
-    assert (config.AMP_ENABLE, config.AMP_DTYPE, config.AMP_OPT_LEVEL) == (False, 'bf16', '')
+    assert (config.AMP_ENABLE, config.AMP_DTYPE) == (False, 'bf16')
     assert config.AUG.HFLIP == 0.5
     assert config.OUTPUT == os.path.join('output', 'focal_tiny_patch4_window7_224', 'default')
 
@@ -127,7 +127,7 @@ def test_released_configs_build_the_reference_kwargs(name, monkeypatch):
     # everything the reference kwargs leave out stays at the reference model's defaults
     defaults = dict(patch_size=4, in_chans=3, mlp_ratio=4.0, qkv_bias=True, qk_scale=None, drop_rate=0.0,
                     ape=False, patch_norm=True, use_checkpoint=False, use_shift=False,
-                    expand_stages=[0, 1, 2, 3], expand_layer='all', use_layerscale=False,
+                    expand_layer='all', use_layerscale=False,
                     use_pre_norm=False)
     assert {key: built[key] for key in defaults} == defaults
 
@@ -178,6 +178,17 @@ def test_a_detection_key_the_chosen_detector_does_not_read_is_named(tmp_path):
     # what the detector reads is accepted, from the file and from --opts
     load(str(cfg), 'MODEL.DETECTION.DETECTOR', 'mask_rcnn')
     load(None, 'MODEL.DETECTION.DETECTOR', 'retinanet', 'MODEL.DETECTION.FPN_CHANNELS', '64')
+
+
+def test_the_originals_legacy_keys_are_accepted_checked_and_not_kept(tmp_path):
+    cfg = write(tmp_path / 'original.yaml', 'MODEL:\n  TYPE: focal\n  FOCAL:\n    EXPAND_STAGES: [0, 1]\n'
+                                             'AMP_OPT_LEVEL: O1\n')
+    config = load(str(cfg))
+    assert config.AMP_ENABLE and 'TYPE' not in config.MODEL and 'EXPAND_STAGES' not in config.MODEL.FOCAL
+    assert 'AMP_OPT_LEVEL' not in config and 'AMP_OPT_LEVEL' not in config.dump()
+    message = one_line_error(str(cfg), 'MODEL.TYPE', 'swin')
+    assert "'MODEL.TYPE'" in message and "'swin'" in message and '--opts' in message
+    assert "'AMP_OPT_LEVEL'" in one_line_error(None, 'AMP_OPT_LEVEL', 'O3')
 
 
 def test_odd_opts():

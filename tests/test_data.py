@@ -12,6 +12,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from config import get_config
 from data import DataError, build_loader
+from data.build import build_mixup
 from data.cached_image_folder import CachedImageFolder
 from data.samplers import ResumableDistributedSampler, ShardSampler
 from helpers import zip_dataset
@@ -57,13 +58,14 @@ def assert_same_batches(first, second):
 def test_image_folder_loader_takes_classes_from_data(folder):
     config = make_config(folder)
     assert config.MODEL.NUM_CLASSES == 0
-    dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config)
-    assert config.MODEL.NUM_CLASSES == 3 and config.is_frozen()
-    assert (len(dataset_train), len(dataset_val)) == (18, 7)
+    loader_train, loader_val, class_names = build_loader(config)
+    # the classes found reach the caller as a value; the config is left as it was
+    assert class_names == list(CLASSES) and config.MODEL.NUM_CLASSES == 0 and config.is_frozen()
+    assert (len(loader_train.dataset), len(loader_val.dataset)) == (18, 7)
     assert len(loader_train) == 18 // 4  # drop_last: every step has a full batch
     images, labels, replaced = next(iter(loader_train))
     assert images.shape == (4, 3, 32, 32) and labels.dtype == torch.int64 and replaced == []
-    assert mixup_fn is not None and mixup_fn.num_classes == 3
+    assert build_mixup(config, len(class_names)).num_classes == 3
     assert sum(len(labels) for _, labels in loader_val) == 7
 
 
@@ -71,9 +73,9 @@ def test_eval_mode_reads_only_val_and_released_num_classes_is_kept(tmp_path):
     write_image_folder(tmp_path)
     os.rename(tmp_path / 'train', tmp_path / 'not_train')
     config = make_config(tmp_path, 'MODEL.NUM_CLASSES', '1000', eval=True)
-    dataset_train, dataset_val, loader_train, loader_val, mixup_fn = build_loader(config)
-    assert dataset_train is None and loader_train is None and mixup_fn is None
-    assert len(dataset_val) == 7 and config.MODEL.NUM_CLASSES == 1000
+    loader_train, loader_val, class_names = build_loader(config)
+    assert loader_train is None and class_names == list(CLASSES)
+    assert len(loader_val.dataset) == 7 and config.MODEL.NUM_CLASSES == 1000
 
 
 def normalized(pixels):
@@ -92,8 +94,7 @@ def test_eval_transform_centre_crops_away_a_marked_border(tmp_path, crop):
     os.makedirs(tmp_path / 'val' / 'cat')
     Image.fromarray(pixels).save(tmp_path / 'val' / 'cat' / '0.png')
     config = make_config(tmp_path, 'DATA.IMG_SIZE', '224', 'TEST.CROP', str(crop), eval=True)
-    _, dataset_val, _, _, _ = build_loader(config)
-    image, _ = dataset_val[0]
+    image, _ = build_loader(config)[1].dataset[0]
     assert image.shape == (3, 224, 224)
     red = normalized(np.array([[RED]], dtype=np.uint8))[:, 0, 0]
     edge_is_red = torch.allclose(image[:, 0, 112], red, atol=0.05)
@@ -108,14 +109,15 @@ def test_eval_transform_centre_crops_away_a_marked_border(tmp_path, crop):
 def test_zip_dataset_matches_image_folder(folder, tmp_path, cache_mode):
     zipped = tmp_path / 'zipped'
     zip_dataset(folder, zipped)
-    plain = build_loader(make_config(folder))
+    plain_train, plain_val, plain_classes = build_loader(make_config(folder))
     config = make_config(zipped, zip=True, cache_mode=cache_mode)
-    dataset_train, dataset_val, _, loader_val, _ = build_loader(config)
-    assert isinstance(dataset_train, CachedImageFolder) and config.MODEL.NUM_CLASSES == 3
-    assert len(dataset_train) == len(plain[0]) and len(dataset_val) == len(plain[1])
-    assert_same_batches(list(loader_val), list(plain[3]))
+    loader_train, loader_val, class_names = build_loader(config)
+    dataset_train = loader_train.dataset.dataset.dataset  # under SeededSamples(ReplaceUnreadable(...))
+    assert isinstance(dataset_train, CachedImageFolder) and class_names == plain_classes == list(CLASSES)
+    assert len(dataset_train) == len(plain_train.dataset) and len(loader_val.dataset) == len(plain_val.dataset)
+    assert_same_batches(list(loader_val), list(plain_val))
     # same seed, same indices -> same augmented training batches as the folder dataset
-    assert_same_batches(epoch_batches(build_loader(config)[2], 1), epoch_batches(plain[2], 1))
+    assert_same_batches(epoch_batches(loader_train, 1), epoch_batches(plain_train, 1))
 
 
 def test_zip_part_cache_holds_this_process_shard(folder, tmp_path):
@@ -135,23 +137,23 @@ def test_zip_part_cache_holds_this_process_shard(folder, tmp_path):
 
 def test_augmentations_depend_on_seed_epoch_and_index_not_on_workers(folder):
     # RandAugment, random erasing, flips and random-resized crops at their defaults
-    serial = build_loader(make_config(folder, 'DATA.IMG_SIZE', '40'))[2]
+    serial = build_loader(make_config(folder, 'DATA.IMG_SIZE', '40'))[0]
     state = torch.get_rng_state()
     batches_serial = epoch_batches(serial, epoch=3)
     assert torch.equal(torch.get_rng_state(), state), 'loading in-process must not move the RNG'
-    parallel = build_loader(make_config(folder, 'DATA.IMG_SIZE', '40', 'DATA.NUM_WORKERS', '2'))[2]
+    parallel = build_loader(make_config(folder, 'DATA.IMG_SIZE', '40', 'DATA.NUM_WORKERS', '2'))[0]
     assert_same_batches(batches_serial, epoch_batches(parallel, epoch=3))
     # another epoch or another SEED: other augmentations of the same image
     samples = serial.dataset
     image, label, _ = samples[(3, 5)]  # the training set also reports replaced images
     assert torch.equal(samples[(3, 5)][0], image)
     assert samples[(4, 5)][1] == label and not torch.equal(samples[(4, 5)][0], image)
-    reseeded = build_loader(make_config(folder, 'DATA.IMG_SIZE', '40', 'SEED', '1'))[2].dataset
+    reseeded = build_loader(make_config(folder, 'DATA.IMG_SIZE', '40', 'SEED', '1'))[0].dataset
     assert not torch.equal(reseeded[(3, 5)][0], image)
 
 
 def test_resume_at_start_step_gives_the_tail_of_the_epoch(folder):
-    loader = build_loader(make_config(folder, 'DATA.IMG_SIZE', '40'))[2]
+    loader = build_loader(make_config(folder, 'DATA.IMG_SIZE', '40'))[0]
     full_epoch = epoch_batches(loader, epoch=2)
     assert len(full_epoch) == 4
     assert_same_batches(epoch_batches(loader, epoch=2, start_step=3), full_epoch[3:])
@@ -189,12 +191,10 @@ def test_val_shards_cover_every_image_exactly_once(world_size):
     assert sorted(seen) == list(range(7))
 
 
-def test_val_loader_shards_by_rank(folder, monkeypatch):
-    import data.build
+def test_val_loader_shards_by_rank(folder):
     seen = []
     for rank in range(3):
-        monkeypatch.setattr(data.build, '_rank_and_world_size', lambda rank=rank: (rank, 3))
-        loader_val = build_loader(make_config(folder, eval=True))[3]
+        loader_val = build_loader(make_config(folder, eval=True), rank, 3)[1]
         seen += list(loader_val.sampler)
     assert sorted(seen) == list(range(7))
 
@@ -204,7 +204,7 @@ def test_corrupt_image_error_names_the_file(tmp_path, workers):
     write_image_folder(tmp_path)
     bad = tmp_path / 'val' / 'dog' / '1.png'
     bad.write_bytes(b'not a png at all')
-    loader_val = build_loader(make_config(tmp_path, 'DATA.NUM_WORKERS', str(workers)))[3]
+    loader_val = build_loader(make_config(tmp_path, 'DATA.NUM_WORKERS', str(workers)))[1]
     with pytest.raises(DataError) as error:
         list(loader_val)
     message = str(error.value)
@@ -255,7 +255,7 @@ def test_class_mismatch_and_too_few_images(tmp_path):
     with pytest.raises(DataError, match='larger than the 18 training images'):
         build_loader(make_config(tmp_path, 'DATA.BATCH_SIZE', '20'))
     with pytest.raises(DataError, match='even DATA.BATCH_SIZE'):
-        build_loader(make_config(tmp_path, 'DATA.BATCH_SIZE', '3'))
+        build_mixup(make_config(tmp_path, 'DATA.BATCH_SIZE', '3'), 3)
     os.rename(tmp_path / 'val' / 'fox', tmp_path / 'val' / 'wolf')
     with pytest.raises(DataError, match='class folders .* differ'):
         build_loader(make_config(tmp_path))
@@ -263,13 +263,13 @@ def test_class_mismatch_and_too_few_images(tmp_path):
 
 def test_mixup_off_and_hflip_off(folder):
     config = make_config(folder, 'AUG.MIXUP', '0.0', 'AUG.CUTMIX', '0.0', 'AUG.HFLIP', '0.0')
-    dataset_train, _, _, _, mixup_fn = build_loader(config)
-    assert mixup_fn is None
-    names = [type(t).__name__ for t in dataset_train.transform.transforms]
+    loader_train, _, class_names = build_loader(config)
+    assert build_mixup(config, len(class_names)) is None
+    names = [type(t).__name__ for t in loader_train.dataset.dataset.dataset.transform.transforms]
     assert 'RandomHorizontalFlip' not in names and 'RandomErasing' in names
 
 
 def test_digits_dataset_is_written_and_loaded(tmp_path):
     config = make_config('', 'DATA.DATASET', 'digits', 'DATA.DATA_PATH', str(tmp_path), eval=True)
-    _, dataset_val, _, _, _ = build_loader(config)
-    assert len(dataset_val) == 360 and config.MODEL.NUM_CLASSES == 10
+    _, loader_val, class_names = build_loader(config)
+    assert len(loader_val.dataset) == 360 and class_names == [str(digit) for digit in range(10)]

@@ -14,7 +14,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import models  # noqa: F401  (registers the focal models with timm)
 from helpers import TIMM_NAME, TIMM_TINY_ARCH
-from models.backbone import load_backbone_checkpoint, no_weight_decay_names
+from models.backbone import load_pretrained, no_weight_decay_names
 from models.detection import focal_fpn_backbone
 from optimizer import parameter_groups
 
@@ -114,7 +114,7 @@ def test_released_checkpoint_loads_into_upernet_encoder(tmp_path):
     path = tmp_path / 'focal-tiny.pth'
     classifier = released_format_checkpoint(path, **TIMM_TINY_ARCH)
     model = upernet()
-    report = load_backbone_checkpoint(model, path)
+    report = load_pretrained(model, path)
     left_out = [entry.key for entry in report.entries if entry.action == 'ignored']
     assert set(left_out) <= {'head.weight', 'head.bias', 'norm.weight', 'norm.bias'}
     assert report.count('resized') == report.count('fresh') == (0, 0)
@@ -129,15 +129,15 @@ def test_checkpoint_of_another_architecture_names_keys(tmp_path):
     released_format_checkpoint(path, **{**TIMM_TINY_ARCH, 'embed_dim': 24})
     with pytest.raises(ValueError, match=r'wider\.pth does not fit the Focal backbone .*wrong shape \(checkpoint '
                                          r'vs model\): .*patch_embed\.proj\.weight \(24, 3, 4, 4\) vs \(16, 3, 4, 4\)'):
-        load_backbone_checkpoint(upernet(), path)
+        load_pretrained(upernet(), path)
 
     deeper = tmp_path / 'deeper.pth'
     released_format_checkpoint(deeper, **{**TIMM_TINY_ARCH, 'depths': (1, 1, 2, 1)})
     with pytest.raises(ValueError, match=r'unexpected keys: layers\.2\.blocks\.1\.'):
-        load_backbone_checkpoint(upernet(), deeper)
+        load_pretrained(upernet(), deeper)
 
     with pytest.raises(ValueError, match=r'checkpoint not found: .*absent\.pth'):
-        load_backbone_checkpoint(upernet(), tmp_path / 'absent.pth')
+        load_pretrained(upernet(), tmp_path / 'absent.pth')
 
 
 # ---------------------------------------------------------------- detection (torchvision)

@@ -17,8 +17,8 @@ from helpers import assert_ok, load_weights, run_dir, run_main, write_config, wr
 from models import build_model
 from models.attention_tables import neighbour_key_positions
 from models.checkpoint import CheckpointError
-from models.focal_transformer import FocalTransformer
-from models.pretrained import transfer_weights
+from models.focal_transformer import FocalTransformer, checkpoint_filter_fn
+from models.pretrained import TransferReport
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -28,6 +28,12 @@ SMALL = dict(embed_dim=8, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], focal_poo
 PRETRAIN = dict(SMALL, img_size=64, window_size=3, expand_sizes=[1, 1, 1, 1], num_classes=10)
 # Stage maps 24/12/6/3 with window 5: stages 0-2 have neighbours (expand 2), stage 3 is one 3x3 window.
 FINETUNE = dict(SMALL, img_size=96, window_size=5, expand_sizes=[2, 2, 2, 2], num_classes=5)
+
+
+def adapted(checkpoint, model):
+    """What --pretrained loads into `model` from `checkpoint`'s contents, and the report of it."""
+    report = TransferReport()
+    return checkpoint_filter_fn(checkpoint, model, adapt=True, report=report), report
 
 
 def build(kwargs, seed=0):
@@ -113,7 +119,7 @@ def test_finetune_at_higher_resolution_other_window_and_classes(tmp_path):
     model = build(FINETUNE)
     init = {key: value.clone() for key, value in model.state_dict().items()}
 
-    state_dict, report = transfer_weights(torch.load(path, weights_only=True), model)
+    state_dict, report = adapted(torch.load(path, weights_only=True), model)
     model.load_state_dict(state_dict, strict=True)
     new = {key: value.clone() for key, value in model.state_dict().items()}
 
@@ -187,7 +193,7 @@ def test_neighbour_biases_mapped_by_relative_offset():
     pretrained[key] = torch.stack([value(old_offsets, head) for head in range(2)])[None]
     model = build(FINETUNE)
     init = model.state_dict()[key].clone()
-    state_dict, report = transfer_weights(pretrained, model)
+    state_dict, report = adapted(pretrained, model)
 
     new_offsets = offsets(new_window, new_expand)
     old_set = {tuple(offset) for offset in old_offsets.reshape(-1, 2).tolist()}
@@ -202,7 +208,7 @@ def test_neighbour_biases_mapped_by_relative_offset():
 
     # Several old slots with one offset: their mean.
     pretrained[key] = torch.randn(1, 2, old_window ** 2, old_offsets.shape[1])
-    state_dict, _ = transfer_weights(pretrained, model)
+    state_dict, _ = adapted(pretrained, model)
     target = torch.tensor([1, 0])
     old_same = (old_offsets == target).all(-1)
     new_same = (new_offsets == target).all(-1)
@@ -225,7 +231,7 @@ GAINED = ['layers.2.blocks.0.attn.relative_position_bias_table_to_neighbors',
 def test_blocks_that_gain_neighbours_start_as_from_scratch():
     model = build(HIGH_RES)
     init = {key: value.clone() for key, value in model.state_dict().items()}
-    state_dict, report = transfer_weights(trained_state_dict(LOW_RES), model)
+    state_dict, report = adapted(trained_state_dict(LOW_RES), model)
     model.load_state_dict(state_dict, strict=True)
     fresh = sorted(key for key, action in actions(report).items() if action == 'fresh')
     assert fresh == GAINED
@@ -239,7 +245,7 @@ def test_blocks_that_gain_neighbours_start_as_from_scratch():
 
 def test_neighbour_tables_the_model_lacks_are_ignored_and_reported():
     model = build(LOW_RES)
-    state_dict, report = transfer_weights(trained_state_dict(HIGH_RES), model)
+    state_dict, report = adapted(trained_state_dict(HIGH_RES), model)
     model.load_state_dict(state_dict, strict=True)
     ignored = sorted(key for key, action in actions(report).items() if action == 'ignored')
     assert ignored == GAINED
@@ -258,7 +264,7 @@ def test_neighbour_tables_the_model_lacks_are_ignored_and_reported():
 ])
 def test_other_architecture_fails_naming_the_keys(change, named):
     with pytest.raises(CheckpointError, match=r'the checkpoint does not fit this model \(another architecture\?\): ') as error:
-        transfer_weights(trained_state_dict(PRETRAIN), build(dict(PRETRAIN, **change)))
+        adapted(trained_state_dict(PRETRAIN), build(dict(PRETRAIN, **change)))
     assert named in str(error.value)
 
 
@@ -266,7 +272,7 @@ def test_conv_pooling_kernels_resized_bicubic_per_channel_keeping_their_sums():
     conv = dict(SMALL, focal_pool='conv', expand_sizes=[1, 1, 1, 1], num_classes=10)
     pretrained = trained_state_dict(dict(conv, img_size=64, window_size=3))
     model = build(dict(conv, img_size=96, window_size=5))
-    state_dict, report = transfer_weights(pretrained, model)
+    state_dict, report = adapted(pretrained, model)
     model.load_state_dict(state_dict, strict=True)
     key = 'layers.1.blocks.0.pool_layers.0.weight'
     assert pretrained[key].shape == (16, 1, 3, 3) and state_dict[key].shape == (16, 1, 5, 5)
@@ -276,7 +282,7 @@ def test_conv_pooling_kernels_resized_bicubic_per_channel_keeping_their_sums():
                                    expected_pool_kernel(pretrained[key][channel, 0], 5), rtol=0, atol=1e-6)
     # A constant kernel (mean pooling) stays constant: the same total over 25 cells instead of 9.
     pretrained[key] = torch.full((16, 1, 3, 3), 0.5)
-    state_dict, _ = transfer_weights(pretrained, model)
+    state_dict, _ = adapted(pretrained, model)
     torch.testing.assert_close(state_dict[key], torch.full((16, 1, 5, 5), 0.5 * 9 / 25), rtol=0, atol=1e-7)
     assert actions(report)['layers.1.blocks.0.pool_layers.0.bias'] == 'copied'
 
@@ -287,7 +293,7 @@ def test_position_embedding_resized_and_classifier_dropped_or_added():
     pretrained['absolute_pos_embed'] = channel_values.expand(1, 16 * 16, 8).clone()
     ddp_names = {f'module.{key}': value for key, value in pretrained.items()}
     headless = build(dict(FINETUNE, ape=True, num_classes=0))
-    state_dict, report = transfer_weights(ddp_names, headless)
+    state_dict, report = adapted(ddp_names, headless)
     headless.load_state_dict(state_dict, strict=True)
     assert actions(report)['absolute_pos_embed'] == 'resized'
     # A grid constant in space stays constant under bicubic resizing.
@@ -295,7 +301,7 @@ def test_position_embedding_resized_and_classifier_dropped_or_added():
     assert actions(report)['head.weight'] == actions(report)['head.bias'] == 'ignored'
 
     model = build(dict(FINETUNE, ape=True))
-    state_dict, report = transfer_weights(headless.state_dict(), model)
+    state_dict, report = adapted(headless.state_dict(), model)
     model.load_state_dict(state_dict, strict=True)
     assert actions(report)['head.weight'] == actions(report)['head.bias'] == 'fresh'
     assert torch.equal(state_dict['head.weight'], model.head.weight.detach())
@@ -306,7 +312,7 @@ def test_golden_state_dicts_load_strictly(name):
     case = GoldenCase(name)
     model = FocalTransformer(**case.kwargs)
     checkpoint = case.reference_checkpoint()
-    state_dict, report = transfer_weights(checkpoint, model)
+    state_dict, report = adapted(checkpoint, model)
     model.load_state_dict(state_dict, strict=True)
     assert set(actions(report).values()) == {'copied'}
     assert report.dropped_buffers > 0
@@ -321,7 +327,7 @@ def released_focal_tiny():
 
 def test_released_focal_tiny_loads_for_evaluation_at_224(released_focal_tiny):
     model = build_model(load_config('focal_tiny_patch4_window7_224.yaml'))
-    state_dict, report = transfer_weights(released_focal_tiny, model)
+    state_dict, report = adapted(released_focal_tiny, model)
     model.load_state_dict(state_dict, strict=True)
     assert set(actions(report).values()) == {'copied'} and len(report.entries) == len(model.state_dict())
     model.eval()
@@ -332,7 +338,7 @@ def test_released_focal_tiny_loads_for_evaluation_at_224(released_focal_tiny):
 
 def test_released_focal_tiny_transfers_to_384_window_12(released_focal_tiny):
     model = build_model(load_config('focal_tiny_patch4_window12_384_finetune.yaml'))
-    state_dict, report = transfer_weights(released_focal_tiny, model)
+    state_dict, report = adapted(released_focal_tiny, model)
     model.load_state_dict(state_dict, strict=True)
 
     done = actions(report)
@@ -376,7 +382,7 @@ def test_finetune_config_is_its_224_config_at_384(size):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a GPU')
 def test_transfer_into_a_model_on_the_gpu():
     model = build(FINETUNE).cuda()
-    state_dict, report = transfer_weights(trained_state_dict(PRETRAIN), model)
+    state_dict, report = adapted(trained_state_dict(PRETRAIN), model)
     model.load_state_dict(state_dict, strict=True)
     assert 'resized 19 tensors' in report.summary()
     assert torch.isfinite(model(torch.randn(2, 3, 96, 96, device='cuda'))).all()

@@ -1,6 +1,6 @@
 """Preemption as clusters do it: SIGTERM or SIGUSR1 to every process of the job (the main
 process and its DataLoader workers), under python and torchrun. The run finishes its optimizer
-step, saves that step once, exits with main.EXIT_PREEMPTED, and the same command started again
+step, saves that step once, exits with lifecycle.EXIT_PREEMPTED, and the same command started again
 ends bit-identical to a run never interrupted."""
 import glob
 import os
@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import lifecycle
 import main
 import utils
 from helpers import (assert_ok, assert_same_training_state, children, environ, run_dir, run_main,
@@ -77,7 +78,7 @@ def test_signals_to_the_whole_job_save_the_step_and_the_restart_ends_bit_identic
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
     output = log.read_text()
-    assert process.returncode == main.EXIT_PREEMPTED, output[-3000:]
+    assert process.returncode == lifecycle.EXIT_PREEMPTED, output[-3000:]
     assert 'Traceback' not in output and 'DataLoader worker' not in output, output[-3000:]
     stops = STOPPED.findall(output)
     assert len(stops) == 1, output[-3000:]
@@ -106,7 +107,7 @@ def test_a_signal_during_evaluation_completes_and_saves_the_epoch(workspace):
     process = start_main(root, command, log_path=log, new_session=True)
     stop_when(process, logged(log, 'Test: [0/'), lambda: os.killpg(process.pid, signal.SIGUSR1), poll=0.002)
     output = log.read_text()
-    assert process.returncode == main.EXIT_PREEMPTED, output[-3000:]
+    assert process.returncode == lifecycle.EXIT_PREEMPTED, output[-3000:]
     # the evaluation ran to its end: its summary, then the epoch checkpoint, then the stop
     assert output.index(' * Acc@1') < output.index('stopped by SIGUSR1'), output[-3000:]
     stops = STOPPED.findall(output)
@@ -134,7 +135,7 @@ def test_a_signal_before_the_first_step_saves_nothing(workspace):
     stop_when(process, lambda: sigterm_caught(process.pid), lambda: process.send_signal(signal.SIGTERM),
               poll=0.001)
     output = log.read_text()
-    assert process.returncode == main.EXIT_PREEMPTED, output[-3000:]
+    assert process.returncode == lifecycle.EXIT_PREEMPTED, output[-3000:]
     assert STOPPED.findall(output) == [('SIGTERM', '0', '0', 'nothing new to save', '')]
     assert 'Train: [' not in output
     assert checkpoints(run_dir(out)) == []
@@ -160,7 +161,7 @@ def test_torchrun_ranks_stop_at_the_same_step_when_one_is_signalled(workspace):
     assert saved == os.path.join(run, f'ckpt_epoch_0_step_{step0}.pth')
     assert checkpoints(run) == [f'ckpt_epoch_0_step_{step0}.pth']
     # both workers exit with the preempted status; torchrun itself reports a failure
-    assert output.count(f'exitcode  : {main.EXIT_PREEMPTED}') == 2, output[-3000:]
+    assert output.count(f'exitcode  : {lifecycle.EXIT_PREEMPTED}') == 2, output[-3000:]
     assert process.returncode == 1
     assert output.count('preempted: stopped by') == 1
 
@@ -213,7 +214,7 @@ def test_a_signal_at_the_last_batch_saves_it_and_the_restart_evaluates_it(worksp
     process = start_main(root, args + ['--output', out], log_path=log)
     stop_when(process, logged(log, 'Train: [0/2][2/10]'), lambda: process.send_signal(signal.SIGTERM))
     output = log.read_text()
-    assert process.returncode == main.EXIT_PREEMPTED, output[-3000:]
+    assert process.returncode == lifecycle.EXIT_PREEMPTED, output[-3000:]
     assert [stop[:3] for stop in STOPPED.findall(output)] == [('SIGTERM', '0', '10')]
     assert ' * Acc@1' not in output
     assert checkpoints(run) == ['ckpt_epoch_0_step_10.pth']

@@ -14,6 +14,7 @@ from golden import GoldenCase
 from helpers import (TINY_KWARGS, assert_ok, assert_same_training_state, children, environ,
                      load_weights, run_dir, run_main, start_main, stop_when, wait_for, write_config,
                      write_image_folder)
+from models import backbone
 from models.checkpoint import CheckpointError, atomic_write, read_checkpoint, resolve
 from models.focal_transformer import FocalTransformer, checkpoint_filter_fn
 
@@ -203,7 +204,7 @@ def test_released_wrapped_and_url_checkpoints_load(tmp_path, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
     for location in (str(raw), str(wrapped), raw.as_uri()):
         model.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})
-        utils.load_model_weights(model, read_checkpoint(location), location)
+        backbone.load_weights(model, read_checkpoint(location), location, adapt=False)
         model.eval()
         with torch.no_grad():
             torch.testing.assert_close(model(golden.input()).double(), golden.output, rtol=1e-4, atol=1e-4)
@@ -216,7 +217,7 @@ def test_another_architecture_names_the_keys(tmp_path):
     path = str(tmp_path / 'released.pth')
     torch.save(golden.reference_checkpoint(), path)
     with pytest.raises(CheckpointError) as error:
-        utils.load_model_weights(FocalTransformer(**TINY_KWARGS), read_checkpoint(path), path)
+        backbone.load_weights(FocalTransformer(**TINY_KWARGS), read_checkpoint(path), path, adapt=False)
     message = str(error.value)
     assert path in message and '\n' not in message
     assert 'missing keys' in message or 'unexpected keys' in message
@@ -232,7 +233,7 @@ def test_the_original_repositorys_training_checkpoint_loads(tmp_path):
                 'max_accuracy': 82.2, 'amp': {}}, path)
     fresh = FocalTransformer(**TINY_KWARGS)
     checkpoint = read_checkpoint(path)
-    utils.load_model_weights(fresh, checkpoint, path)
+    backbone.load_weights(fresh, checkpoint, path, adapt=False)
     assert checkpoint['epoch'] == 299
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
 
@@ -249,7 +250,7 @@ def test_resume_pretrained_and_timm_filter_unwrap_a_checkpoint_alike(tmp_path, l
         path = str(tmp_path / f'{layout}.pth')
         torch.save(contents, path)
         resumed, pretrained = FocalTransformer(**TINY_KWARGS), FocalTransformer(**TINY_KWARGS)
-        utils.load_model_weights(resumed, read_checkpoint(path), path)
+        backbone.load_weights(resumed, read_checkpoint(path), path, adapt=False)
         config = argparse.Namespace(MODEL=argparse.Namespace(PRETRAINED=path))
         utils.load_pretrained(config, pretrained, logger)
         filtered = checkpoint_filter_fn(torch.load(path, weights_only=True), FocalTransformer(**TINY_KWARGS))
@@ -263,4 +264,4 @@ def test_a_checkpoint_without_a_state_dict_is_named(tmp_path):
     path = str(tmp_path / 'notes.pth')
     torch.save({'model': {'weight': torch.ones(1), 'note': 'trained on Tuesday'}}, path)
     with pytest.raises(CheckpointError, match=f'{path} is not a model checkpoint .*entry note is a str'):
-        utils.load_model_weights(FocalTransformer(**TINY_KWARGS), read_checkpoint(path), path)
+        backbone.load_weights(FocalTransformer(**TINY_KWARGS), read_checkpoint(path), path, adapt=False)

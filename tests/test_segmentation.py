@@ -14,6 +14,7 @@ from sklearn.datasets import load_digits
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision import tv_tensors
 
+import lifecycle
 import main
 import models  # noqa: F401  (registers the focal models with timm)
 from data import DataError
@@ -337,7 +338,7 @@ def test_sigterm_on_the_iteration_schedule_saves_the_step_and_resumes_bit_identi
     stop_when(process, lambda: os.path.exists(os.path.join(run, 'ckpt_epoch_1_step_2.pth')),
               lambda: os.killpg(process.pid, signal.SIGTERM))
     output = log.read_text()
-    assert process.returncode == main.EXIT_PREEMPTED, output[-3000:]
+    assert process.returncode == lifecycle.EXIT_PREEMPTED, output[-3000:]
     saved = re.findall(r'ckpt_epoch_1_step_([345])\.pth', output.strip().splitlines()[-1])
     assert len(saved) == 1, output[-3000:]
     restarted = run_main(tmp_path, command)

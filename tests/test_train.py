@@ -19,6 +19,7 @@ import main
 import tasks.classification
 from config import get_config
 from helpers import assert_ok, run_dir, run_main, write_config, write_image_folder, zip_dataset
+from lr_scheduler import scaled_learning_rates
 
 SUMMARY_LINE = re.compile(r' \* Acc@1 (\d+\.\d{3}) Acc@5 (\d+\.\d{3})')
 LOSS_LINE = re.compile(r' \* loss (\d+\.\d+) over (\d+) images')
@@ -288,7 +289,7 @@ def test_every_rate_is_scaled_to_the_images_per_update(world_size, batch, accumu
     config = get_config(argparse.Namespace(opts=[
         'DATA.BATCH_SIZE', str(batch), 'TRAIN.ACCUMULATION_STEPS', str(accumulation),
         'TRAIN.BASE_LR', '0.4', 'TRAIN.WARMUP_LR', '0.002', 'TRAIN.MIN_LR', '0.01']))
-    main.scale_learning_rates(config, world_size)
+    config = scaled_learning_rates(config, world_size)
     factor = images_per_update / 512  # the configured rates are for 512 images per update
     assert config.is_frozen()
     assert (config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR) == \

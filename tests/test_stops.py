@@ -1,0 +1,273 @@
+"""Every way a run stops ends it promptly, with its documented status (lifecycle.py), and leaves no
+process behind, data workers included: each stop path with DATA.NUM_WORKERS 0 and 2, in one process
+and under torchrun --nproc_per_node 2, for classification; the stops whose code differs per task (the
+loaders' and the evaluations' own loops) for detection and segmentation too.
+
+Each run is a subprocess in its own session, watched: once its error line is out it must end within
+EXIT_GRACE seconds (a run that printed its error and then waited on live workers used to hang there
+forever), and after it ends its process group must be empty."""
+import dataclasses
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import lifecycle
+import utils
+from helpers import REPO, main_command, run_dir, subprocess_env, write_config, write_image_folder
+from models.checkpoint import read_checkpoint
+from test_detection import TINY_DETECTION, write_coco
+from test_segmentation import TINY_SEGMENTATION, write_ade_folder
+
+EXIT_GRACE = 20  # seconds from the error line to the end of the process (and of its workers)
+RUN_LIMIT = 240  # seconds for a whole run, as a last resort
+NOT_AN_IMAGE = b'not an image at all'
+
+
+@dataclasses.dataclass
+class Stop:
+    """One way of stopping: `opts` for the config, `damage(data)` to make the data bad, `signal` sent to
+    the whole job once training runs, the exit status of one process and the line it prints."""
+    status: int
+    line: str
+    opts: tuple = ()
+    damage: Optional[Callable] = None
+    signal: Optional[int] = None
+    file_limit: Optional[int] = None
+    data_path: Optional[str] = None  # replaces --data-path (bad input before training)
+    torchrun_args: tuple = ()
+
+
+def unreadable(split, count=1):
+    """Make the first `count` images of `split` unreadable; returns their paths."""
+    def damage(data):
+        paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(os.path.join(data, split))
+                       for name in names)[:count]
+        for path in paths:
+            with open(path, 'wb') as f:
+                f.write(NOT_AN_IMAGE)
+        return paths
+    return damage
+
+
+CLASSIFICATION_STOPS = {
+    'bad input before training': Stop(lifecycle.EXIT_BAD_INPUT, 'error: data folder not found: ', data_path='absent'),
+    'unreadable training image': Stop(lifecycle.EXIT_BAD_INPUT, 'error: cannot read image ', damage=unreadable('train')),
+    'unreadable validation image': Stop(lifecycle.EXIT_BAD_INPUT, 'error: cannot read image ',
+                                        damage=unreadable('val'), opts=('DATA.MAX_BAD_SAMPLES', '3')),
+    'more bad samples than allowed': Stop(lifecycle.EXIT_BAD_INPUT, 'error: 2 unreadable training images, more than',
+                                          damage=unreadable('train', 2), opts=('DATA.MAX_BAD_SAMPLES', '1')),
+    'non-finite loss': Stop(lifecycle.EXIT_TRAINING_FAILED, 'error: non-finite loss at epoch 0 step ',
+                            opts=('TRAIN.BASE_LR', '1e34', 'TRAIN.WARMUP_EPOCHS', '0', 'TRAIN.CLIP_GRAD', '0.0')),
+    'checkpoint cannot be written': Stop(lifecycle.EXIT_CHECKPOINT_WRITE_FAILED, 'error: cannot write checkpoint ',
+                                         opts=('TRAIN.EPOCHS', '1'), file_limit=64 * 1024),
+    'SIGTERM': Stop(lifecycle.EXIT_PREEMPTED, 'preempted: stopped by SIGTERM', signal=signal.SIGTERM),
+    'SIGUSR1': Stop(lifecycle.EXIT_PREEMPTED, 'preempted: stopped by SIGUSR1', signal=signal.SIGUSR1),
+    'Ctrl-C': Stop(lifecycle.EXIT_INTERRUPTED, 'interrupted: stopped by Ctrl-C', signal=signal.SIGINT),
+}
+EARLIER_ATTEMPT = Stop(lifecycle.EXIT_TRAINING_FAILED, 'error: an earlier attempt of this torchrun stopped with: ',
+                       opts=CLASSIFICATION_STOPS['non-finite loss'].opts, torchrun_args=('--max-restarts', '1'))
+
+
+def file_size_limit(limit):
+    def apply():  # a write past the limit fails with EFBIG (SIGXFSZ, which would kill, is ignored)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def group_members(pgid):
+    members = []
+    for pid in os.listdir('/proc'):
+        if pid.isdigit():
+            try:
+                if os.getpgid(int(pid)) == pgid:
+                    with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                        command = f.read().replace(b'\0', b' ').decode()
+                    members.append(f"{pid}: {command[:150]}")
+            except (ProcessLookupError, FileNotFoundError, PermissionError):
+                pass
+    return members
+
+
+def run_until_stopped(tmp_path, args, stop, nproc):
+    """Run main.py (or torchrun) as `stop` says; returns (exit status, stdout, stderr)."""
+    stdout_path, stderr_path = tmp_path / 'stdout.txt', tmp_path / 'stderr.txt'
+    with open(stdout_path, 'w') as stdout, open(stderr_path, 'w') as stderr:
+        process = subprocess.Popen(main_command(args, nproc, stop.torchrun_args), cwd=REPO,
+                                   env=subprocess_env(tmp_path), stdout=stdout, stderr=stderr,
+                                   start_new_session=True,
+                                   preexec_fn=file_size_limit(stop.file_limit) if stop.file_limit else None)
+    start, signalled, error_seen = time.time(), False, None
+    try:
+        while process.poll() is None:
+            now = time.time()
+            assert now - start < RUN_LIMIT, f"the run did not stop within {RUN_LIMIT} s"
+            text = stderr_path.read_text()
+            if error_seen is None and stop.line in text:
+                error_seen = now
+            assert error_seen is None or now - error_seen < EXIT_GRACE, \
+                f"the run printed its error and then did not end: {text[-2000:]}"
+            if stop.signal is not None and not signalled and 'Train: [0/' in stdout_path.read_text():
+                os.killpg(process.pid, stop.signal)  # the whole job, as a scheduler or a terminal signals
+                signalled = True
+            time.sleep(0.05)
+        deadline = time.time() + 5  # data workers of torchrun's workers die with them: allow a moment
+        while group_members(process.pid) and time.time() < deadline:
+            time.sleep(0.05)
+        left = group_members(process.pid)
+        assert not left, f"processes left behind: {left}"
+    finally:
+        if process.poll() is None or group_members(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    return process.returncode, stdout_path.read_text(), stderr_path.read_text()
+
+
+def check_stop(tmp_path, args, stop, nproc, out):
+    status, stdout, stderr = run_until_stopped(tmp_path, args, stop, nproc)
+    # no traceback through this code base (torchrun prints its own when a worker fails)
+    assert f'File "{REPO}' not in stderr and (nproc > 1 or 'Traceback' not in stderr), stderr[-3000:]
+    assert stop.line in stderr, stderr[-3000:]
+    if nproc == 1:
+        assert status == stop.status, stderr[-3000:]
+    else:  # torchrun exits with 1 after any failed worker; its summary lists the workers' statuses
+        assert status != 0 and f'exitcode  : {stop.status}' in stderr, stderr[-3000:]
+    run = run_dir(out) if os.path.isdir(run_dir(out)) else None
+    if run is not None:  # no half-written checkpoint, whatever stopped the run
+        for name in os.listdir(run):
+            assert not name.endswith('.tmp'), name
+            if utils.parse_checkpoint_name(name) or name == utils.BEST_CHECKPOINT:
+                assert utils.is_training_checkpoint(read_checkpoint(os.path.join(run, name)))
+    if stop.status == lifecycle.EXIT_PREEMPTED:
+        assert any(utils.parse_checkpoint_name(name) for name in os.listdir(run)), 'the step was not saved'
+    return stdout, stderr
+
+
+def classification_case(tmp_path, stop, workers):
+    data = write_image_folder(tmp_path / 'data', n_train=8, n_val=3)
+    if stop.damage is not None:
+        stop.damage(data)
+    cfg = write_config(tmp_path / 'tiny.yaml')
+    out = str(tmp_path / 'out')
+    args = ['--cfg', cfg, '--data-path', stop.data_path or data, '--output', out,
+            '--opts', 'DATA.NUM_WORKERS', str(workers), 'DATA.BATCH_SIZE', '2', *stop.opts]
+    return args, out
+
+
+@pytest.mark.parametrize('nproc', [1, 2], ids=['one process', 'torchrun 2'])
+@pytest.mark.parametrize('workers', [0, 2], ids=['no workers', '2 workers'])
+@pytest.mark.parametrize('name', CLASSIFICATION_STOPS)
+def test_classification_stops(tmp_path, name, workers, nproc):
+    stop = CLASSIFICATION_STOPS[name]
+    args, out = classification_case(tmp_path, stop, workers)
+    check_stop(tmp_path, args, stop, nproc, out)
+
+
+@pytest.mark.parametrize('workers', [0, 2], ids=['no workers', '2 workers'])
+def test_an_attempt_after_a_failed_one_stops_at_once(tmp_path, workers):
+    args, out = classification_case(tmp_path, EARLIER_ATTEMPT, workers)
+    _, stderr = check_stop(tmp_path, args, EARLIER_ATTEMPT, 2, out)
+    assert 'error: non-finite loss at epoch 0 step ' in stderr
+
+
+def dense_case(tmp_path, task, stop, workers):
+    if task == 'detection':
+        data = write_coco(tmp_path / 'coco', splits=(('train', 6), ('val', 4)))
+        config = TINY_DETECTION
+    else:
+        data = write_ade_folder(tmp_path / 'ade', counts=(('training', 6), ('validation', 4)))
+        config = TINY_SEGMENTATION
+    if stop.damage is not None:
+        stop.damage(os.path.join(data, 'train2017' if task == 'detection' else os.path.join('images', 'training')))
+    cfg = tmp_path / 'tiny.yaml'
+    cfg.write_text(config)
+    out = str(tmp_path / 'out')
+    return ['--cfg', str(cfg), '--data-path', data, '--output', out, '--opts', 'DATA.NUM_WORKERS', str(workers),
+            'DATA.BATCH_SIZE', '1', 'TEST.MULTI_SCALE', 'False', *stop.opts], out
+
+
+DENSE_STOPS = {
+    'unreadable training image': Stop(lifecycle.EXIT_BAD_INPUT, 'error: cannot read image ', damage=unreadable('')),
+    'unreadable validation image': Stop(lifecycle.EXIT_BAD_INPUT, 'error: cannot read image '),
+    'SIGTERM': Stop(lifecycle.EXIT_PREEMPTED, 'preempted: stopped by SIGTERM', signal=signal.SIGTERM),
+}
+
+
+@pytest.mark.parametrize('nproc', [1, 2], ids=['one process', 'torchrun 2'])
+@pytest.mark.parametrize('name', DENSE_STOPS)
+@pytest.mark.parametrize('task', ['detection', 'segmentation'])
+def test_dense_task_stops_with_workers(tmp_path, task, name, nproc):
+    stop = DENSE_STOPS[name]
+    args, out = dense_case(tmp_path, task, stop, workers=2)
+    if name == 'unreadable validation image':
+        folder = os.path.join(args[args.index('--data-path') + 1],
+                              'val2017' if task == 'detection' else os.path.join('images', 'validation'))
+        unreadable('')(folder)
+    check_stop(tmp_path, args, stop, nproc, out)
+
+
+def test_a_killed_training_process_takes_its_data_workers_with_it(tmp_path):
+    """SIGKILL to the training process alone (the OOM killer, a node agent): its data workers, which
+    ignore the job's stop signals, die with it at once through the parent-death signal instead of living
+    on until DataLoader's own watchdog looks, seconds later."""
+    args, _ = classification_case(tmp_path, Stop(0, ''), workers=2)
+    with open(tmp_path / 'stdout.txt', 'w') as stdout:
+        process = subprocess.Popen(main_command(args), cwd=REPO, env=subprocess_env(tmp_path), stdout=stdout,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + RUN_LIMIT
+        while 'Train: [0/' not in (tmp_path / 'stdout.txt').read_text():
+            assert process.poll() is None and time.time() < deadline, (tmp_path / 'stdout.txt').read_text()
+            time.sleep(0.05)
+        workers = [member for member in group_members(process.pid) if not member.startswith(f'{process.pid}:')]
+        assert len(workers) == 2, workers
+        process.kill()
+        process.wait()
+        deadline = time.time() + 2
+        while group_members(process.pid) and time.time() < deadline:
+            time.sleep(0.02)
+        assert not group_members(process.pid), group_members(process.pid)
+    finally:
+        if group_members(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_workers_of_an_iterator_an_error_keeps_alive_do_not_hold_the_exit(tmp_path):
+    """A script (or a test) whose loop over a Loader ended in an error keeps the iterator alive in the
+    error's traceback; its workers ignore SIGTERM, so the interpreter's exit, which terminates and joins
+    them, would wait forever: data.loaders shuts them down first."""
+    script = tmp_path / 'kept_error.py'
+    script.write_text(f"""\
+import sys
+sys.path.insert(0, {REPO!r})
+import torch
+from data.loaders import LoaderSettings, build_loaders
+class SecondIsBad(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+    def __getitem__(self, index):
+        if index == 1:
+            raise ValueError('sample 1 is bad')
+        return torch.zeros(1)
+settings = LoaderSettings(batch_size=1, num_workers=2, pin_memory=False, seed=0, max_bad_samples=0,
+                          steps_per_epoch=0, rank=0, world_size=1)
+_, loader = build_loaders(settings, None, SecondIsBad(), 'a test')
+kept = []
+try:
+    for batch in loader:
+        pass
+except ValueError as error:
+    kept.append(error)
+print('done')
+""")
+    result = subprocess.run([sys.executable, str(script)], env=subprocess_env(tmp_path), capture_output=True,
+                            text=True, timeout=120, start_new_session=True)
+    assert result.returncode == 0 and result.stdout == 'done\n', result.stderr[-2000:]
