@@ -15,16 +15,19 @@ reported, since the compiler's own memory would be counted.
     python benchmarks/throughput.py                      # CPU, float32 eager, batch 8, 224 px
     python benchmarks/throughput.py --variants all       # + torch.compile and bf16 autocast rows
     python benchmarks/throughput.py --device cuda --batch-size 64
-    python benchmarks/throughput.py --detector           # one 800x1216 image, inference only
+    python benchmarks/throughput.py --detector           # one 800x1216 image: backbone, Mask R-CNN
+    python benchmarks/throughput.py --detector --methods mask_rcnn cascade_mask_rcnn
 
 `--detector` measures what a detection backbone sees: batch 1 at `--detector-size` (800x1216 by
 default), Swin-T created with `dynamic_img_size=True` so that it takes that size: a backbone
-inference row, and a training row of torchvision's Mask R-CNN with the same FPN on each backbone
-(its stage maps, each LayerNormed, into torchvision's FeaturePyramidNetwork; one image with three
-boxes and masks, AdamW); for the focal model it also times a forward at a size whose index tables
-are not cached yet (the cache is cleared before each), and the difference to a cached forward is
-the time to build them. The focal models take the detection recipes' focal windows (15 13 9 7;
-`--focal-windows 7 5 3 1` measures the classifiers').
+inference row, and for each detector of `--methods` (torchvision's Mask R-CNN by default;
+`cascade_mask_rcnn`: models.detectors' Cascade Mask R-CNN with the 3x recipe's heads) a row of its
+inference and its training step with the same FPN on each backbone (its stage maps, each LayerNormed,
+into torchvision's FeaturePyramidNetwork; one image with three boxes and masks, AdamW); for the focal
+model it also times a forward at a size whose index tables are not cached yet (the cache is cleared
+before each), and the difference to a cached forward is the time to build them. The focal models
+take the detection recipes' focal windows (15 13 9 7; `--focal-windows 7 5 3 1` measures the
+classifiers').
 
 `--memory` measures only the training peak memory per image, each model with and without activation
 checkpointing (timm's `set_grad_checkpointing`, what TRAIN.USE_CHECKPOINT sets): at each batch size of
@@ -159,17 +162,35 @@ class TimmFPN(torch.nn.Module):
         return self.fpn(maps)
 
 
-def mask_rcnn_training_step(name: str, args):
-    """A Mask R-CNN training step (forward, backward, AdamW) on `name`'s FPN backbone."""
+def build_mask_rcnn(backbone, height: int, width: int):
     from torchvision.models.detection import MaskRCNN
+    return MaskRCNN(backbone, 91, min_size=height, max_size=max(height, width), _skip_resize=True)
+
+
+def build_cascade_mask_rcnn(backbone, height: int, width: int):
+    """The 3x recipe's heads (models.detectors.cascade_rcnn's defaults) on Mask R-CNN's anchors."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from models.detectors import CascadeMaskRCNN
+    anchors = AnchorGenerator([(32,), (64,), (128,), (256,), (512,)], [(0.5, 1.0, 2.0)] * 5)
+    return CascadeMaskRCNN(backbone, 91, anchors, min_size=height, max_size=max(height, width), _skip_resize=True)
+
+
+# --methods: name -> (label, build(FPN backbone, height, width)), each detector at its COCO recipe's heads
+DETECTOR_METHODS = {
+    'mask_rcnn': ('Mask R-CNN', build_mask_rcnn),
+    'cascade_mask_rcnn': ('Cascade Mask R-CNN', build_cascade_mask_rcnn),
+}
+
+
+def detector_training_step(name: str, method: str, args):
+    """`method`'s detector on `name`'s FPN backbone and its training step (forward, backward, AdamW)."""
     from models.detection import focal_fpn_backbone
 
     device = torch.device(args.device)
     backbone = (focal_fpn_backbone(name, focal_windows=args.focal_windows) if name.startswith('focal')
                 else TimmFPN(name))
     height, width = args.detector_size
-    detector = MaskRCNN(backbone, 91, min_size=height, max_size=max(height, width),
-                        _skip_resize=True).to(device).train()
+    detector = DETECTOR_METHODS[method][1](backbone, height, width).to(device).train()
     optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-4, weight_decay=0.05)
     images = [torch.rand(3, height, width, device=device)]
     boxes = torch.tensor([[100., 120., 400., 500.], [600., 200., 900., 700.], [300., 400., 1100., 780.]])
@@ -217,13 +238,25 @@ def measure_detector(name: str, args) -> dict:
            'infer_img_s': 1 / infer_time, 'forward_ms': infer_time * 1e3}
     if isinstance(model, FocalTransformer):
         row['table_build_ms'] = (timed(new_size_step, args.steps, args.repeats, device) - infer_time) * 1e3
-    detector, train_step = mask_rcnn_training_step(name, args)
-    torch.manual_seed(0)  # the same proposals sampled for both backbones
-    for _ in range(args.warmup):
-        train_step()
-    train_time = timed(train_step, args.steps, args.repeats, device)
-    row.update(mask_rcnn_params_m=sum(p.numel() for p in detector.parameters()) / 1e6,
-               train_img_s=1 / train_time, train_step_ms=train_time * 1e3)
+    row['methods'] = {}
+    for method in args.methods:
+        detector, train_step = detector_training_step(name, method, args)
+        torch.manual_seed(0)  # the same proposals sampled for both backbones
+        for _ in range(args.warmup):
+            train_step()
+        train_time = timed(train_step, args.steps, args.repeats, device)
+        detector.eval()
+
+        def detect():
+            with torch.inference_mode(), autocast:
+                detector(list(images))
+
+        for _ in range(args.warmup):
+            detect()
+        detect_time = timed(detect, args.steps, args.repeats, device)
+        row['methods'][method] = dict(params_m=sum(p.numel() for p in detector.parameters()) / 1e6,
+                                      train_img_s=1 / train_time, train_step_ms=train_time * 1e3,
+                                      detect_img_s=1 / detect_time, detect_ms=detect_time * 1e3)
     return row
 
 
@@ -417,10 +450,13 @@ def main():
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--threads', type=int, default=os.cpu_count(), help='CPU threads (default: all cores)')
     parser.add_argument('--detector', action='store_true',
-                        help='batch 1 at --detector-size, inference only (Swin-T with dynamic_img_size=True)')
+                        help='batch 1 at --detector-size: the backbones and --methods on them (Swin-T with '
+                             'dynamic_img_size=True)')
     parser.add_argument('--detector-size', type=int, nargs=2, default=(800, 1216), metavar=('H', 'W'))
     parser.add_argument('--focal-windows', type=int, nargs=4, default=(15, 13, 9, 7), metavar='N',
                         help="with --detector: the focal models' focal windows (configs/detection recipes')")
+    parser.add_argument('--methods', nargs='+', choices=DETECTOR_METHODS, default=['mask_rcnn'],
+                        help='with --detector: the detectors timed on each backbone, inference and training')
     parser.add_argument('--models', nargs='+', default=[BASELINE, CANDIDATE],
                         help=f'timm model names; ratios are against the first ({BASELINE} by default)')
     parser.add_argument('--variants', nargs='+', choices=(*VARIANTS, 'all'),
@@ -473,10 +509,10 @@ def main():
             command = [sys.executable, os.path.abspath(__file__), '--worker', name, '--variant', key] + [
                 f'--{option.replace("_", "-")}={value}' for option, value in vars(args).items()
                 if option not in ('worker', 'models', 'variants', 'variant', 'detector', 'detector_size',
-                                  'focal_windows', 'memory', 'memory_batches', 'checkpointing')]
+                                  'focal_windows', 'methods', 'memory', 'memory_batches', 'checkpointing')]
             if args.detector:
                 command += ['--detector', '--detector-size', *map(str, args.detector_size),
-                            '--focal-windows', *map(str, args.focal_windows)]
+                            '--focal-windows', *map(str, args.focal_windows), '--methods', *args.methods]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 sys.exit(f'error: measuring {name} ({VARIANTS[key].label}) failed:\n{result.stderr.strip()}')
@@ -497,20 +533,32 @@ def main():
 
 def print_detector_rows(rows: list, args, precision: str):
     height, width = args.detector_size
-    print(f'device {args.device} ({precision}), batch 1, {height}x{width} px, backbone inference and '
-          f'Mask R-CNN training, focal windows {" ".join(map(str, args.focal_windows))}, {args.threads} threads, '
-          f'best of {args.repeats}x{args.steps} steps')
-    header = (f'{"model":34s} {"params(M)":>9s} {"forward ms":>11s} {"img/s":>8s} {"table build ms":>15s} '
-              f'{"Mask R-CNN(M)":>13s} {"train step ms":>14s} {"train img/s":>12s}')
+    labels = [DETECTOR_METHODS[method][0] for method in args.methods]
+    print(f'device {args.device} ({precision}), batch 1, {height}x{width} px, backbone inference, '
+          f'{", ".join(labels)} inference and training, focal windows {" ".join(map(str, args.focal_windows))}, '
+          f'{args.threads} threads, best of {args.repeats}x{args.steps} steps')
+    header = f'{"model":34s} {"params(M)":>9s} {"forward ms":>11s} {"img/s":>8s} {"table build ms":>15s}'
     print(header)
     print('-' * len(header))
     for row in rows:
         build = f'{row["table_build_ms"]:15.1f}' if 'table_build_ms' in row else f'{"-":>15s}'
-        print(f'{row["model"]:34s} {row["params_m"]:9.2f} {row["forward_ms"]:11.1f} {row["infer_img_s"]:8.2f} {build} '
-              f'{row["mask_rcnn_params_m"]:13.2f} {row["train_step_ms"]:14.1f} {row["train_img_s"]:12.3f}')
+        print(f'{row["model"]:34s} {row["params_m"]:9.2f} {row["forward_ms"]:11.1f} {row["infer_img_s"]:8.2f} {build}')
+    header = (f'{"detector":19s} {"model":34s} {"params(M)":>9s} {"detect ms":>10s} {"train step ms":>14s} '
+              f'{"train img/s":>12s}')
+    print(header)
+    print('-' * len(header))
+    for method, label in zip(args.methods, labels):
+        for row in rows:
+            measured = row['methods'][method]
+            print(f'{label:19s} {row["model"]:34s} {measured["params_m"]:9.2f} {measured["detect_ms"]:10.1f} '
+                  f'{measured["train_step_ms"]:14.1f} {measured["train_img_s"]:12.3f}')
     for row in rows[1:]:
-        print(f'{row["model"]} / {rows[0]["model"]}: inference {row["infer_img_s"] / rows[0]["infer_img_s"]:.2f}x, '
-              f'Mask R-CNN training {row["train_img_s"] / rows[0]["train_img_s"]:.2f}x')
+        ratios = [f'inference {row["infer_img_s"] / rows[0]["infer_img_s"]:.2f}x']
+        for method, label in zip(args.methods, labels):
+            mine, base = row['methods'][method], rows[0]['methods'][method]
+            ratios.append(f'{label} inference {mine["detect_img_s"] / base["detect_img_s"]:.2f}x')
+            ratios.append(f'{label} training {mine["train_img_s"] / base["train_img_s"]:.2f}x')
+        print(f'{row["model"]} / {rows[0]["model"]}: {", ".join(ratios)}')
 
 
 if __name__ == '__main__':

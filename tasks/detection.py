@@ -1,5 +1,5 @@
-"""COCO object detection and instance segmentation: torchvision's Mask R-CNN or RetinaNet on the
-Focal FPN backbone, COCO box and mask AP from pycocotools.
+"""COCO object detection and instance segmentation: torchvision's Mask R-CNN or RetinaNet, or the
+Cascade Mask R-CNN of models.detectors, on the Focal FPN backbone, COCO box and mask AP from pycocotools.
 
 Training images are resized in the data pipeline (DATA.MIN_SIZES, DATA.MAX_SIZE, the 3x recipes'
 random crop of AUG.DET_CROP_MIN_SIZES and AUG.DET_CROP_SIZE_RANGE, flip), so the detector's own
@@ -32,16 +32,18 @@ from data.coco import (check_images_exist, collate_detection_eval, collate_detec
                        detection_transform, keep_trainable_images, num_classes_needed, read_coco,
                        wrap_for_transforms)
 from data.loaders import LoaderSettings, build_loaders
-from distributed import is_distributed, rank_and_world_size
+from distributed import broadcast_batch_norm_statistics, is_distributed, rank_and_world_size
 from logger import memory_mb
 from models.backbone import no_weight_decay_names
 from models.build import focal_arguments
 from models.detection import focal_fpn_backbone
+from models.detectors import CascadeMaskRCNN
 
 ASPECT_RATIOS = [(0.5, 1.0, 2.0)]  # of every level's anchors, torchvision's
 # (image folder, annotation file) of each split under the COCO 2017 root
 COCO_SPLITS = {'train': ('train2017', os.path.join('annotations', 'instances_train2017.json')),
                'val': ('val2017', os.path.join('annotations', 'instances_val2017.json'))}
+MASK_DETECTORS = {'mask_rcnn', 'cascade_mask_rcnn'}  # the detectors that predict masks: scored 'segm' too
 
 
 def coco_root(config, rank):
@@ -58,8 +60,8 @@ def coco_root(config, rank):
 
 
 def build_detector(config, num_classes):
-    """Mask R-CNN (four stages, max-pooled P6) or RetinaNet (stages 1-3, P6 and P7) on
-    the Focal FPN backbone that MODEL.FOCAL describes, with the heads of MODEL.DETECTION."""
+    """Mask R-CNN or Cascade Mask R-CNN (four stages, max-pooled P6) or RetinaNet (stages 1-3,
+    P6 and P7) on the Focal FPN backbone that MODEL.FOCAL describes, with the heads of MODEL.DETECTION."""
     arguments = focal_arguments(config)
     for unused in ('num_classes', 'drop_path_rate'):
         arguments.pop(unused)
@@ -81,12 +83,13 @@ def build_detector(config, num_classes):
         return RetinaNet(backbone, num_classes, anchor_generator=anchors, **common)
     backbone = focal_fpn_backbone(drop_path_rate=config.MODEL.DROP_PATH_RATE, out_channels=width,
                                   **arguments)
+    rpn_anchors = AnchorGenerator([(size,) for size in detection.ANCHOR_SIZES], ASPECT_RATIOS * levels)
+    if detection.DETECTOR == 'cascade_mask_rcnn':
+        return build_cascade_mask_rcnn(detection, backbone, rpn_anchors, num_classes, common)
     roi_size = 7  # torchvision's MultiScaleRoIAlign output for the box head
     # the predictors say the number of classes (MaskRCNN refuses it twice)
     train_proposals, test_proposals = detection.PROPOSALS
-    return MaskRCNN(backbone, None,
-                    rpn_anchor_generator=AnchorGenerator([(size,) for size in detection.ANCHOR_SIZES],
-                                                         ASPECT_RATIOS * levels),
+    return MaskRCNN(backbone, None, rpn_anchor_generator=rpn_anchors,
                     rpn_post_nms_top_n_train=train_proposals, rpn_post_nms_top_n_test=test_proposals,
                     box_head=TwoMLPHead(width * roi_size ** 2, detection.BOX_HEAD_WIDTH),
                     box_predictor=FastRCNNPredictor(detection.BOX_HEAD_WIDTH, num_classes),
@@ -94,6 +97,17 @@ def build_detector(config, num_classes):
                     mask_head=MaskRCNNHeads(width, [width] * detection.MASK_HEAD_LAYERS, 1),
                     mask_predictor=MaskRCNNPredictor(width, width, num_classes),
                     box_detections_per_img=common.pop('detections_per_img'), **common)
+
+
+def build_cascade_mask_rcnn(detection, backbone, rpn_anchors, num_classes, common):
+    """Cascade Mask R-CNN on Mask R-CNN's backbone and RPN, with the stages of MODEL.DETECTION.CASCADE."""
+    cascade = detection.CASCADE
+    return CascadeMaskRCNN(backbone, num_classes, rpn_anchors, proposals=detection.PROPOSALS,
+                           roi_samples=detection.ROI_SAMPLES, box_head_convs=cascade.BOX_HEAD_CONVS,
+                           box_head_width=detection.BOX_HEAD_WIDTH, mask_head_layers=detection.MASK_HEAD_LAYERS,
+                           iou_thresholds=cascade.IOU_THRESHOLDS, box_coder_weights=cascade.BOX_CODER_WEIGHTS,
+                           stage_loss_weights=cascade.STAGE_LOSS_WEIGHTS,
+                           giou_loss_weight=cascade.GIOU_LOSS_WEIGHT, **common)
 
 
 class Detection:
@@ -106,7 +120,7 @@ class Detection:
     def build_loaders(self, config):
         rank, world_size = rank_and_world_size()
         root = coco_root(config, rank)
-        with_masks = config.MODEL.DETECTION.DETECTOR == 'mask_rcnn'
+        with_masks = config.MODEL.DETECTION.DETECTOR in MASK_DETECTORS
         splits = ['val'] if config.EVAL_MODE else ['train', 'val']
         datasets = {}
         for split in splits:
@@ -152,7 +166,11 @@ class Detection:
         return ['background'] + [categories.get(label, '') for label in range(1, max(categories, default=0) + 1)]
 
     def build_model(self, config):
-        return build_detector(config, config.MODEL.NUM_CLASSES)
+        model = build_detector(config, config.MODEL.NUM_CLASSES)
+        if is_distributed() and torch.cuda.is_available():
+            # the cascade's box heads normalise over the batch's RoIs: the recipe's SyncBN
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
 
     def describe(self, model):
         n_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -172,7 +190,8 @@ class Detection:
     @torch.no_grad()
     def evaluate(self, config, model, data_loader, device, autocast, logger):
         model.eval()
-        with_masks = config.MODEL.DETECTION.DETECTOR == 'mask_rcnn'
+        broadcast_batch_norm_statistics(model)  # the cascade's box heads
+        with_masks = config.MODEL.DETECTION.DETECTOR in MASK_DETECTORS
         results = {'bbox': [], 'segm': []}
         batch_time, end = AverageMeter(), time.time()
         for step, (images, targets) in enumerate(data_loader):
