@@ -102,7 +102,9 @@ _C.MODEL.LABEL_SMOOTHING = 0.1
 # (added) detection: a torchvision detector on the Focal FPN backbone (models.detection); the
 # defaults are torchvision's, which the recipes keep
 _C.MODEL.DETECTION = CN()
-# 'mask_rcnn' (stages 0-3, max-pooled P6) or 'retinanet' (stages 1-3, P6 and P7 from stage 3)
+# 'mask_rcnn' (stages 0-3, max-pooled P6) or 'retinanet' (stages 1-3, P6 and P7 from stage 3);
+# 'atss' (stages 1-3, P6 and P7 from P5: models.detectors.atss); 'sparse_rcnn' (stages 0-3:
+# models.detectors.sparse_rcnn)
 _C.MODEL.DETECTION.DETECTOR = 'mask_rcnn'
 # Channels of the feature pyramid and of the heads' convolutions
 _C.MODEL.DETECTION.FPN_CHANNELS = 256
@@ -119,6 +121,17 @@ _C.MODEL.DETECTION.PROPOSALS = [2000, 1000]
 _C.MODEL.DETECTION.ANCHOR_SIZES = [32, 64, 128, 256, 512]
 # Detections kept per image at evaluation (COCO's AP counts 100)
 _C.MODEL.DETECTION.DETECTIONS_PER_IMAGE = 100
+# ATSS's own settings
+_C.MODEL.DETECTION.ATSS = CN()
+# Side of each level's one square anchor, in units of the level's stride (mmdetection's
+# octave_base_scale 8: 64-1024 px on P3-P7)
+_C.MODEL.DETECTION.ATSS.ANCHOR_SCALE = 8.0
+# Sparse R-CNN's own settings
+_C.MODEL.DETECTION.SPARSE_RCNN = CN()
+# Learnable proposal boxes and features (mmdetection: 100; the 3x recipe 300)
+_C.MODEL.DETECTION.SPARSE_RCNN.NUM_PROPOSALS = 100
+# Dynamic instance interactive stages, each refining the last one's boxes
+_C.MODEL.DETECTION.SPARSE_RCNN.NUM_STAGES = 6
 
 # The MODEL.DETECTION keys each detector reads (besides DETECTOR): a key that a YAML file or --opts sets
 # and the chosen detector does not read is a one-line ConfigError, not silently ignored. A detector's own
@@ -127,6 +140,8 @@ DETECTOR_KEYS = {
     'mask_rcnn': ('FPN_CHANNELS', 'BOX_HEAD_WIDTH', 'MASK_HEAD_LAYERS', 'ROI_SAMPLES', 'PROPOSALS',
                   'ANCHOR_SIZES', 'DETECTIONS_PER_IMAGE'),
     'retinanet': ('FPN_CHANNELS', 'ANCHOR_SIZES', 'DETECTIONS_PER_IMAGE'),
+    'atss': ('FPN_CHANNELS', 'DETECTIONS_PER_IMAGE', 'ATSS'),
+    'sparse_rcnn': ('FPN_CHANNELS', 'DETECTIONS_PER_IMAGE', 'SPARSE_RCNN'),
 }
 
 # (added) segmentation: smp's UPerNet on the Focal encoder with an auxiliary FCN head on stage 3
