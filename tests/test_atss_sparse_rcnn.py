@@ -1,7 +1,8 @@
 """ATSS and Sparse R-CNN (models/detectors): ATSS's assignment on a hand-worked example; Sparse R-CNN's
-Hungarian matching against brute force and its stages passing boxes on without gradient; the 3x recipes'
-models at the paper's sizes; their settings refused under another detector; ATSS evaluated by two processes
-as by one. (A few training steps of each demo detector lowering the loss: tests/test_detection.py.)"""
+Hungarian matching against brute force and its stages passing boxes on without gradient; a training step of
+each on images without a box; the 3x recipes' models at the paper's sizes; their settings refused under
+another detector; ATSS evaluated by two processes as by one. (A few training steps of each demo detector
+lowering the loss: tests/test_detection.py.)"""
 import argparse
 import itertools
 import os
@@ -120,21 +121,52 @@ def test_hungarian_matching_is_the_cheapest_assignment(num_predictions, num_trut
         assert sum(cost[p][g] for p, g in zip(predictions.tolist(), truths.tolist())) == pytest.approx(best, abs=1e-4)
 
 
+def test_hungarian_matching_of_non_finite_predictions_still_matches():
+    """NaN or infinite logits (a diverged run) do not stop scipy: every truth is still matched, so that the
+    loss, not the matcher, reports the divergence to the training loop."""
+    logits = torch.tensor([[float('nan'), 0.0], [float('inf'), 1.0], [0.0, -float('inf')]])
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 20.0, 20.0], [0.0, 0.0, 30.0, 30.0]])
+    predictions, truths = match_predictions(logits, boxes, torch.tensor([0, 1]), boxes[:2],
+                                            torch.tensor([40.0, 40.0, 40.0, 40.0]))
+    assert truths.tolist() == [0, 1] and len(set(predictions.tolist())) == 2
+
+
 # ---------------------------------------------------------------------------------------------
-# Sparse R-CNN's stages
+# Training steps
 # ---------------------------------------------------------------------------------------------
-def test_sparse_rcnn_stages_refine_boxes_without_the_next_stages_gradient(tmp_path):
-    """The last stage's losses reach the earlier stages through the proposal features, never through the
-    boxes they pass on: the earlier stages' box branches get no gradient from it, their attention does."""
-    config = load_config(os.path.join(DETECTION_CONFIGS, 'sparse_rcnn_focal_micro_digits.yaml'), str(tmp_path),
+def demo_model_and_batch(detector, data_path):
+    """The demo recipe's detector on the smallest digit scenes (32 px), seeded, in training mode, and the
+    first batch of its training loader (which also sets the classes the model needs)."""
+    config = load_config(os.path.join(DETECTION_CONFIGS, f'{detector}_focal_micro_digits.yaml'), str(data_path),
                          'DATA.IMG_SIZE', '32', 'DATA.MIN_SIZES', '[32]', 'DATA.TEST_MIN_SIZE', '32',
                          'DATA.MAX_SIZE', '32')
     task = build_task(config)
-    loader, _ = task.build_loaders(config)  # sets the classes the model needs
+    loader, _ = task.build_loaders(config)
     loader.sampler.set_epoch(0)
     samples, targets, _ = next(iter(loader))
     torch.manual_seed(0)
-    model = task.build_model(config).train()
+    return task, task.build_model(config).train(), samples, targets
+
+
+@pytest.mark.parametrize('detector', ['atss', 'sparse_rcnn'])
+def test_a_training_step_with_images_without_a_box(tmp_path, detector):
+    """A batch where one image has no box (a crop of the 3x recipes can leave none), then one where none
+    has: finite losses, and a finite gradient for every parameter, as DDP needs, even from no positive."""
+    task, model, samples, targets = demo_model_and_batch(detector, tmp_path)
+    empty = dict(targets[0], boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.int64))
+    for batch_targets in ([empty] + targets[1:], [empty] * len(targets)):
+        model.zero_grad(set_to_none=True)
+        loss = task.training_loss(model, samples, batch_targets, torch.device('cpu'))
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters()
+                   if p.requires_grad)
+
+
+def test_sparse_rcnn_stages_refine_boxes_without_the_next_stages_gradient(tmp_path):
+    """The last stage's losses reach the earlier stages through the proposal features, never through the
+    boxes they pass on: the earlier stages' box branches get no gradient from it, their attention does."""
+    _, model, samples, targets = demo_model_and_batch('sparse_rcnn', tmp_path)
     losses = model(samples, targets)
     last = len(model.stages) - 1
     assert sorted(losses) == sorted(f'stage{stage}_{kind}' for stage in range(last + 1)

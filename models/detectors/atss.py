@@ -130,10 +130,10 @@ class ATSSHead(nn.Module):
             positive_anchors.append(anchors[image][positive])
             positive_deltas.append(deltas[image, positive])
             positive_centerness.append(centerness[image, positive])
-        gt_boxes, anchors = torch.cat(positive_boxes), torch.cat(positive_anchors)
-        predicted = self.box_coder.decode_single(torch.cat(positive_deltas), anchors)
+        gt_boxes, anchor_boxes = torch.cat(positive_boxes), torch.cat(positive_anchors)
+        predicted = self.box_coder.decode_single(torch.cat(positive_deltas), anchor_boxes)
         centerness = torch.cat(positive_centerness)
-        centerness_targets = centerness_target(anchors, gt_boxes)
+        centerness_targets = centerness_target(anchor_boxes, gt_boxes)
 
         num_positive = mean_over_processes(logits.new_tensor(float(len(gt_boxes)))).clamp(min=1)
         weight_sum = mean_over_processes(centerness_targets.sum().detach()).clamp(min=1)
@@ -156,8 +156,8 @@ def centerness_target(anchors: Tensor, gt_boxes: Tensor) -> Tensor:
 
 
 class ATSS(FCOS):
-    """ATSS on a backbone of `num_levels` pyramid maps (P3-P7 from LastLevelP6P7), returning torchvision's
-    losses in training and `[{'boxes', 'labels', 'scores'}]` at evaluation.
+    """ATSS on a backbone whose pyramid maps have `strides` (P3-P7, from LastLevelP6P7), returning
+    torchvision's losses in training and `[{'boxes', 'labels', 'scores'}]` at evaluation.
 
     `anchor_scale`: each level's square anchor side in units of its stride ([mmdet] octave_base_scale 8,
     strides 8-128). `topk`: candidates per level and ground truth ([mmdet] ATSSAssigner topk 9).
