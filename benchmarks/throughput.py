@@ -16,6 +16,7 @@ reported, since the compiler's own memory would be counted.
     python benchmarks/throughput.py --variants all       # + torch.compile and bf16 autocast rows
     python benchmarks/throughput.py --device cuda --batch-size 64
     python benchmarks/throughput.py --detector           # one 800x1216 image, inference only
+    python benchmarks/throughput.py --detector --detectors atss sparse_rcnn
 
 `--detector` measures what a detection backbone sees: batch 1 at `--detector-size` (800x1216 by
 default), Swin-T created with `dynamic_img_size=True` so that it takes that size: a backbone
@@ -24,7 +25,10 @@ inference row, and a training row of torchvision's Mask R-CNN with the same FPN 
 boxes and masks, AdamW); for the focal model it also times a forward at a size whose index tables
 are not cached yet (the cache is cleared before each), and the difference to a cached forward is
 the time to build them. The focal models take the detection recipes' focal windows (15 13 9 7;
-`--focal-windows 7 5 3 1` measures the classifiers').
+`--focal-windows 7 5 3 1` measures the classifiers'). `--detectors atss sparse_rcnn` also times, on each
+backbone, the inference and the training step of those detectors of models/detectors as tasks/detection.py
+builds them (ATSS on stages 1-3 with P6 and P7; Sparse R-CNN with the 3x recipe's 300 proposals), and prints
+their ratios.
 
 `--profile N` then says where the time goes: after timing, each model runs N more training steps
 and N inference passes under `torch.profiler`, and the operators with the most self time (CPU
@@ -46,6 +50,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 BASELINE = 'swin_tiny_patch4_window7_224'
+# --detectors: the detectors of models/detectors that --detector can also time, by name
+DETECTORS = {'atss': 'ATSS', 'sparse_rcnn': 'Sparse R-CNN'}
+# the ground truth of every detector's training step (x1, y1, x2, y2 on the 800x1216 image)
+TRAINING_BOXES = [[100., 120., 400., 500.], [600., 200., 900., 700.], [300., 400., 1100., 780.]]
 CANDIDATE = 'focal_tiny_patch4_window7_224'
 
 
@@ -116,18 +124,19 @@ def top_operators(fn, steps: int, device: torch.device, rows: int = 15) -> str:
 
 
 class TimmFPN(torch.nn.Module):
-    """A timm `features_only` model's four stage maps (NHWC), each LayerNormed as Swin's detection
-    backbone does, into torchvision's FeaturePyramidNetwork with the max-pooled fifth level: the
-    same neck `models.detection.FocalFPN` puts on the focal stages."""
+    """A timm `features_only` model's stage maps (NHWC; `returned_stages`, by default all four), each
+    LayerNormed as Swin's detection backbone does, into torchvision's FeaturePyramidNetwork with
+    `extra_blocks` (by default the max-pooled fifth level): the same neck `models.detection.FocalFPN`
+    puts on the focal stages."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, returned_stages: tuple = (0, 1, 2, 3), extra_blocks=None):
         import timm
         from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
         super().__init__()
-        self.body = timm.create_model(name, features_only=True, dynamic_img_size=True)
+        self.body = timm.create_model(name, features_only=True, dynamic_img_size=True, out_indices=returned_stages)
         widths = self.body.feature_info.channels()
         self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(width) for width in widths)
-        self.fpn = FeaturePyramidNetwork(widths, 256, extra_blocks=LastLevelMaxPool())
+        self.fpn = FeaturePyramidNetwork(widths, 256, extra_blocks=extra_blocks or LastLevelMaxPool())
         self.out_channels = 256
 
     def forward(self, images):
@@ -150,7 +159,7 @@ def mask_rcnn_training_step(name: str, args):
                         _skip_resize=True).to(device).train()
     optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-4, weight_decay=0.05)
     images = [torch.rand(3, height, width, device=device)]
-    boxes = torch.tensor([[100., 120., 400., 500.], [600., 200., 900., 700.], [300., 400., 1100., 780.]])
+    boxes = torch.tensor(TRAINING_BOXES)
     masks = torch.zeros(3, height, width, dtype=torch.uint8)
     for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
         mask[y1:y2, x1:x2] = 1
@@ -166,6 +175,44 @@ def mask_rcnn_training_step(name: str, args):
         optimizer.step()
 
     return detector, train_step
+
+
+def detector_steps(method: str, name: str, args):
+    """(parameter count, inference step, training step) of the `method` detector of this codebase
+    (`--detectors`) on `name`'s FPN backbone, its pyramid levels as tasks/detection.py builds them, the
+    3x recipes' proposals; one image with three boxes, AdamW."""
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+    from models.detection import focal_fpn_backbone
+    from models.detectors import ATSS, SparseRCNN
+
+    device = torch.device(args.device)
+    # ATSS reads stages 1-3 and P6/P7 from P5; Sparse R-CNN P2-P5 of the four stages
+    stages, extra = ((1, 2, 3), LastLevelP6P7(256, 256)) if method == 'atss' else ((0, 1, 2, 3), None)
+    backbone = (focal_fpn_backbone(name, returned_stages=stages, extra_blocks=extra, focal_windows=args.focal_windows)
+                if name.startswith('focal') else TimmFPN(name, stages, extra))
+    height, width = args.detector_size
+    common = dict(min_size=height, max_size=max(height, width), _skip_resize=True)
+    detector = (ATSS(backbone, 91, **common) if method == 'atss' else
+                SparseRCNN(backbone, 91, num_proposals=300, detections_per_img=300, **common)).to(device)
+    optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-4, weight_decay=0.05)
+    images = [torch.rand(3, height, width, device=device)]
+    targets = [{'boxes': torch.tensor(TRAINING_BOXES, device=device), 'labels': torch.tensor([1, 2, 3], device=device)}]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+
+    def train_step():
+        detector.train()
+        with autocast:
+            loss = sum(detector(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def infer_step():
+        detector.eval()
+        with torch.inference_mode(), autocast:
+            detector(images)
+
+    return sum(p.numel() for p in detector.parameters()) / 1e6, infer_step, train_step
 
 
 def measure_detector(name: str, args) -> dict:
@@ -202,6 +249,17 @@ def measure_detector(name: str, args) -> dict:
     train_time = timed(train_step, args.steps, args.repeats, device)
     row.update(mask_rcnn_params_m=sum(p.numel() for p in detector.parameters()) / 1e6,
                train_img_s=1 / train_time, train_step_ms=train_time * 1e3)
+    del detector, train_step
+    row['detectors'] = {}
+    for method in args.detectors:
+        params_m, infer_step, train_step = detector_steps(method, name, args)
+        torch.manual_seed(0)
+        timings = {}
+        for mode, step in (('infer', infer_step), ('train', train_step)):
+            for _ in range(args.warmup):
+                step()
+            timings[f'{mode}_ms'] = timed(step, args.steps, args.repeats, device) * 1e3
+        row['detectors'][method] = dict(params_m=params_m, **timings)
     return row
 
 
@@ -315,6 +373,9 @@ def main():
     parser.add_argument('--detector-size', type=int, nargs=2, default=(800, 1216), metavar=('H', 'W'))
     parser.add_argument('--focal-windows', type=int, nargs=4, default=(15, 13, 9, 7), metavar='N',
                         help="with --detector: the focal models' focal windows (configs/detection recipes')")
+    parser.add_argument('--detectors', nargs='+', default=[], choices=DETECTORS,
+                        help='with --detector: also time the inference and training of these detectors of '
+                             'models/detectors on each backbone')
     parser.add_argument('--models', nargs='+', default=[BASELINE, CANDIDATE],
                         help=f'timm model names; ratios are against the first ({BASELINE} by default)')
     parser.add_argument('--variants', nargs='+', choices=(*VARIANTS, 'all'),
@@ -329,6 +390,8 @@ def main():
     args = parser.parse_args()
     if args.detector and (args.variants or args.profile):
         parser.error('--detector measures plain inference; it takes no --variants or --profile')
+    if args.detectors and not args.detector:
+        parser.error('--detectors goes with --detector')
     torch.set_num_threads(args.threads)
 
     if args.worker:
@@ -355,10 +418,11 @@ def main():
             command = [sys.executable, os.path.abspath(__file__), '--worker', name, '--variant', key] + [
                 f'--{option.replace("_", "-")}={value}' for option, value in vars(args).items()
                 if option not in ('worker', 'models', 'variants', 'variant', 'detector', 'detector_size',
-                                  'focal_windows')]
+                                  'focal_windows', 'detectors')]
             if args.detector:
                 command += ['--detector', '--detector-size', *map(str, args.detector_size),
                             '--focal-windows', *map(str, args.focal_windows)]
+                command += ['--detectors', *args.detectors] if args.detectors else []
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 sys.exit(f'error: measuring {name} ({VARIANTS[key].label}) failed:\n{result.stderr.strip()}')
@@ -393,6 +457,21 @@ def print_detector_rows(rows: list, args, precision: str):
     for row in rows[1:]:
         print(f'{row["model"]} / {rows[0]["model"]}: inference {row["infer_img_s"] / rows[0]["infer_img_s"]:.2f}x, '
               f'Mask R-CNN training {row["train_img_s"] / rows[0]["train_img_s"]:.2f}x')
+    for method in args.detectors:
+        print(f'\n{DETECTORS[method]} (models/detectors), batch 1, {height}x{width} px')
+        header = f'{"model":34s} {"params(M)":>9s} {"infer ms":>10s} {"infer img/s":>12s} {"train step ms":>14s} ' \
+                 f'{"train img/s":>12s}'
+        print(header)
+        print('-' * len(header))
+        for row in rows:
+            found = row['detectors'][method]
+            print(f'{row["model"]:34s} {found["params_m"]:9.2f} {found["infer_ms"]:10.1f} '
+                  f'{1e3 / found["infer_ms"]:12.3f} {found["train_ms"]:14.1f} {1e3 / found["train_ms"]:12.3f}')
+        base = rows[0]['detectors'][method]
+        for row in rows[1:]:
+            found = row['detectors'][method]
+            print(f'{DETECTORS[method]}: {row["model"]} / {rows[0]["model"]}: inference '
+                  f'{base["infer_ms"] / found["infer_ms"]:.2f}x, training {base["train_ms"] / found["train_ms"]:.2f}x')
 
 
 if __name__ == '__main__':

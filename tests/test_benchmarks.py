@@ -104,13 +104,15 @@ def test_checkpoint_read_times_a_released_size_pdparams():
 
 def test_throughput_detector_rows_measure_the_asked_focal_windows():
     """throughput.py --detector end to end on a small image: the Mask R-CNN rows of both backbones and
-    their ratios, the focal model built with the focal windows asked for (its parameter count shows it)."""
+    their ratios, the focal model built with the focal windows asked for (its parameter count shows it),
+    and with --detectors the rows and ratios of ATSS and Sparse R-CNN."""
     import timm
     import models  # noqa: F401  (registers the focal models with timm)
     windows = (3, 3, 1, 1)
     result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'throughput.py'), '--detector',
                              '--detector-size', '64', '96', '--focal-windows', *map(str, windows),
-                             '--steps', '1', '--repeats', '1', '--warmup', '1', '--threads', '1'],
+                             '--steps', '1', '--repeats', '1', '--warmup', '1', '--threads', '1',
+                             '--detectors', 'atss', 'sparse_rcnn'],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert 'batch 1, 64x96 px, backbone inference and Mask R-CNN training, focal windows 3 3 1 1' in result.stdout
@@ -119,3 +121,8 @@ def test_throughput_detector_rows_measure_the_asked_focal_windows():
     assert re.search(rf'\nfocal_tiny_patch4_window7_224\s+{params / 1e6:.2f}\s', result.stdout), result.stdout
     assert re.search(r'focal_tiny_patch4_window7_224 / swin_tiny_patch4_window7_224: inference \d+\.\d\dx, '
                      r'Mask R-CNN training \d+\.\d\dx', result.stdout), result.stdout
+    for method in ('ATSS', 'Sparse R-CNN'):  # --detectors: each detector's rows on both backbones, its ratios
+        assert re.search(rf'\n{method} \(models/detectors\), batch 1, 64x96 px\n.*\n-+\nswin_tiny\S* +\d+\.\d\d .*\n'
+                         rf'focal_tiny\S* +\d+\.\d\d .*\n{method}: focal_tiny_patch4_window7_224 / '
+                         rf'swin_tiny_patch4_window7_224: inference \d+\.\d\dx, training \d+\.\d\dx', result.stdout), \
+            result.stdout
