@@ -117,8 +117,10 @@ _C.MODEL.LABEL_SMOOTHING = 0.1
 # (added) detection: a torchvision detector on the Focal FPN backbone (models.detection); the
 # defaults are torchvision's, which the recipes keep
 _C.MODEL.DETECTION = CN()
-# 'mask_rcnn' (stages 0-3, max-pooled P6), 'retinanet' (stages 1-3, P6 and P7 from stage 3) or
-# 'cascade_mask_rcnn' (Mask R-CNN's backbone and RPN, three box and mask stages: models.detectors.cascade_rcnn)
+# 'mask_rcnn' (stages 0-3, max-pooled P6), 'retinanet' (stages 1-3, P6 and P7 from stage 3),
+# 'cascade_mask_rcnn' (Mask R-CNN's backbone and RPN, three box and mask stages: models.detectors.cascade_rcnn),
+# 'atss' (stages 1-3, P6 and P7 from P5: models.detectors.atss) or 'sparse_rcnn' (stages 0-3:
+# models.detectors.sparse_rcnn)
 _C.MODEL.DETECTION.DETECTOR = 'mask_rcnn'
 # Channels of the feature pyramid and of the heads' convolutions
 _C.MODEL.DETECTION.FPN_CHANNELS = 256
@@ -151,6 +153,17 @@ _C.MODEL.DETECTION.CASCADE.BOX_CODER_WEIGHTS = [[10.0, 10.0, 5.0, 5.0], [20.0, 2
 _C.MODEL.DETECTION.CASCADE.BOX_HEAD_CONVS = 4
 # [swin] 3x weight of the GIoU loss of the decoded class-specific boxes (GIoULoss loss_weight 10)
 _C.MODEL.DETECTION.CASCADE.GIOU_LOSS_WEIGHT = 10.0
+# (added) ATSS's own settings
+_C.MODEL.DETECTION.ATSS = CN()
+# Side of each level's one square anchor, in units of the level's stride (mmdetection's
+# octave_base_scale 8: 64-1024 px on P3-P7)
+_C.MODEL.DETECTION.ATSS.ANCHOR_SCALE = 8.0
+# (added) Sparse R-CNN's own settings
+_C.MODEL.DETECTION.SPARSE_RCNN = CN()
+# Learnable proposal boxes and features (mmdetection: 100; the 3x recipe 300)
+_C.MODEL.DETECTION.SPARSE_RCNN.NUM_PROPOSALS = 100
+# Dynamic instance interactive stages, each refining the last one's boxes
+_C.MODEL.DETECTION.SPARSE_RCNN.NUM_STAGES = 6
 
 # The MODEL.DETECTION keys each detector reads (besides DETECTOR): a key that a YAML file or --opts sets
 # and the chosen detector does not read is a one-line ConfigError, not silently ignored. A detector's own
@@ -161,6 +174,8 @@ DETECTOR_KEYS = {
     'retinanet': ('FPN_CHANNELS', 'ANCHOR_SIZES', 'DETECTIONS_PER_IMAGE'),
     'cascade_mask_rcnn': ('FPN_CHANNELS', 'BOX_HEAD_WIDTH', 'MASK_HEAD_LAYERS', 'ROI_SAMPLES', 'PROPOSALS',
                           'ANCHOR_SIZES', 'DETECTIONS_PER_IMAGE', 'CASCADE'),
+    'atss': ('FPN_CHANNELS', 'DETECTIONS_PER_IMAGE', 'ATSS'),
+    'sparse_rcnn': ('FPN_CHANNELS', 'DETECTIONS_PER_IMAGE', 'SPARSE_RCNN'),
 }
 
 # (added) segmentation: smp's UPerNet on the Focal encoder with an auxiliary FCN head on stage 3

@@ -16,18 +16,18 @@ reported, since the compiler's own memory would be counted.
     python benchmarks/throughput.py --variants all       # + torch.compile and bf16 autocast rows
     python benchmarks/throughput.py --device cuda --batch-size 64
     python benchmarks/throughput.py --detector           # one 800x1216 image: backbone, Mask R-CNN
-    python benchmarks/throughput.py --detector --methods mask_rcnn cascade_mask_rcnn
+    python benchmarks/throughput.py --detector --methods mask_rcnn cascade_mask_rcnn atss sparse_rcnn
 
 `--detector` measures what a detection backbone sees: batch 1 at `--detector-size` (800x1216 by
 default), Swin-T created with `dynamic_img_size=True` so that it takes that size: a backbone
-inference row, and for each detector of `--methods` (torchvision's Mask R-CNN by default;
-`cascade_mask_rcnn`: models.detectors' Cascade Mask R-CNN with the 3x recipe's heads) a row of its
-inference and its training step with the same FPN on each backbone (its stage maps, each LayerNormed,
-into torchvision's FeaturePyramidNetwork; one image with three boxes and masks, AdamW); for the focal
-model it also times a forward at a size whose index tables are not cached yet (the cache is cleared
-before each), and the difference to a cached forward is the time to build them. The focal models
-take the detection recipes' focal windows (15 13 9 7; `--focal-windows 7 5 3 1` measures the
-classifiers').
+inference row, and for each detector of `--methods` (torchvision's Mask R-CNN by default; the others
+are models.detectors' with their 3x recipes' heads and pyramid levels as tasks/detection.py builds them)
+a row of its inference and its training step with the same FPN on each backbone (its stage maps, each
+LayerNormed, into torchvision's FeaturePyramidNetwork; one image with three boxes, and their masks for
+the detectors that predict masks, AdamW); for the focal model it also times a forward at a size whose
+index tables are not cached yet (the cache is cleared before each), and the difference to a cached
+forward is the time to build them. The focal models take the detection recipes' focal windows
+(15 13 9 7; `--focal-windows 7 5 3 1` measures the classifiers').
 
 `--memory` measures only the training peak memory per image, each model with and without activation
 checkpointing (timm's `set_grad_checkpointing`, what TRAIN.USE_CHECKPOINT sets): at each batch size of
@@ -141,18 +141,19 @@ def top_operators(fn, steps: int, device: torch.device, rows: int = 15) -> str:
 
 
 class TimmFPN(torch.nn.Module):
-    """A timm `features_only` model's four stage maps (NHWC), each LayerNormed as Swin's detection
-    backbone does, into torchvision's FeaturePyramidNetwork with the max-pooled fifth level: the
-    same neck `models.detection.FocalFPN` puts on the focal stages."""
+    """A timm `features_only` model's stage maps (NHWC; `returned_stages`, by default all four), each
+    LayerNormed as Swin's detection backbone does, into torchvision's FeaturePyramidNetwork with
+    `extra_blocks` (by default the max-pooled fifth level): the same neck `models.detection.FocalFPN`
+    puts on the focal stages."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, returned_stages: tuple = (0, 1, 2, 3), extra_blocks=None):
         import timm
         from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
         super().__init__()
-        self.body = timm.create_model(name, features_only=True, dynamic_img_size=True)
+        self.body = timm.create_model(name, features_only=True, dynamic_img_size=True, out_indices=returned_stages)
         widths = self.body.feature_info.channels()
         self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(width) for width in widths)
-        self.fpn = FeaturePyramidNetwork(widths, 256, extra_blocks=LastLevelMaxPool())
+        self.fpn = FeaturePyramidNetwork(widths, 256, extra_blocks=extra_blocks or LastLevelMaxPool())
         self.out_channels = 256
 
     def forward(self, images):
@@ -162,43 +163,71 @@ class TimmFPN(torch.nn.Module):
         return self.fpn(maps)
 
 
-def build_mask_rcnn(backbone, height: int, width: int):
+def fpn_backbone(name: str, args, returned_stages: tuple = (0, 1, 2, 3), extra_blocks=None):
+    """`name`'s FPN backbone: models.detection's FocalFPN (at --focal-windows) or a TimmFPN."""
+    from models.detection import focal_fpn_backbone
+    if name.startswith('focal'):
+        return focal_fpn_backbone(name, returned_stages=returned_stages, extra_blocks=extra_blocks,
+                                  focal_windows=args.focal_windows)
+    return TimmFPN(name, returned_stages, extra_blocks)
+
+
+def image_size(args) -> dict:
+    """The detectors' transform arguments for one --detector-size image, which the data pipeline would resize."""
+    height, width = args.detector_size
+    return dict(min_size=height, max_size=max(height, width), _skip_resize=True)
+
+
+def build_mask_rcnn(name: str, args):
     from torchvision.models.detection import MaskRCNN
-    return MaskRCNN(backbone, 91, min_size=height, max_size=max(height, width), _skip_resize=True)
+    return MaskRCNN(fpn_backbone(name, args), 91, **image_size(args))
 
 
-def build_cascade_mask_rcnn(backbone, height: int, width: int):
+def build_cascade_mask_rcnn(name: str, args):
     """The 3x recipe's heads (models.detectors.cascade_rcnn's defaults) on Mask R-CNN's anchors."""
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from models.detectors import CascadeMaskRCNN
     anchors = AnchorGenerator([(32,), (64,), (128,), (256,), (512,)], [(0.5, 1.0, 2.0)] * 5)
-    return CascadeMaskRCNN(backbone, 91, anchors, min_size=height, max_size=max(height, width), _skip_resize=True)
+    return CascadeMaskRCNN(fpn_backbone(name, args), 91, anchors, **image_size(args))
 
 
-# --methods: name -> (label, build(FPN backbone, height, width)), each detector at its COCO recipe's heads
+def build_atss(name: str, args):
+    """ATSS on stages 1-3 with P6 and P7 from P5, as tasks/detection.py builds it."""
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+    from models.detectors import ATSS
+    return ATSS(fpn_backbone(name, args, (1, 2, 3), LastLevelP6P7(256, 256)), 91, **image_size(args))
+
+
+def build_sparse_rcnn(name: str, args):
+    """Sparse R-CNN on P2-P5 with the 3x recipe's 300 proposals."""
+    from models.detectors import SparseRCNN
+    return SparseRCNN(fpn_backbone(name, args), 91, num_proposals=300, detections_per_img=300, **image_size(args))
+
+
+# --methods: name -> (label, build(model name, args), trained with masks), each detector at its COCO recipe's heads
 DETECTOR_METHODS = {
-    'mask_rcnn': ('Mask R-CNN', build_mask_rcnn),
-    'cascade_mask_rcnn': ('Cascade Mask R-CNN', build_cascade_mask_rcnn),
+    'mask_rcnn': ('Mask R-CNN', build_mask_rcnn, True),
+    'cascade_mask_rcnn': ('Cascade Mask R-CNN', build_cascade_mask_rcnn, True),
+    'atss': ('ATSS', build_atss, False),
+    'sparse_rcnn': ('Sparse R-CNN', build_sparse_rcnn, False),
 }
 
 
 def detector_training_step(name: str, method: str, args):
-    """`method`'s detector on `name`'s FPN backbone and its training step (forward, backward, AdamW)."""
-    from models.detection import focal_fpn_backbone
-
+    """`method`'s detector on `name`'s backbone and its training step (forward, backward, AdamW)."""
     device = torch.device(args.device)
-    backbone = (focal_fpn_backbone(name, focal_windows=args.focal_windows) if name.startswith('focal')
-                else TimmFPN(name))
-    height, width = args.detector_size
-    detector = DETECTOR_METHODS[method][1](backbone, height, width).to(device).train()
+    _, build, with_masks = DETECTOR_METHODS[method]
+    detector = build(name, args).to(device).train()
     optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-4, weight_decay=0.05)
+    height, width = args.detector_size
     images = [torch.rand(3, height, width, device=device)]
     boxes = torch.tensor([[100., 120., 400., 500.], [600., 200., 900., 700.], [300., 400., 1100., 780.]])
-    masks = torch.zeros(3, height, width, dtype=torch.uint8)
-    for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
-        mask[y1:y2, x1:x2] = 1
-    targets = [{'boxes': boxes.to(device), 'labels': torch.tensor([1, 2, 3], device=device),
-                'masks': masks.to(device)}]
+    targets = [{'boxes': boxes.to(device), 'labels': torch.tensor([1, 2, 3], device=device)}]
+    if with_masks:
+        masks = torch.zeros(3, height, width, dtype=torch.uint8)
+        for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+            mask[y1:y2, x1:x2] = 1
+        targets[0]['masks'] = masks.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
 
     def train_step():

@@ -1,5 +1,6 @@
 """COCO object detection and instance segmentation: torchvision's Mask R-CNN or RetinaNet, or the
-Cascade Mask R-CNN of models.detectors, on the Focal FPN backbone, COCO box and mask AP from pycocotools.
+Cascade Mask R-CNN, ATSS or Sparse R-CNN of models.detectors, on the Focal FPN backbone, COCO box and
+mask AP from pycocotools.
 
 Training images are resized in the data pipeline (DATA.MIN_SIZES, DATA.MAX_SIZE, the 3x recipes'
 random crop of AUG.DET_CROP_MIN_SIZES and AUG.DET_CROP_SIZE_RANGE, flip), so the detector's own
@@ -37,7 +38,7 @@ from logger import memory_mb
 from models.backbone import no_weight_decay_names
 from models.build import focal_arguments
 from models.detection import focal_fpn_backbone
-from models.detectors import CascadeMaskRCNN
+from models.detectors import ATSS, CascadeMaskRCNN, SparseRCNN
 
 ASPECT_RATIOS = [(0.5, 1.0, 2.0)]  # of every level's anchors, torchvision's
 # (image folder, annotation file) of each split under the COCO 2017 root
@@ -59,9 +60,31 @@ def coco_root(config, rank):
     return dataset_folder(config.DATA.DATA_PATH, 'the COCO 2017 folder')
 
 
+def build_atss(config, num_classes, arguments, common):
+    """ATSS on stages 1-3 with P6 and P7 from P5 (mmdetection's add_extra_convs='on_output')."""
+    width = config.MODEL.DETECTION.FPN_CHANNELS
+    backbone = focal_fpn_backbone(drop_path_rate=config.MODEL.DROP_PATH_RATE, returned_stages=(1, 2, 3),
+                                  out_channels=width, extra_blocks=LastLevelP6P7(width, width), **arguments)
+    return ATSS(backbone, num_classes, anchor_scale=config.MODEL.DETECTION.ATSS.ANCHOR_SCALE, **common)
+
+
+def build_sparse_rcnn(config, num_classes, arguments, common):
+    """Sparse R-CNN on P2-P5 of the four stages."""
+    sparse = config.MODEL.DETECTION.SPARSE_RCNN
+    backbone = focal_fpn_backbone(drop_path_rate=config.MODEL.DROP_PATH_RATE,
+                                  out_channels=config.MODEL.DETECTION.FPN_CHANNELS, **arguments)
+    return SparseRCNN(backbone, num_classes, num_proposals=sparse.NUM_PROPOSALS, num_stages=sparse.NUM_STAGES,
+                      **common)
+
+
+# the detectors built outside build_detector, by MODEL.DETECTION.DETECTOR
+DETECTOR_BUILDERS = {'atss': build_atss, 'sparse_rcnn': build_sparse_rcnn}
+
+
 def build_detector(config, num_classes):
-    """Mask R-CNN or Cascade Mask R-CNN (four stages, max-pooled P6) or RetinaNet (stages 1-3,
-    P6 and P7) on the Focal FPN backbone that MODEL.FOCAL describes, with the heads of MODEL.DETECTION."""
+    """Mask R-CNN or Cascade Mask R-CNN (four stages, max-pooled P6), RetinaNet (stages 1-3, P6 and P7)
+    or a detector of DETECTOR_BUILDERS on the Focal FPN backbone that MODEL.FOCAL describes, with the heads
+    of MODEL.DETECTION."""
     arguments = focal_arguments(config)
     for unused in ('num_classes', 'drop_path_rate'):
         arguments.pop(unused)
@@ -69,6 +92,8 @@ def build_detector(config, num_classes):
     width, levels = detection.FPN_CHANNELS, len(detection.ANCHOR_SIZES)
     common = dict(min_size=config.DATA.TEST_MIN_SIZE, max_size=config.DATA.MAX_SIZE,
                   _skip_resize=True, detections_per_img=detection.DETECTIONS_PER_IMAGE)
+    if detection.DETECTOR in DETECTOR_BUILDERS:
+        return DETECTOR_BUILDERS[detection.DETECTOR](config, num_classes, arguments, common)
     if detection.DETECTOR == 'retinanet':
         # P6 from the last stage's map, not from P5, as mmdetection's RetinaNet configs for
         # transformer backbones (add_extra_convs='on_input') that the paper's figures come from

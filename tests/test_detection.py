@@ -264,17 +264,18 @@ def test_two_processes_score_what_one_does(workspace, detector):
     assert len(counts) == 2 and all(int(found) > 0 and images == '5' for found, images in counts)
 
 
-@pytest.mark.parametrize('demo', ['mask_rcnn_focal_micro_digits.yaml', 'cascade_mask_rcnn_focal_micro_digits.yaml'])
-def test_a_few_training_steps_on_the_demo_scenes_lower_the_loss(tmp_path, demo):
+@pytest.mark.parametrize('detector, lr', [('mask_rcnn', 1e-3), ('cascade_mask_rcnn', 1e-3), ('atss', 1e-3),
+                                          ('sparse_rcnn', 2e-4)])
+def test_a_few_training_steps_on_the_demo_scenes_lower_the_loss(tmp_path, detector, lr):
     """Each demo config's detector (on the smallest digit scenes) trained 6 steps on one batch."""
-    config = load_config(os.path.join(REPO, 'configs', 'detection', demo),
+    config = load_config(os.path.join(REPO, 'configs', 'detection', f'{detector}_focal_micro_digits.yaml'),
                          str(tmp_path), 'DATA.IMG_SIZE', '32', 'DATA.MIN_SIZES', '[32]',
                          'DATA.TEST_MIN_SIZE', '32', 'DATA.MAX_SIZE', '32')
     task = build_task(config)
     loader, _, class_names = task.build_loaders(config)
     torch.manual_seed(0)
     model = task.build_model(with_classes(config, class_names))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     loader.sampler.set_epoch(0)
     samples, targets, _ = next(iter(loader))
     model.train()

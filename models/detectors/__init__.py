@@ -1,2 +1,4 @@
-"""The paper's other detectors on the Focal FPN, each built from torchvision's pieces."""
+"""The paper's other detectors on the Focal FPN, one module each, built from torchvision's pieces."""
+from .atss import ATSS  # noqa: F401
 from .cascade_rcnn import CascadeMaskRCNN  # noqa: F401
+from .sparse_rcnn import SparseRCNN  # noqa: F401
