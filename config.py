@@ -102,7 +102,8 @@ _C.MODEL.LABEL_SMOOTHING = 0.1
 # (added) detection: a torchvision detector on the Focal FPN backbone (models.detection); the
 # defaults are torchvision's, which the recipes keep
 _C.MODEL.DETECTION = CN()
-# 'mask_rcnn' (stages 0-3, max-pooled P6) or 'retinanet' (stages 1-3, P6 and P7 from stage 3)
+# 'mask_rcnn' (stages 0-3, max-pooled P6), 'retinanet' (stages 1-3, P6 and P7 from stage 3) or
+# 'reppoints_v2' (stages 1-3, a BiFPN to P3-P7: models.detectors.reppoints_v2)
 _C.MODEL.DETECTION.DETECTOR = 'mask_rcnn'
 # Channels of the feature pyramid and of the heads' convolutions
 _C.MODEL.DETECTION.FPN_CHANNELS = 256
@@ -119,6 +120,14 @@ _C.MODEL.DETECTION.PROPOSALS = [2000, 1000]
 _C.MODEL.DETECTION.ANCHOR_SIZES = [32, 64, 128, 256, 512]
 # Detections kept per image at evaluation (COCO's AP counts 100)
 _C.MODEL.DETECTION.DETECTIONS_PER_IMAGE = 100
+# RepPointsV2's own settings; the defaults are Swin's 3x recipe (reppointsv2_swin_bifpn.py)
+_C.MODEL.DETECTION.REPPOINTS_V2 = CN()
+# Repeats of the BiFPN neck ([swin] num_repeat 2)
+_C.MODEL.DETECTION.REPPOINTS_V2.BIFPN_REPEATS = 2
+# 3x3 convolutions of the head's classification and points towers ([swin] stacked_convs 3)
+_C.MODEL.DETECTION.REPPOINTS_V2.STACKED_CONVS = 3
+# Channels of the corner-pooling projections ([swin] corner_dim 64)
+_C.MODEL.DETECTION.REPPOINTS_V2.CORNER_CHANNELS = 64
 
 # The MODEL.DETECTION keys each detector reads (besides DETECTOR): a key that a YAML file or --opts sets
 # and the chosen detector does not read is a one-line ConfigError, not silently ignored. A detector's own
@@ -127,6 +136,7 @@ DETECTOR_KEYS = {
     'mask_rcnn': ('FPN_CHANNELS', 'BOX_HEAD_WIDTH', 'MASK_HEAD_LAYERS', 'ROI_SAMPLES', 'PROPOSALS',
                   'ANCHOR_SIZES', 'DETECTIONS_PER_IMAGE'),
     'retinanet': ('FPN_CHANNELS', 'ANCHOR_SIZES', 'DETECTIONS_PER_IMAGE'),
+    'reppoints_v2': ('FPN_CHANNELS', 'DETECTIONS_PER_IMAGE', 'REPPOINTS_V2'),
 }
 
 # (added) segmentation: smp's UPerNet on the Focal encoder with an auxiliary FCN head on stage 3

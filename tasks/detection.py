@@ -1,5 +1,5 @@
-"""COCO object detection and instance segmentation: torchvision's Mask R-CNN or RetinaNet on the
-Focal FPN backbone, COCO box and mask AP from pycocotools.
+"""COCO object detection and instance segmentation: torchvision's Mask R-CNN or RetinaNet, or
+RepPointsV2 (models.detectors), on the Focal FPN backbone, COCO box and mask AP from pycocotools.
 
 Training images are resized in the data pipeline (DATA.MIN_SIZES, DATA.MAX_SIZE, the 3x recipes'
 random crop of AUG.DET_CROP_MIN_SIZES and AUG.DET_CROP_SIZE_RANGE, flip), so the detector's own
@@ -14,6 +14,7 @@ import contextlib
 import io
 import os
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -39,6 +40,8 @@ from logger import memory_mb
 from models.backbone import no_weight_decay_names
 from models.build import focal_arguments
 from models.detection import focal_fpn_backbone
+from models.detectors import RepPointsV2
+from models.detectors.bifpn import BiFPN
 
 DIGIT_SCENES_CACHE = os.path.join(os.path.expanduser('~'), '.cache', 'focal_transformer')
 ASPECT_RATIOS = [(0.5, 1.0, 2.0)]  # of every level's anchors, torchvision's
@@ -61,8 +64,9 @@ def coco_root(config, rank):
 
 
 def build_detector(config, num_classes):
-    """Mask R-CNN (four stages, max-pooled P6) or RetinaNet (stages 1-3, P6 and P7) on
-    the Focal FPN backbone that MODEL.FOCAL describes, with the heads of MODEL.DETECTION."""
+    """Mask R-CNN (four stages, max-pooled P6), RetinaNet (stages 1-3, P6 and P7) or
+    RepPointsV2 on the Focal FPN backbone that MODEL.FOCAL describes, with the heads of
+    MODEL.DETECTION."""
     arguments = focal_arguments(config)
     for unused in ('num_classes', 'drop_path_rate'):
         arguments.pop(unused)
@@ -70,6 +74,8 @@ def build_detector(config, num_classes):
     width, levels = detection.FPN_CHANNELS, len(detection.ANCHOR_SIZES)
     common = dict(min_size=config.DATA.TEST_MIN_SIZE, max_size=config.DATA.MAX_SIZE,
                   _skip_resize=True, detections_per_img=detection.DETECTIONS_PER_IMAGE)
+    if detection.DETECTOR == 'reppoints_v2':
+        return build_reppoints_v2(config, arguments, num_classes, common)
     if detection.DETECTOR == 'retinanet':
         # P6 from the last stage's map, not from P5, as mmdetection's RetinaNet configs for
         # transformer backbones (add_extra_convs='on_input') that the paper's figures come from
@@ -97,6 +103,17 @@ def build_detector(config, num_classes):
                     mask_head=MaskRCNNHeads(width, [width] * detection.MASK_HEAD_LAYERS, 1),
                     mask_predictor=MaskRCNNPredictor(width, width, num_classes),
                     box_detections_per_img=common.pop('detections_per_img'), **common)
+
+
+def build_reppoints_v2(config, arguments, num_classes, common):
+    """RepPointsV2 on stages 1-3 through a BiFPN to the five levels P3-P7 (the 3x recipe's neck)."""
+    settings = config.MODEL.DETECTION.REPPOINTS_V2
+    neck = partial(BiFPN, out_channels=config.MODEL.DETECTION.FPN_CHANNELS, num_outputs=5,
+                   repeats=settings.BIFPN_REPEATS)
+    backbone = focal_fpn_backbone(drop_path_rate=config.MODEL.DROP_PATH_RATE, returned_stages=(1, 2, 3),
+                                  neck=neck, **arguments)
+    return RepPointsV2(backbone, num_classes, stacked_convs=settings.STACKED_CONVS,
+                       corner_channels=settings.CORNER_CHANNELS, **common)
 
 
 class Detection:

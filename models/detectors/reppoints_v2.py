@@ -337,6 +337,13 @@ def conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.
                          group_norm(out_channels), nn.ReLU(inplace=True))
 
 
+def deformable(conv: DeformConv2d, features: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`conv` in float32 under any autocast: torchvision's autocast runs deform_conv2d in float32 on
+    CUDA, and its CPU kernel has no bfloat16."""
+    with torch.autocast(features.device.type, enabled=False):
+        return conv(features.float(), offsets.float())
+
+
 class CornerPoolBranch(nn.Module):
     """The corner features of one corner ([swin] TLPool / BRPool, CornerNet's corner pooling
     module): two 3x3 projections to `corner_channels`, pooled along the height and the width
@@ -427,9 +434,11 @@ class RepPointsV2Head(nn.Module):
         damped = GRADIENT_MUL * points_init + (1 - GRADIENT_MUL) * points_init.detach()
         kernel_offsets = damped - self.kernel_grid.to(damped.dtype)
         verification = torch.cat([heatmaps, offsets], dim=1)
-        cls = self.cls_out(F.relu(self.cls_conv(torch.cat([cls_feat, verification], dim=1), kernel_offsets)))
-        refine = self.points_refine_out(F.relu(self.points_refine_conv(torch.cat([points_feat, verification], dim=1),
-                                                                       kernel_offsets)))
+        cls = self.cls_out(F.relu(deformable(self.cls_conv, torch.cat([cls_feat, verification], dim=1),
+                                             kernel_offsets)))
+        refine = self.points_refine_out(F.relu(deformable(self.points_refine_conv,
+                                                          torch.cat([points_feat, verification], dim=1),
+                                                          kernel_offsets)))
         return {'cls': cls, 'points_init': points_init, 'points_refine': refine + points_init.detach(),
                 'heatmaps': heatmaps, 'offsets': offsets, 'sem': sem}
 
