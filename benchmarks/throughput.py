@@ -26,6 +26,10 @@ are not cached yet (the cache is cleared before each), and the difference to a c
 the time to build them. The focal models take the detection recipes' focal windows (15 13 9 7;
 `--focal-windows 7 5 3 1` measures the classifiers').
 
+`--detector --detectors reppoints_v2` adds, for each backbone, a training step and a full
+inference of RepPointsV2 with its 3x recipe's neck and head (stages 1-3 into a 256-channel BiFPN of
+two repeats, models.detectors.reppoints_v2) on the same image and boxes.
+
 `--profile N` then says where the time goes: after timing, each model runs N more training steps
 and N inference passes under `torch.profiler`, and the operators with the most self time (CPU
 time, or CUDA kernel time with `--device cuda`) are printed under the table, model by model.
@@ -120,21 +124,35 @@ class TimmFPN(torch.nn.Module):
     backbone does, into torchvision's FeaturePyramidNetwork with the max-pooled fifth level: the
     same neck `models.detection.FocalFPN` puts on the focal stages."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, out_indices=(0, 1, 2, 3), neck=None):
         import timm
         from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
         super().__init__()
-        self.body = timm.create_model(name, features_only=True, dynamic_img_size=True)
+        self.body = timm.create_model(name, features_only=True, dynamic_img_size=True, out_indices=out_indices)
         widths = self.body.feature_info.channels()
         self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(width) for width in widths)
-        self.fpn = FeaturePyramidNetwork(widths, 256, extra_blocks=LastLevelMaxPool())
-        self.out_channels = 256
+        self.fpn = neck(widths) if neck else FeaturePyramidNetwork(widths, 256, extra_blocks=LastLevelMaxPool())
+        self.out_channels = self.fpn.out_channels if neck else 256
 
     def forward(self, images):
         from collections import OrderedDict
         maps = OrderedDict((str(index), norm(stage_map).permute(0, 3, 1, 2))
                            for index, (norm, stage_map) in enumerate(zip(self.norms, self.body(images))))
         return self.fpn(maps)
+
+
+def detection_sample(args, device, with_masks: bool) -> tuple:
+    """One random image of `--detector-size` and three boxes (with their masks), as a batch."""
+    height, width = args.detector_size
+    images = [torch.rand(3, height, width, device=device)]
+    boxes = torch.tensor([[100., 120., 400., 500.], [600., 200., 900., 700.], [300., 400., 1100., 780.]])
+    target = {'boxes': boxes.to(device), 'labels': torch.tensor([1, 2, 3], device=device)}
+    if with_masks:
+        masks = torch.zeros(3, height, width, dtype=torch.uint8)
+        for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+            mask[y1:y2, x1:x2] = 1
+        target['masks'] = masks.to(device)
+    return images, [target]
 
 
 def mask_rcnn_training_step(name: str, args):
@@ -148,14 +166,28 @@ def mask_rcnn_training_step(name: str, args):
     height, width = args.detector_size
     detector = MaskRCNN(backbone, 91, min_size=height, max_size=max(height, width),
                         _skip_resize=True).to(device).train()
+    images, targets = detection_sample(args, device, with_masks=True)
+    return detector, training_step(detector, images, targets, device)
+
+
+def reppoints_v2_detector(name: str, args):
+    """RepPointsV2 of the 3x recipe (BiFPN 256 x 2 on stages 1-3, the head, 91 classes) on `name`."""
+    from functools import partial
+    from models.detection import focal_fpn_backbone
+    from models.detectors import RepPointsV2
+    from models.detectors.bifpn import BiFPN
+
+    neck = partial(BiFPN, out_channels=256, num_outputs=5, repeats=2)
+    backbone = (focal_fpn_backbone(name, returned_stages=(1, 2, 3), neck=neck, focal_windows=args.focal_windows)
+                if name.startswith('focal') else TimmFPN(name, out_indices=(1, 2, 3), neck=neck))
+    height, width = args.detector_size
+    return RepPointsV2(backbone, 91, min_size=height, max_size=max(height, width),
+                       _skip_resize=True).to(args.device)
+
+
+def training_step(detector, images, targets, device):
+    """A function of one training step of `detector` (forward, backward, AdamW) on `images`."""
     optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-4, weight_decay=0.05)
-    images = [torch.rand(3, height, width, device=device)]
-    boxes = torch.tensor([[100., 120., 400., 500.], [600., 200., 900., 700.], [300., 400., 1100., 780.]])
-    masks = torch.zeros(3, height, width, dtype=torch.uint8)
-    for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
-        mask[y1:y2, x1:x2] = 1
-    targets = [{'boxes': boxes.to(device), 'labels': torch.tensor([1, 2, 3], device=device),
-                'masks': masks.to(device)}]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
 
     def train_step():
@@ -165,7 +197,30 @@ def mask_rcnn_training_step(name: str, args):
         loss.backward()
         optimizer.step()
 
-    return detector, train_step
+    return train_step
+
+
+def measure_reppoints_v2(name: str, args, device) -> dict:
+    """RepPointsV2's parameters, full inference time and training step time on `name`."""
+    detector = reppoints_v2_detector(name, args)
+    images, targets = detection_sample(args, device, with_masks=False)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+
+    def infer_step():
+        with torch.inference_mode(), autocast:
+            detector(images)
+
+    detector.eval()
+    for _ in range(args.warmup):
+        infer_step()
+    infer_time = timed(infer_step, args.steps, args.repeats, device)
+    detector.train()
+    train_step = training_step(detector, images, targets, device)
+    for _ in range(args.warmup):
+        train_step()
+    train_time = timed(train_step, args.steps, args.repeats, device)
+    return {'params_m': sum(p.numel() for p in detector.parameters()) / 1e6, 'infer_ms': infer_time * 1e3,
+            'train_step_ms': train_time * 1e3}
 
 
 def measure_detector(name: str, args) -> dict:
@@ -202,6 +257,9 @@ def measure_detector(name: str, args) -> dict:
     train_time = timed(train_step, args.steps, args.repeats, device)
     row.update(mask_rcnn_params_m=sum(p.numel() for p in detector.parameters()) / 1e6,
                train_img_s=1 / train_time, train_step_ms=train_time * 1e3)
+    if 'reppoints_v2' in args.detectors:
+        del detector
+        row['reppoints_v2'] = measure_reppoints_v2(name, args, device)
     return row
 
 
@@ -315,6 +373,9 @@ def main():
     parser.add_argument('--detector-size', type=int, nargs=2, default=(800, 1216), metavar=('H', 'W'))
     parser.add_argument('--focal-windows', type=int, nargs=4, default=(15, 13, 9, 7), metavar='N',
                         help="with --detector: the focal models' focal windows (configs/detection recipes')")
+    parser.add_argument('--detectors', nargs='+', choices=('mask_rcnn', 'reppoints_v2'), default=['mask_rcnn'],
+                        help='with --detector: the detectors timed besides the backbone (Mask R-CNN always; '
+                             'reppoints_v2 adds RepPointsV2 inference and training)')
     parser.add_argument('--models', nargs='+', default=[BASELINE, CANDIDATE],
                         help=f'timm model names; ratios are against the first ({BASELINE} by default)')
     parser.add_argument('--variants', nargs='+', choices=(*VARIANTS, 'all'),
@@ -355,10 +416,10 @@ def main():
             command = [sys.executable, os.path.abspath(__file__), '--worker', name, '--variant', key] + [
                 f'--{option.replace("_", "-")}={value}' for option, value in vars(args).items()
                 if option not in ('worker', 'models', 'variants', 'variant', 'detector', 'detector_size',
-                                  'focal_windows')]
+                                  'focal_windows', 'detectors')]
             if args.detector:
                 command += ['--detector', '--detector-size', *map(str, args.detector_size),
-                            '--focal-windows', *map(str, args.focal_windows)]
+                            '--focal-windows', *map(str, args.focal_windows), '--detectors', *args.detectors]
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 sys.exit(f'error: measuring {name} ({VARIANTS[key].label}) failed:\n{result.stderr.strip()}')
@@ -393,6 +454,17 @@ def print_detector_rows(rows: list, args, precision: str):
     for row in rows[1:]:
         print(f'{row["model"]} / {rows[0]["model"]}: inference {row["infer_img_s"] / rows[0]["infer_img_s"]:.2f}x, '
               f'Mask R-CNN training {row["train_img_s"] / rows[0]["train_img_s"]:.2f}x')
+    if 'reppoints_v2' in rows[0]:
+        print(f'\nRepPointsV2 (BiFPN 256 x 2, 3x recipe head), batch 1, {height}x{width} px')
+        print(f'{"model":34s} {"params(M)":>9s} {"inference ms":>13s} {"train step ms":>14s}')
+        for row in rows:
+            found = row['reppoints_v2']
+            print(f'{row["model"]:34s} {found["params_m"]:9.2f} {found["infer_ms"]:13.1f} {found["train_step_ms"]:14.1f}')
+        base = rows[0]['reppoints_v2']
+        for row in rows[1:]:
+            found = row['reppoints_v2']
+            print(f'{row["model"]} / {rows[0]["model"]}: RepPointsV2 inference {base["infer_ms"] / found["infer_ms"]:.2f}x, '
+                  f'training {base["train_step_ms"] / found["train_step_ms"]:.2f}x')
 
 
 if __name__ == '__main__':
