@@ -529,13 +529,18 @@ def _check_values(config):
 
 
 def _check_detector_keys(config, sources):
-    """A MODEL.DETECTION key that was set but that the chosen detector does not read (DETECTOR_KEYS)."""
+    """A MODEL.DETECTION key that was set away from its default but that the chosen detector does not
+    read (DETECTOR_KEYS). A key set to its default changes nothing, and a run's dumped config.yaml,
+    which holds every key, must load back."""
     detector = config.MODEL.DETECTION.DETECTOR
     read = DETECTOR_KEYS[detector]
     for full_key, source in sources.items():
         if not full_key.startswith('MODEL.DETECTION.') or full_key == 'MODEL.DETECTION.DETECTOR':
             continue
-        if full_key.split('.')[2] not in read:
+        value, default = config, _C
+        for part in full_key.split('.'):
+            value, default = value[part], default[part]
+        if full_key.split('.')[2] not in read and value != default:
             raise ConfigError(f"config key '{full_key}' in {source} is not read by MODEL.DETECTION.DETECTOR "
                               f"{detector!r}, which reads {', '.join(read)}")
 

@@ -260,6 +260,11 @@ def test_recipe_builds_the_papers_45m_model():
 def test_a_key_the_detector_does_not_read_is_named(detector, key, value):
     with pytest.raises(ConfigError, match=rf"'{key}' in --opts is not read by MODEL.DETECTION.DETECTOR '{detector}'"):
         load_config(None, 'TASK', 'detection', 'MODEL.DETECTION.DETECTOR', detector, key, value)
+    # at its default it changes nothing (a run's dumped config.yaml holds every key)
+    default = get_config(None)
+    for part in key.split('.'):
+        default = default[part]
+    load_config(None, 'TASK', 'detection', 'MODEL.DETECTION.DETECTOR', detector, key, str(default))
 
 
 @pytest.fixture(scope='module')
