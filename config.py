@@ -119,8 +119,8 @@ _C.MODEL.LABEL_SMOOTHING = 0.1
 _C.MODEL.DETECTION = CN()
 # 'mask_rcnn' (stages 0-3, max-pooled P6), 'retinanet' (stages 1-3, P6 and P7 from stage 3),
 # 'cascade_mask_rcnn' (Mask R-CNN's backbone and RPN, three box and mask stages: models.detectors.cascade_rcnn),
-# 'atss' (stages 1-3, P6 and P7 from P5: models.detectors.atss) or 'sparse_rcnn' (stages 0-3:
-# models.detectors.sparse_rcnn)
+# 'atss' (stages 1-3, P6 and P7 from P5: models.detectors.atss), 'sparse_rcnn' (stages 0-3:
+# models.detectors.sparse_rcnn) or 'reppoints_v2' (stages 1-3, a BiFPN to P3-P7: models.detectors.reppoints_v2)
 _C.MODEL.DETECTION.DETECTOR = 'mask_rcnn'
 # Channels of the feature pyramid and of the heads' convolutions
 _C.MODEL.DETECTION.FPN_CHANNELS = 256
@@ -164,6 +164,14 @@ _C.MODEL.DETECTION.SPARSE_RCNN = CN()
 _C.MODEL.DETECTION.SPARSE_RCNN.NUM_PROPOSALS = 100
 # Dynamic instance interactive stages, each refining the last one's boxes
 _C.MODEL.DETECTION.SPARSE_RCNN.NUM_STAGES = 6
+# (added) RepPointsV2's own settings; the defaults are Swin's 3x recipe (reppointsv2_swin_bifpn.py)
+_C.MODEL.DETECTION.REPPOINTS_V2 = CN()
+# Repeats of the BiFPN neck ([swin] num_repeat 2)
+_C.MODEL.DETECTION.REPPOINTS_V2.BIFPN_REPEATS = 2
+# 3x3 convolutions of the head's classification and points towers ([swin] stacked_convs 3)
+_C.MODEL.DETECTION.REPPOINTS_V2.STACKED_CONVS = 3
+# Channels of the corner-pooling projections ([swin] corner_dim 64)
+_C.MODEL.DETECTION.REPPOINTS_V2.CORNER_CHANNELS = 64
 
 # The MODEL.DETECTION keys each detector reads (besides DETECTOR): a key that a YAML file or --opts sets
 # and the chosen detector does not read is a one-line ConfigError, not silently ignored. A detector's own
@@ -176,6 +184,7 @@ DETECTOR_KEYS = {
                           'ANCHOR_SIZES', 'DETECTIONS_PER_IMAGE', 'CASCADE'),
     'atss': ('FPN_CHANNELS', 'DETECTIONS_PER_IMAGE', 'ATSS'),
     'sparse_rcnn': ('FPN_CHANNELS', 'DETECTIONS_PER_IMAGE', 'SPARSE_RCNN'),
+    'reppoints_v2': ('FPN_CHANNELS', 'DETECTIONS_PER_IMAGE', 'REPPOINTS_V2'),
 }
 
 # (added) segmentation: smp's UPerNet on the Focal encoder with an auxiliary FCN head on stage 3

@@ -16,7 +16,7 @@ reported, since the compiler's own memory would be counted.
     python benchmarks/throughput.py --variants all       # + torch.compile and bf16 autocast rows
     python benchmarks/throughput.py --device cuda --batch-size 64
     python benchmarks/throughput.py --detector           # one 800x1216 image: backbone, Mask R-CNN
-    python benchmarks/throughput.py --detector --methods mask_rcnn cascade_mask_rcnn atss sparse_rcnn
+    python benchmarks/throughput.py --detector --methods mask_rcnn cascade_mask_rcnn atss sparse_rcnn reppoints_v2
 
 `--detector` measures what a detection backbone sees: batch 1 at `--detector-size` (800x1216 by
 default), Swin-T created with `dynamic_img_size=True` so that it takes that size: a backbone
@@ -143,18 +143,19 @@ def top_operators(fn, steps: int, device: torch.device, rows: int = 15) -> str:
 class TimmFPN(torch.nn.Module):
     """A timm `features_only` model's stage maps (NHWC; `returned_stages`, by default all four), each
     LayerNormed as Swin's detection backbone does, into torchvision's FeaturePyramidNetwork with
-    `extra_blocks` (by default the max-pooled fifth level): the same neck `models.detection.FocalFPN`
-    puts on the focal stages."""
+    `extra_blocks` (by default the max-pooled fifth level) or into `neck(widths)`: the same necks
+    `models.detection.FocalFPN` puts on the focal stages."""
 
-    def __init__(self, name: str, returned_stages: tuple = (0, 1, 2, 3), extra_blocks=None):
+    def __init__(self, name: str, returned_stages: tuple = (0, 1, 2, 3), extra_blocks=None, neck=None):
         import timm
         from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
         super().__init__()
         self.body = timm.create_model(name, features_only=True, dynamic_img_size=True, out_indices=returned_stages)
         widths = self.body.feature_info.channels()
         self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(width) for width in widths)
-        self.fpn = FeaturePyramidNetwork(widths, 256, extra_blocks=extra_blocks or LastLevelMaxPool())
-        self.out_channels = 256
+        self.fpn = (neck(widths) if neck is not None else
+                    FeaturePyramidNetwork(widths, 256, extra_blocks=extra_blocks or LastLevelMaxPool()))
+        self.out_channels = self.fpn.out_channels if neck is not None else 256
 
     def forward(self, images):
         from collections import OrderedDict
@@ -163,13 +164,13 @@ class TimmFPN(torch.nn.Module):
         return self.fpn(maps)
 
 
-def fpn_backbone(name: str, args, returned_stages: tuple = (0, 1, 2, 3), extra_blocks=None):
+def fpn_backbone(name: str, args, returned_stages: tuple = (0, 1, 2, 3), extra_blocks=None, neck=None):
     """`name`'s FPN backbone: models.detection's FocalFPN (at --focal-windows) or a TimmFPN."""
     from models.detection import focal_fpn_backbone
     if name.startswith('focal'):
-        return focal_fpn_backbone(name, returned_stages=returned_stages, extra_blocks=extra_blocks,
+        return focal_fpn_backbone(name, returned_stages=returned_stages, extra_blocks=extra_blocks, neck=neck,
                                   focal_windows=args.focal_windows)
-    return TimmFPN(name, returned_stages, extra_blocks)
+    return TimmFPN(name, returned_stages, extra_blocks, neck)
 
 
 def image_size(args) -> dict:
@@ -204,12 +205,22 @@ def build_sparse_rcnn(name: str, args):
     return SparseRCNN(fpn_backbone(name, args), 91, num_proposals=300, detections_per_img=300, **image_size(args))
 
 
+def build_reppoints_v2(name: str, args):
+    """RepPointsV2 of the 3x recipe: stages 1-3 into a 256-channel BiFPN of two repeats (P3-P7), its head."""
+    from functools import partial
+    from models.detectors import RepPointsV2
+    from models.detectors.bifpn import BiFPN
+    neck = partial(BiFPN, out_channels=256, num_outputs=5, repeats=2)
+    return RepPointsV2(fpn_backbone(name, args, (1, 2, 3), neck=neck), 91, **image_size(args))
+
+
 # --methods: name -> (label, build(model name, args), trained with masks), each detector at its COCO recipe's heads
 DETECTOR_METHODS = {
     'mask_rcnn': ('Mask R-CNN', build_mask_rcnn, True),
     'cascade_mask_rcnn': ('Cascade Mask R-CNN', build_cascade_mask_rcnn, True),
     'atss': ('ATSS', build_atss, False),
     'sparse_rcnn': ('Sparse R-CNN', build_sparse_rcnn, False),
+    'reppoints_v2': ('RepPointsV2', build_reppoints_v2, False),
 }
 
 

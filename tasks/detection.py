@@ -1,6 +1,6 @@
 """COCO object detection and instance segmentation: torchvision's Mask R-CNN or RetinaNet, or the
-Cascade Mask R-CNN, ATSS or Sparse R-CNN of models.detectors, on the Focal FPN backbone, COCO box and
-mask AP from pycocotools.
+Cascade Mask R-CNN, ATSS, Sparse R-CNN or RepPointsV2 of models.detectors, on the Focal FPN backbone,
+COCO box and mask AP from pycocotools.
 
 Training images are resized in the data pipeline (DATA.MIN_SIZES, DATA.MAX_SIZE, the 3x recipes'
 random crop of AUG.DET_CROP_MIN_SIZES and AUG.DET_CROP_SIZE_RANGE, flip), so the detector's own
@@ -15,6 +15,7 @@ import contextlib
 import io
 import os
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -38,7 +39,8 @@ from logger import memory_mb
 from models.backbone import no_weight_decay_names
 from models.build import focal_arguments
 from models.detection import focal_fpn_backbone
-from models.detectors import ATSS, CascadeMaskRCNN, SparseRCNN
+from models.detectors import ATSS, CascadeMaskRCNN, RepPointsV2, SparseRCNN
+from models.detectors.bifpn import BiFPN
 
 ASPECT_RATIOS = [(0.5, 1.0, 2.0)]  # of every level's anchors, torchvision's
 # (image folder, annotation file) of each split under the COCO 2017 root
@@ -77,8 +79,19 @@ def build_sparse_rcnn(config, num_classes, arguments, common):
                       **common)
 
 
+def build_reppoints_v2(config, num_classes, arguments, common):
+    """RepPointsV2 on stages 1-3 through a BiFPN to the five levels P3-P7 (the 3x recipe's neck)."""
+    settings = config.MODEL.DETECTION.REPPOINTS_V2
+    neck = partial(BiFPN, out_channels=config.MODEL.DETECTION.FPN_CHANNELS, num_outputs=5,
+                   repeats=settings.BIFPN_REPEATS)
+    backbone = focal_fpn_backbone(drop_path_rate=config.MODEL.DROP_PATH_RATE, returned_stages=(1, 2, 3),
+                                  neck=neck, **arguments)
+    return RepPointsV2(backbone, num_classes, stacked_convs=settings.STACKED_CONVS,
+                       corner_channels=settings.CORNER_CHANNELS, **common)
+
+
 # the detectors built outside build_detector, by MODEL.DETECTION.DETECTOR
-DETECTOR_BUILDERS = {'atss': build_atss, 'sparse_rcnn': build_sparse_rcnn}
+DETECTOR_BUILDERS = {'atss': build_atss, 'sparse_rcnn': build_sparse_rcnn, 'reppoints_v2': build_reppoints_v2}
 
 
 def build_detector(config, num_classes):

@@ -112,17 +112,17 @@ def test_throughput_detector_rows_measure_the_asked_focal_windows():
     result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'throughput.py'), '--detector',
                              '--detector-size', '64', '96', '--focal-windows', *map(str, windows),
                              '--steps', '1', '--repeats', '1', '--warmup', '1', '--threads', '1',
-                             '--methods', 'mask_rcnn', 'cascade_mask_rcnn', 'atss', 'sparse_rcnn'],
+                             '--methods', 'mask_rcnn', 'cascade_mask_rcnn', 'atss', 'sparse_rcnn', 'reppoints_v2'],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert ('batch 1, 64x96 px, backbone inference, Mask R-CNN, Cascade Mask R-CNN, ATSS, Sparse R-CNN inference '
-            'and training, focal windows 3 3 1 1') in result.stdout
+    assert ('batch 1, 64x96 px, backbone inference, Mask R-CNN, Cascade Mask R-CNN, ATSS, Sparse R-CNN, RepPointsV2 '
+            'inference and training, focal windows 3 3 1 1') in result.stdout
     focal = timm.create_model('focal_tiny_patch4_window7_224', focal_windows=windows)
     params = sum(p.numel() for p in focal.parameters())
     assert re.search(rf'\nfocal_tiny_patch4_window7_224\s+{params / 1e6:.2f}\s', result.stdout), result.stdout
     assert re.search(r'focal_tiny_patch4_window7_224 / swin_tiny_patch4_window7_224: inference \d+\.\d\dx, '
                      r'Mask R-CNN inference \d+\.\d\dx, Mask R-CNN training \d+\.\d\dx', result.stdout), result.stdout
-    for label in ('Cascade Mask R-CNN', 'ATSS', 'Sparse R-CNN'):  # each detector's rows on both backbones, its ratios
+    for label in ('Cascade Mask R-CNN', 'ATSS', 'Sparse R-CNN', 'RepPointsV2'):  # rows on both backbones, ratios
         rows = rf'\n{label} +swin_tiny\S* +\d+\.\d\d .*\n{label} +focal_tiny\S* +\d+\.\d\d '
         assert re.search(rows, result.stdout), result.stdout
         assert re.search(rf'{label} inference \d+\.\d\dx, {label} training \d+\.\d\dx', result.stdout), result.stdout
