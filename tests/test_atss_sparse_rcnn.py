@@ -207,6 +207,7 @@ def test_a_setting_of_another_detector_is_refused_in_one_line(detector, foreign)
 # ---------------------------------------------------------------------------------------------
 # Evaluation on any number of processes
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a training run and three evaluations through main.py: about 30 s on 2 cores
 def test_atss_two_processes_score_what_one_does(tmp_path):
     """A micro ATSS trained two epochs through main.py; --eval --resume of it under torchrun (2 processes,
     5 val images split 3 + 2) logs the same COCO table and detection count as one process."""

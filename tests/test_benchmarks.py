@@ -102,7 +102,17 @@ def test_checkpoint_read_times_a_released_size_pdparams():
                         result.stdout), result.stdout
 
 
-def test_throughput_detector_rows_measure_the_asked_focal_windows():
+# (label, --methods name) of each detector throughput.py --detector times
+THROUGHPUT_DETECTORS = [('Mask R-CNN', 'mask_rcnn'), ('Cascade Mask R-CNN', 'cascade_mask_rcnn'), ('ATSS', 'atss'),
+                        ('Sparse R-CNN', 'sparse_rcnn'), ('RepPointsV2', 'reppoints_v2')]
+
+
+# the default run times the two cheapest (a two-stage and a one-stage detector); every detector's builder
+# runs under -m slow (about 3 minutes on 2 cores)
+@pytest.mark.parametrize('detectors', [[THROUGHPUT_DETECTORS[0], THROUGHPUT_DETECTORS[2]],
+                                       pytest.param(THROUGHPUT_DETECTORS, marks=pytest.mark.slow)],
+                         ids=['mask_rcnn-atss', 'all'])
+def test_throughput_detector_rows_measure_the_asked_focal_windows(detectors):
     """throughput.py --detector end to end on a small image: the backbone rows of both backbones, each
     detector of --methods on both and their ratios, the focal model built with the focal windows asked
     for (its parameter count shows it)."""
@@ -112,17 +122,18 @@ def test_throughput_detector_rows_measure_the_asked_focal_windows():
     result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'throughput.py'), '--detector',
                              '--detector-size', '64', '96', '--focal-windows', *map(str, windows),
                              '--steps', '1', '--repeats', '1', '--warmup', '1', '--threads', '1',
-                             '--methods', 'mask_rcnn', 'cascade_mask_rcnn', 'atss', 'sparse_rcnn', 'reppoints_v2'],
+                             '--methods', *(method for _, method in detectors)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert ('batch 1, 64x96 px, backbone inference, Mask R-CNN, Cascade Mask R-CNN, ATSS, Sparse R-CNN, RepPointsV2 '
-            'inference and training, focal windows 3 3 1 1') in result.stdout
+    labels = ', '.join(label for label, _ in detectors)
+    assert f'batch 1, 64x96 px, backbone inference, {labels} inference and training, focal windows 3 3 1 1' \
+        in result.stdout
     focal = timm.create_model('focal_tiny_patch4_window7_224', focal_windows=windows)
     params = sum(p.numel() for p in focal.parameters())
     assert re.search(rf'\nfocal_tiny_patch4_window7_224\s+{params / 1e6:.2f}\s', result.stdout), result.stdout
-    assert re.search(r'focal_tiny_patch4_window7_224 / swin_tiny_patch4_window7_224: inference \d+\.\d\dx, '
-                     r'Mask R-CNN inference \d+\.\d\dx, Mask R-CNN training \d+\.\d\dx', result.stdout), result.stdout
-    for label in ('Cascade Mask R-CNN', 'ATSS', 'Sparse R-CNN', 'RepPointsV2'):  # rows on both backbones, ratios
+    assert re.search(r'focal_tiny_patch4_window7_224 / swin_tiny_patch4_window7_224: inference \d+\.\d\dx, ',
+                     result.stdout), result.stdout
+    for label, _ in detectors:  # each detector's rows on both backbones, its ratios
         rows = rf'\n{label} +swin_tiny\S* +\d+\.\d\d .*\n{label} +focal_tiny\S* +\d+\.\d\d '
         assert re.search(rows, result.stdout), result.stdout
         assert re.search(rf'{label} inference \d+\.\d\dx, {label} training \d+\.\d\dx', result.stdout), result.stdout
