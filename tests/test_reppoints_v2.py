@@ -14,7 +14,8 @@ from torchvision.ops import sigmoid_focal_loss
 from config import ConfigError, get_config, with_classes
 from helpers import REPO
 from models.detectors import reppoints_v2
-from models.detectors.reppoints_v2 import (CORNERS, RepPointsV2Head, atss_assign, corner_heatmap_targets,
+from models.detectors.atss import atss_assign
+from models.detectors.reppoints_v2 import (CORNERS, RepPointsV2Head, corner_heatmap_targets,
                                            corner_pool, foreground_targets, gaussian_radius, level_points,
                                            point_assign, points_to_boxes, quality_focal_loss, snap_to_corners)
 from tasks import build_task
@@ -94,9 +95,15 @@ def test_atss_assign_thresholds_at_mean_plus_std_and_gives_a_shared_box_the_high
     # 0.619 + 0.292 = 0.911; gt1 = [0,0,12,12] likewise takes box 1 alone
     boxes = torch.tensor([[0., 0., 10., 10.], [0., 0., 12., 12.], [40., 40., 50., 50.], [0., 0., 16., 16.]])
     gt_boxes = torch.tensor([[0., 0., 10., 10.], [0., 0., 12., 12.]])
-    assert atss_assign(boxes, [3, 1], gt_boxes, topk=2).tolist() == [0, 1, -1, -1]
-    assert atss_assign(boxes, [3, 1], gt_boxes[:1], topk=2).tolist() == [0, -1, -1, -1]  # 0.694 < 0.911
-    assert atss_assign(boxes, [3, 1], gt_boxes[:0], topk=2).tolist() == [-1] * 4
+    repeat = dict(topk=2, repeat_short_levels=True)  # RepPointsV2's refinement assigner
+    assert atss_assign(boxes, [3, 1], gt_boxes, **repeat).tolist() == [0, 1, -1, -1]
+    assert atss_assign(boxes, [3, 1], gt_boxes[:1], **repeat).tolist() == [0, -1, -1, -1]  # 0.694 < 0.911
+    assert atss_assign(boxes, [3, 1], gt_boxes[:0], **repeat).tolist() == [-1] * 4
+    # the repeat decides: IoUs 1, 0.8 and 0.1 give a threshold of 0.633 + 0.473 = 1.106 (no positive);
+    # 1, 0.8, 0.1, 0.1 give 0.5 + 0.469 = 0.969, which box 0 reaches
+    boxes = torch.tensor([[0., 0., 10., 10.], [0., 0., 10., 12.5], [40., 40., 50., 50.], [0., 0., 40., 25.]])
+    assert atss_assign(boxes, [3, 1], gt_boxes[:1], topk=2).tolist() == [-1] * 4
+    assert atss_assign(boxes, [3, 1], gt_boxes[:1], **repeat).tolist() == [0, -1, -1, -1]
 
 
 def test_atss_assign_needs_the_box_centre_inside_the_ground_truth():

@@ -33,27 +33,35 @@ __all__ = ['ATSS', 'ATSSHead', 'atss_assign']
 GROUP_NORM_GROUPS = 32  # [mmdet] norm_cfg GN, num_groups 32, in both towers
 
 
-def atss_assign(anchors: Tensor, num_anchors_per_level: list, gt_boxes: Tensor, topk: int = 9) -> Tensor:
+def atss_assign(anchors: Tensor, num_anchors_per_level: list, gt_boxes: Tensor, topk: int = 9,
+                repeat_short_levels: bool = False) -> Tensor:
     """Index of the ground-truth box each anchor learns (-1: background), by ATSS's rule.
 
     Per ground truth: the `topk` anchors of each level whose centres lie nearest its centre are its
     candidates; those with an IoU at least the mean plus the (unbiased) standard deviation of the
     candidates' IoUs, and whose centre lies inside the box, are positive. An anchor positive for
     several boxes learns the one it overlaps most. `anchors` (A, 4) xyxy, ordered level by level as
-    `num_anchors_per_level` counts them; `gt_boxes` (G, 4) xyxy.
+    `num_anchors_per_level` counts them; `gt_boxes` (G, 4) xyxy. A level with fewer than `topk`
+    anchors gives them all ([mmdet] ATSSAssigner); with `repeat_short_levels` it repeats them, in
+    order, up to `topk` candidates, as RepPointsV2's refinement assigner does ([swin] ATSSAssignerV2
+    repeats randomly drawn ones; here the same ones every run).
     """
     matched = torch.full((len(anchors),), -1, dtype=torch.int64, device=anchors.device)
-    if len(gt_boxes) == 0:
+    if len(gt_boxes) == 0 or len(anchors) == 0:
         return matched
     ious = box_iou(anchors, gt_boxes)  # (A, G)
     anchor_centres = (anchors[:, :2] + anchors[:, 2:]) / 2
     distances = torch.cdist(anchor_centres, (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2)  # (A, G)
     candidates, start = [], 0
     for count in num_anchors_per_level:
-        nearest = distances[start:start + count].topk(min(topk, count), dim=0, largest=False).indices
-        candidates.append(nearest + start)
+        if count >= topk or not repeat_short_levels:
+            nearest = distances[start:start + count].topk(min(topk, count), dim=0, largest=False).indices
+            candidates.append(nearest + start)
+        elif count > 0:
+            repeated = torch.arange(topk, device=anchors.device) % count + start
+            candidates.append(repeated[:, None].expand(topk, len(gt_boxes)))
         start += count
-    candidates = torch.cat(candidates)  # (C, G): anchor indices, distinct within a column
+    candidates = torch.cat(candidates)  # (C, G): anchor indices, distinct within a column unless repeated
     candidate_ious = ious.gather(0, candidates)
     threshold = candidate_ious.mean(0) + candidate_ious.std(0)  # [mmdet] torch.std: unbiased
     centres = anchor_centres[candidates]  # (C, G, 2)

@@ -22,7 +22,7 @@ heatmap peak of the 2x2 cells around it.
 
 Training assigns the initial points by the nearest location to each box centre on the level that
 the box's size picks (`point_assign`), the refined ones ATSS-style on the initial boxes
-(`atss_assign`), and the corners as Gaussian bumps (`corner_heatmap_targets`); the losses are the
+(models.detectors.atss's `atss_assign`, short levels repeated), and the corners as Gaussian bumps (`corner_heatmap_targets`); the losses are the
 quality focal loss (`quality_focal_loss`), GIoU on boxes scaled by the level
 (`point_box_loss`), the Gaussian focal loss on the heatmaps (`gaussian_focal_loss`), smooth L1 on
 the offsets and a focal loss on the foreground map (`foreground_focal_loss`).
@@ -40,10 +40,11 @@ from torch import nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import DeformConv2d, batched_nms, box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
+from .atss import atss_assign
 from .bifpn import group_norm
 
 __all__ = ['RepPointsV2', 'RepPointsV2Head', 'corner_pool', 'points_to_boxes', 'point_assign',
-           'atss_assign', 'gaussian_radius', 'corner_heatmap_targets', 'foreground_targets',
+           'gaussian_radius', 'corner_heatmap_targets', 'foreground_targets',
            'quality_focal_loss', 'point_box_loss', 'gaussian_focal_loss', 'foreground_focal_loss',
            'snap_to_corners']
 
@@ -147,42 +148,6 @@ def point_assign(points: torch.Tensor, strides: torch.Tensor, gt_boxes: torch.Te
     nearest_distances, nearest = distances.topk(min(pos_num, len(points)), dim=0, largest=False)
     chosen = torch.full_like(distances, math.inf).scatter_(0, nearest, nearest_distances)
     best, best_gt = chosen.min(dim=1)
-    return torch.where(torch.isfinite(best), best_gt, assigned)
-
-
-def atss_assign(boxes: torch.Tensor, num_per_level: list, gt_boxes: torch.Tensor,
-                topk: int = ATSS_TOPK) -> torch.Tensor:
-    """The refinement's assignment ([swin] ATSSAssignerV2) over the initial boxes `boxes`
-    (level by level, `num_per_level` each): per ground truth, on each level the `topk` boxes whose
-    centres lie nearest its centre are candidates; candidates whose IoU reaches the mean plus the
-    (unbiased) standard deviation of the candidates' IoUs, and whose centre lies inside the
-    ground truth (by more than 0.01), are positives; a box positive for several takes the one of
-    highest IoU. A level with fewer than `topk` boxes repeats its boxes, in order, up to `topk`
-    candidates (the authors repeat randomly drawn ones; here the same ones every run)."""
-    assigned = torch.full((len(boxes),), -1, dtype=torch.long, device=boxes.device)
-    if len(gt_boxes) == 0 or len(boxes) == 0:
-        return assigned
-    ious = box_iou(boxes, gt_boxes)
-    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-    distances = torch.cdist(centres, (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2)
-    candidates, start = [], 0
-    for count in num_per_level:
-        if count >= topk:
-            candidates.append(distances[start:start + count].topk(topk, dim=0, largest=False).indices + start)
-        elif count > 0:
-            repeated = torch.arange(topk, device=boxes.device) % count + start
-            candidates.append(repeated[:, None].expand(topk, len(gt_boxes)))
-        start += count
-    candidates = torch.cat(candidates)  # (K, G)
-    candidate_ious = ious.gather(0, candidates)
-    threshold = candidate_ious.mean(0) + candidate_ious.std(0)
-    candidate_centres = centres[candidates]  # (K, G, 2)
-    inside = torch.cat([candidate_centres - gt_boxes[None, :, :2],
-                        gt_boxes[None, :, 2:] - candidate_centres], dim=2).min(dim=2).values > 0.01
-    positive = (candidate_ious >= threshold[None]) & inside
-    scores = torch.full_like(ious, -math.inf).scatter_(
-        0, candidates, torch.where(positive, candidate_ious, torch.full_like(candidate_ious, -math.inf)))
-    best, best_gt = scores.max(dim=1)
     return torch.where(torch.isfinite(best), best_gt, assigned)
 
 
@@ -476,7 +441,8 @@ class RepPointsV2Head(nn.Module):
             counts['init'] += max(int(positive.sum()), 1)
 
             num_per_level = torch.bincount(valid_levels, minlength=len(sizes)).tolist()
-            refine_gt = atss_assign(init_boxes[index, valid].detach(), num_per_level, gt_boxes)
+            refine_gt = atss_assign(init_boxes[index, valid].detach(), num_per_level, gt_boxes, ATSS_TOPK,
+                                    repeat_short_levels=True)
             positive = refine_gt >= 0
             selected = valid[positive]
             matched = gt_boxes[refine_gt[positive]]
