@@ -38,10 +38,10 @@ from throughput import cpu_info
 import models.focal_transformer as focal  # registers the focal models with timm
 
 
-def distinct_keys(key_index: torch.Tensor, bias: torch.Tensor) -> int:
+def distinct_keys(key_index: torch.Tensor, mask: torch.Tensor) -> int:
     """Mean over windows (rounded) of the distinct tokens a window's key slots read, leaving out the
     slots masked (-inf) for every query."""
-    needed = torch.isfinite(bias[:, 0]).any(1)
+    needed = torch.isfinite(mask).any(1)
     counts = [key_index[w][needed[w]].unique().numel() for w in range(key_index.shape[0])]
     return round(sum(counts) / len(counts))
 
@@ -52,11 +52,11 @@ def attention_shapes(model: torch.nn.Module, images: torch.Tensor) -> List[Tuple
     shapes = []
     real = focal.window_attention
 
-    def record(qkv, query_index, key_index, bias, *args, **kwargs):
-        num_windows, num_heads, queries, num_keys = bias.shape
+    def record(qkv, query_index, key_index, bias, mask, *args, **kwargs):
+        (num_heads, queries, num_keys), num_windows = bias.shape, key_index.shape[0]
         shapes.append((num_windows, num_heads, queries, num_keys, qkv.shape[-1] // 3 // num_heads,
-                       distinct_keys(key_index, bias)))
-        return real(qkv, query_index, key_index, bias, *args, **kwargs)
+                       distinct_keys(key_index, mask)))
+        return real(qkv, query_index, key_index, bias, mask, *args, **kwargs)
 
     focal.window_attention = record
     try:
@@ -67,7 +67,7 @@ def attention_shapes(model: torch.nn.Module, images: torch.Tensor) -> List[Tuple
     return shapes
 
 
-def stand_in_attention(qkv, query_index, key_index, bias, scale, dropout_p=0., training=False):
+def stand_in_attention(qkv, query_index, key_index, bias, mask, scale, dropout_p=0., training=False):
     """The shape and graph of window_attention's output at the cost of one copy: the query rows' q."""
     return qkv.narrow(1, 0, query_index.shape[0]).narrow(2, 0, qkv.shape[-1] // 3).contiguous()
 

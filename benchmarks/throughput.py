@@ -40,6 +40,10 @@ process holds. The slope between the smallest and largest batch is the memory pe
 
     python benchmarks/throughput.py --memory --models swin_large_patch4_window7_224 focal_large_patch4_window7_224
 
+`--cuda-attention sdpa fused` (with `--device cuda`) measures the focal models once per CUDA attention
+setting (`models.window_attention.set_cuda_attention`: PyTorch's SDPA, the fused Triton kernel, or
+`auto`), each against the same baseline row; without it they run the default setting.
+
 `--profile N` then says where the time goes: after timing, each model runs N more training steps
 and N inference passes under `torch.profiler`, and the operators with the most self time (CPU
 time, or CUDA kernel time with `--device cuda`) are printed under the table, model by model.
@@ -335,6 +339,9 @@ def measure(name: str, args) -> dict:
 
     if args.memory:
         return measure_memory(name, args)
+    if args.attention:
+        from models.window_attention import set_cuda_attention
+        set_cuda_attention(args.attention)
     if args.detector:
         return measure_detector(name, args)
     device = torch.device(args.device)
@@ -384,7 +391,7 @@ def measure(name: str, args) -> dict:
     if args.profile:
         profiles['inference'] = top_operators(infer_step, args.profile, device)
     return {
-        'model': name,
+        'model': name if args.attention is None else f'{name} ({args.attention})',
         'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
         'infer_img_s': args.batch_size / infer_time,
         'train_img_s': args.batch_size / train_time,
@@ -407,9 +414,15 @@ def short_name(model: str) -> str:
     return model.replace('_patch4_window7_224', '')
 
 
+def attention_settings(name: str, args) -> list:
+    """The CUDA attention settings `name` is measured with: each of --cuda-attention for a focal model,
+    the default (None) otherwise."""
+    return args.cuda_attention if args.cuda_attention and name.startswith('focal') else [None]
+
+
 def print_table(results: dict):
     """One row per variant and model, then per variant each model's ratios to the variant's first model."""
-    columns = (f'{"variant":16s} {"model":34s} {"params(M)":>9s} {"infer img/s":>12s} '
+    columns = (f'{"variant":16s} {"model":40s} {"params(M)":>9s} {"infer img/s":>12s} '
                f'{"train img/s":>12s} {"train peak MiB":>15s}')
     print(columns)
     print('-' * len(columns))
@@ -417,13 +430,13 @@ def print_table(results: dict):
         base = rows[0]
         for row in rows:
             memory = '-' if row['train_peak_mib'] is None else f'{row["train_peak_mib"]:.0f}'
-            print(f'{VARIANTS[key].label:16s} {row["model"]:34s} {row["params_m"]:9.2f} '
+            print(f'{VARIANTS[key].label:16s} {row["model"]:40s} {row["params_m"]:9.2f} '
                   f'{row["infer_img_s"]:12.2f} {row["train_img_s"]:12.2f} {memory:>15s}')
         for row in rows[1:]:
             memory = '-' if None in (row['train_peak_mib'], base['train_peak_mib']) else \
                 f'{row["train_peak_mib"] / base["train_peak_mib"]:.2f}x'
             ratio = f'ratio {short_name(row["model"])} / {short_name(base["model"])}'
-            print(f'{"":16s} {ratio:34s} {"":9s} {row["infer_img_s"] / base["infer_img_s"]:11.2f}x '
+            print(f'{"":16s} {ratio:40s} {"":9s} {row["infer_img_s"] / base["infer_img_s"]:11.2f}x '
                   f'{row["train_img_s"] / base["train_img_s"]:11.2f}x {memory:>15s}')
 
 
@@ -512,7 +525,11 @@ def main():
                         help='with --memory: the batch sizes measured; the per-image figure is the slope '
                              'between the smallest and the largest')
     parser.add_argument('--checkpointing', action='store_true', help=argparse.SUPPRESS)
+    parser.add_argument('--cuda-attention', nargs='+', choices=('sdpa', 'fused', 'auto'),
+                        help='with --device cuda: measure the focal models once per CUDA attention setting '
+                             '(models.window_attention.set_cuda_attention); default: its default')
     parser.add_argument('--worker', help=argparse.SUPPRESS)
+    parser.add_argument('--attention', help=argparse.SUPPRESS)
     parser.add_argument('--variant', default='eager', choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.detector and (args.variants or args.profile):
@@ -520,6 +537,8 @@ def main():
     if args.memory and (args.detector or args.profile or args.device != 'cpu' or len(set(args.memory_batches)) < 2):
         parser.error('--memory measures the CPU at two or more --memory-batches; it takes no --detector, --profile '
                      'or --device cuda')
+    if args.cuda_attention and args.device != 'cuda':
+        parser.error('--cuda-attention chooses the CUDA attention; it needs --device cuda')
     torch.set_num_threads(args.threads)
 
     if args.worker:
@@ -546,17 +565,21 @@ def main():
     for key in variants:
         results[key] = []
         for name in args.models:
-            command = [sys.executable, os.path.abspath(__file__), '--worker', name, '--variant', key] + [
-                f'--{option.replace("_", "-")}={value}' for option, value in vars(args).items()
-                if option not in ('worker', 'models', 'variants', 'variant', 'detector', 'detector_size',
-                                  'focal_windows', 'methods', 'memory', 'memory_batches', 'checkpointing')]
-            if args.detector:
-                command += ['--detector', '--detector-size', *map(str, args.detector_size),
-                            '--focal-windows', *map(str, args.focal_windows), '--methods', *args.methods]
-            result = subprocess.run(command, capture_output=True, text=True)
-            if result.returncode != 0:
-                sys.exit(f'error: measuring {name} ({VARIANTS[key].label}) failed:\n{result.stderr.strip()}')
-            results[key].append(json.loads(result.stdout.strip().splitlines()[-1]))
+            for attention in attention_settings(name, args):
+                command = [sys.executable, os.path.abspath(__file__), '--worker', name, '--variant', key] + [
+                    f'--{option.replace("_", "-")}={value}' for option, value in vars(args).items()
+                    if option not in ('worker', 'models', 'variants', 'variant', 'detector', 'detector_size',
+                                      'focal_windows', 'methods', 'cuda_attention', 'attention', 'memory',
+                                      'memory_batches', 'checkpointing')]
+                if args.detector:
+                    command += ['--detector', '--detector-size', *map(str, args.detector_size),
+                                '--focal-windows', *map(str, args.focal_windows), '--methods', *args.methods]
+                if attention:
+                    command += ['--attention', attention]
+                result = subprocess.run(command, capture_output=True, text=True)
+                if result.returncode != 0:
+                    sys.exit(f'error: measuring {name} ({VARIANTS[key].label}) failed:\n{result.stderr.strip()}')
+                results[key].append(json.loads(result.stdout.strip().splitlines()[-1]))
 
     if args.detector:
         for key in variants:

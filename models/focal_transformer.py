@@ -124,8 +124,9 @@ class FocalAttention(nn.Module):
         self.register_buffer('pooled_bias_index', torch.cat(pooled_index, dim=1) if pooled_index else None,
                              persistent=False)
 
-    def attention_bias(self, mask: torch.Tensor) -> torch.Tensor:
-        """(nW, nH, ws², n_keys) additive logit bias: learned tables plus the fixed mask.
+    def attention_bias(self) -> torch.Tensor:
+        """(nH, ws², n_keys) learned logit bias, the same for every window: the relative-position,
+        neighbour and pooled-level tables side by side along the key slots.
 
         Each table is indexed on its own, so that its gradient arrives as a fresh tensor of the
         parameter's own layout (DDP's gradient buckets expect exactly that).
@@ -137,7 +138,7 @@ class FocalAttention(nn.Module):
             pooled_index = self.pooled_bias_index.split(self.pooled_key_counts, dim=1)
             for k, table in enumerate(self.relative_position_bias_table_to_windows):
                 parts.append(table[:, pooled_index[k]])
-        return torch.cat(parts, dim=-1) + mask.unsqueeze(1)
+        return torch.cat(parts, dim=-1)
 
     def forward(self, padded_map: torch.Tensor, pooled: List[torch.Tensor]) -> torch.Tensor:
         """padded_map: (B, Hp, Wp, C) normalized, padded, shifted; pooled: (B, Gh_k, Gw_k, C) per level.
@@ -153,8 +154,7 @@ class FocalAttention(nn.Module):
         # zero row is needed (writing one into the rows would make autograd copy the rows' gradient).
         tokens = [padded_map.flatten(1, 2)] + [cells.flatten(1, 2) for cells in pooled]
         qkv = self.qkv(torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0])
-        bias = self.attention_bias(mask).to(qkv.dtype)
-        out = window_attention(qkv, query_index, key_index, bias, self.scale,
+        out = window_attention(qkv, query_index, key_index, self.attention_bias().to(qkv.dtype), mask, self.scale,
                                self.attn_drop if self.training else 0., self.training)
         out = self.proj(out.view(B, Hp, Wp, C))
         return self.proj_drop(out)

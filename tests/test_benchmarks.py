@@ -41,6 +41,7 @@ def test_ab_builds_each_checkouts_own_model_and_reports_a_ratio(tmp_path, option
     assert spread is None or 0 < float(spread.group(1)) <= float(spread.group(2))
 
 
+@pytest.mark.slow  # a minute of benchmark runs: the slow run (pytest.ini)
 def test_throughput_profile_prints_each_models_busiest_operators():
     """throughput.py end to end on a small input, with --profile: the table row, then the profiler's
     operator tables for training and inference, which must show the model's matrix products."""
@@ -57,6 +58,7 @@ def test_throughput_profile_prints_each_models_busiest_operators():
         assert 'Self CPU time total' in table and 'aten::addmm' in table, table
 
 
+@pytest.mark.slow  # a minute of benchmark runs: the slow run (pytest.ini)
 def test_ceiling_bound_is_the_time_without_attention_plus_the_products():
     """ceiling.py end to end at batch 1: it reads every block's attention shape from the model (2, 2, 6
     and 2 blocks per stage at 224 px) and the distinct, unmasked keys of its windows (the 12 duplicate
@@ -90,6 +92,7 @@ def test_ceiling_bound_is_the_time_without_attention_plus_the_products():
                      r'\d+\.\d\dx over distinct keys only$', out, re.MULTILINE)
 
 
+@pytest.mark.slow  # a minute of benchmark runs: the slow run (pytest.ini)
 def test_checkpoint_read_times_a_released_size_pdparams():
     """checkpoint_read.py end to end on Focal-T's layout: a line with its tensor count, the
     .pdparams size and the three times."""
@@ -107,12 +110,8 @@ THROUGHPUT_DETECTORS = [('Mask R-CNN', 'mask_rcnn'), ('Cascade Mask R-CNN', 'cas
                         ('Sparse R-CNN', 'sparse_rcnn'), ('RepPointsV2', 'reppoints_v2')]
 
 
-# the default run times the two cheapest (a two-stage and a one-stage detector); every detector's builder
-# runs under -m slow (about 3 minutes on 2 cores)
-@pytest.mark.parametrize('detectors', [[THROUGHPUT_DETECTORS[0], THROUGHPUT_DETECTORS[2]],
-                                       pytest.param(THROUGHPUT_DETECTORS, marks=pytest.mark.slow)],
-                         ids=['mask_rcnn-atss', 'all'])
-def test_throughput_detector_rows_measure_the_asked_focal_windows(detectors):
+@pytest.mark.slow  # benchmark runs of every detector on both backbones, about 3 minutes: the slow run (pytest.ini)
+def test_throughput_detector_rows_measure_the_asked_focal_windows():
     """throughput.py --detector end to end on a small image: the backbone rows of both backbones, each
     detector of --methods on both and their ratios, the focal model built with the focal windows asked
     for (its parameter count shows it)."""
@@ -122,10 +121,10 @@ def test_throughput_detector_rows_measure_the_asked_focal_windows(detectors):
     result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'throughput.py'), '--detector',
                              '--detector-size', '64', '96', '--focal-windows', *map(str, windows),
                              '--steps', '1', '--repeats', '1', '--warmup', '1', '--threads', '1',
-                             '--methods', *(method for _, method in detectors)],
+                             '--methods', *(method for _, method in THROUGHPUT_DETECTORS)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    labels = ', '.join(label for label, _ in detectors)
+    labels = ', '.join(label for label, _ in THROUGHPUT_DETECTORS)
     assert f'batch 1, 64x96 px, backbone inference, {labels} inference and training, focal windows 3 3 1 1' \
         in result.stdout
     focal = timm.create_model('focal_tiny_patch4_window7_224', focal_windows=windows)
@@ -133,7 +132,33 @@ def test_throughput_detector_rows_measure_the_asked_focal_windows(detectors):
     assert re.search(rf'\nfocal_tiny_patch4_window7_224\s+{params / 1e6:.2f}\s', result.stdout), result.stdout
     assert re.search(r'focal_tiny_patch4_window7_224 / swin_tiny_patch4_window7_224: inference \d+\.\d\dx, ',
                      result.stdout), result.stdout
-    for label, _ in detectors:  # each detector's rows on both backbones, its ratios
+    for label, _ in THROUGHPUT_DETECTORS:  # each detector's rows on both backbones, its ratios
         rows = rf'\n{label} +swin_tiny\S* +\d+\.\d\d .*\n{label} +focal_tiny\S* +\d+\.\d\d '
         assert re.search(rows, result.stdout), result.stdout
         assert re.search(rf'{label} inference \d+\.\d\dx, {label} training \d+\.\d\dx', result.stdout), result.stdout
+
+
+def test_cuda_check_plans_every_section_within_its_budget():
+    """cuda_check.py, which a GPU session runs as is: --dry-run names the five sections in order with
+    limits that fit the budget; a real run without a GPU stops with a one-line error, as do the
+    per-kernel timings; --cuda-attention without --device cuda is a usage error."""
+    import torch
+
+    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'cuda_check.py'), '--dry-run', '--budget', '400'],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    plan = re.findall(r'=== (\w+): (.*) \(at most (\d+) s\)', result.stdout)
+    assert [name for name, _, _ in plan] == ['versions', 'tests', 'kernels', 'throughput', 'compiled']
+    assert sum(int(limit) for _, _, limit in plan) == 400
+    assert 'tests/test_cuda.py' in plan[1][1] and '--cuda-attention sdpa fused --variants eager bf16' in plan[3][1]
+    assert '--variants compile compile-bf16' in plan[4][1]
+    if not torch.cuda.is_available():
+        for script in ('cuda_check.py', 'attention_kernels.py'):
+            result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / script)],
+                                    capture_output=True, text=True, timeout=60)
+            assert result.returncode == 1 and re.fullmatch(r'error: [^\n]*no CUDA device[^\n]*\n', result.stderr), \
+                result.stderr
+    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'throughput.py'), '--cuda-attention', 'fused'],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and '--cuda-attention chooses the CUDA attention; it needs --device cuda' in \
+        result.stderr

@@ -74,10 +74,12 @@ def test_attention_dropout_path_matches_fused_path_when_dropout_is_zero():
         assert relative_error(p.grad, q.grad) < 1e-10, name
 
 
-def test_window_attention_passes_gradcheck_in_float64(cpu_attention):
+@pytest.mark.parametrize('mask_rows', [1, 4], ids=['mask-per-window', 'mask-per-query'])
+def test_window_attention_passes_gradcheck_in_float64(mask_rows, cpu_attention):
     """The hand-written backward of the CPU training attention against finite differences, with
-    several images, key slots that read the same row, and gradients for the q/k/v rows and the
-    bias. The tolerance is tight enough that rounding the probabilities through float32 fails it."""
+    several images, key slots that read the same row, masked slots (per window, or per query as the
+    shift mask is), and gradients for the q/k/v rows and the bias that every window shares. The
+    tolerance is tight enough that rounding the probabilities through float32 fails it."""
     torch.manual_seed(0)
     batch, heads, windows, queries, keys, head_dim = 2, 2, 3, 4, 7, 5
     tokens = windows * queries + 2
@@ -85,10 +87,13 @@ def test_window_attention_passes_gradcheck_in_float64(cpu_attention):
     key_index = torch.randint(0, tokens, (windows, keys))
     key_index[:, -2:] = tokens - 1
     qkv = torch.randn(batch, tokens, 3 * heads * head_dim, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(windows, heads, queries, keys, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(heads, queries, keys, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(windows, mask_rows, keys)
+    mask[1:, :, -3:] = float('-inf')  # every window but the first: a slot no query sees
+    mask[2, -1, 1] = float('-inf')    # and one more in one query row (all rows, per window)
 
     def attention(qkv, bias):
-        out = window_attention(qkv, query_index, key_index, bias, 0.3, training=True)
+        out = window_attention(qkv, query_index, key_index, bias, mask, 0.3, training=True)
         assert type(out.grad_fn).__name__ == '_CpuTrainingAttentionBackward'
         return out
 

@@ -13,6 +13,8 @@ import os
 import pytest
 import timm
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from config import get_config
@@ -291,12 +293,14 @@ def test_focal_large_training_step_with_activation_checkpointing_is_bit_identica
         assert torch.equal(gradient, checkpointed[1][name]), name
 
 
+@pytest.mark.parametrize('mask_rows', [1, 4], ids=['mask-per-window', 'mask-per-query'])
 @pytest.mark.parametrize('training', [True, False], ids=['fused-training-function', 'sdpa'])
-def test_attention_has_the_values_and_gradients_of_plain_attention(training, cpu_attention):
+def test_attention_has_the_values_and_gradients_of_plain_attention(training, mask_rows, cpu_attention):
     """Both differentiable paths of window_attention against autograd through explicit softmax,
     in float64: the CPU training function (hand-written backward, on each CPU attention path) and the
     SDPA path that compiled, exported and GPU code take (heads outermost); and the per-image
-    evaluation path's values.
+    evaluation path's values. The bias is shared by the windows, the mask is each window's own (per
+    window, or per query as the shift mask is); the bias gradient comes back summed over windows.
 
     PyTorch's fused CPU kernel returns its log-sum-exp in float32, hence 1e-6 and not 1e-12.
     """
@@ -306,26 +310,28 @@ def test_attention_has_the_values_and_gradients_of_plain_attention(training, cpu
     query_index = torch.randperm(nW * N)
     key_index = torch.randint(0, tokens, (nW, S))
     qkv = torch.randn(B, tokens, 3 * C, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(nW, nH, N, S, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(nH, N, S, dtype=torch.float64, requires_grad=True)
+    mask = torch.zeros(nW, mask_rows, S)
+    mask[0, :, 2:4] = mask[2, -1, 0] = float('-inf')
 
     def plain(qkv, bias):
         q = qkv[:, query_index, :C].view(B, nW, N, nH, hd).transpose(2, 3)
         k, v = qkv[:, key_index, C:].view(B, nW, S, 2, nH, hd).permute(3, 0, 1, 4, 2, 5)
-        windows = torch.softmax(q @ k.transpose(-2, -1) * 0.3 + bias, dim=-1) @ v
+        windows = torch.softmax(q @ k.transpose(-2, -1) * 0.3 + bias + mask.unsqueeze(1), dim=-1) @ v
         out = torch.zeros(B, nW * N, C, dtype=qkv.dtype)
         out[:, query_index] = windows.transpose(2, 3).reshape(B, nW * N, C)
         return out
 
     weight = torch.randn(B, nW * N, C, dtype=torch.float64)
     expected_out = plain(qkv, bias)
-    out = window_attention(qkv, query_index, key_index, bias, 0.3, training=training)
+    out = window_attention(qkv, query_index, key_index, bias, mask, 0.3, training=training)
     assert torch.allclose(out, expected_out, rtol=1e-6, atol=1e-6)
     grads = torch.autograd.grad((out * weight).sum(), (qkv, bias))
     reference = torch.autograd.grad((expected_out * weight).sum(), (qkv, bias))
     for got, expected in zip(grads, reference):
-        assert torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
+        assert got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-6, atol=1e-6)
     with torch.no_grad():
-        evaluated = window_attention(qkv, query_index, key_index, bias, 0.3)
+        evaluated = window_attention(qkv, query_index, key_index, bias, mask, 0.3)
     assert torch.allclose(evaluated, expected_out, rtol=1e-6, atol=1e-6)
 
 
@@ -333,7 +339,7 @@ def test_attention_has_the_values_and_gradients_of_plain_attention(training, cpu
 def test_masked_key_slots_contribute_nothing_whatever_row_they_read(path, cpu_attention):
     """Out-of-grid pooled cells are masked and read an arbitrary row (their level's first cell), so
     the mask must remove them exactly: outputs bit-identical whatever that row holds, and exactly
-    zero gradient (not NaN) for it and for the masked bias entries."""
+    zero gradient (not NaN) for it and for the bias entries that every window masks."""
     torch.manual_seed(0)
     B, nH, nW, N, S, hd = 2, 2, 3, 4, 7, 5
     C, tokens = nH * hd, nW * N + 1
@@ -342,7 +348,7 @@ def test_masked_key_slots_contribute_nothing_whatever_row_they_read(path, cpu_at
     key_index[:, -2:] = tokens - 1                  # the last row: read by masked slots only
     # the value the model's tables give out-of-grid cells (a 2x2 window grid, focal window 3)
     _, _, table_mask = attention_tables((4, 4), 2, 0, 3, 1, None, torch.device('cpu'))
-    mask = torch.zeros(nW, 1, N, S)
+    mask = torch.zeros(nW, 1, S)
     mask[..., -2:] = table_mask.min()
     qkv = torch.randn(B, tokens, 3 * C)
     loud = qkv.clone()
@@ -351,18 +357,18 @@ def test_masked_key_slots_contribute_nothing_whatever_row_they_read(path, cpu_at
     outputs, grads = [], []
     for rows in (qkv, loud):
         rows = rows.clone().requires_grad_(path != 'evaluation')
-        bias = torch.randn(nW, nH, N, S, generator=torch.Generator().manual_seed(1))
+        bias = torch.randn(nH, N, S, generator=torch.Generator().manual_seed(1))
         bias.requires_grad_(path != 'evaluation')
         with torch.set_grad_enabled(path != 'evaluation'):
-            out = window_attention(rows, query_index, key_index, bias + mask, 0.3,
-                                     training=path == 'fused-training-function')
+            out = window_attention(rows, query_index, key_index, bias, mask, 0.3,
+                                   training=path == 'fused-training-function')
         outputs.append(out.detach())
         if path != 'evaluation':
             grads.append(torch.autograd.grad((out * weight).sum(), (rows, bias)))
     assert torch.equal(outputs[0], outputs[1])
     for grad_rows, grad_bias in grads:
         assert torch.equal(grad_rows[:, -1], torch.zeros(B, 3 * C))
-        assert torch.equal(grad_bias[..., -2:], torch.zeros(nW, nH, N, 2))
+        assert torch.equal(grad_bias[..., -2:], torch.zeros(nH, N, 2))
         assert torch.isfinite(grad_rows).all() and torch.isfinite(grad_bias).all()
 
 
@@ -392,19 +398,60 @@ def test_bf16_autocast_on_cpu_agrees_with_float32(cpu_attention):
     assert (grads - expected).norm() < 0.05 * expected.norm()
 
 
+class LargestStorage(TorchDispatchMode):
+    """Records the largest storage (bytes) of any tensor an operator returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.largest = max(self.largest, leaf.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize('kernel', ['fused', 'materialised'])
+def test_cpu_attention_never_holds_a_bias_for_every_window(kernel):
+    """The learned bias is shared by the windows and only the mask is each window's own, so the CPU
+    paths sum the two a chunk of windows at a time: no tensor as large as (windows, heads, queries,
+    keys) exists in a block's evaluation, training forward or backward (bias gradient included)."""
+    model = micro(img_size=56, use_shift=True)
+    block = model.layers[0].blocks[1]
+    x = torch.randn(1, 28, 28, 16, requires_grad=True)
+    _, key_index, mask = attention_tables((28, 28), 4, 2, 3, 2, block.attn.neighbour_positions, torch.device('cpu'))
+    all_windows = key_index.shape[0] * block.attn.attention_bias().numel() * 4  # float32 bytes
+    qkv_bytes = 4 * 3 * 16 * (28 * 28 + 7 * 7 + 14 * 14)
+    assert mask.shape[1] == 16 and qkv_bytes < all_windows  # shifted: the mask has a row per query
+    set_cpu_attention(kernel, chunk_bytes=4000)
+    try:
+        for training in (False, True):
+            block.train(training)
+            with LargestStorage() as largest, torch.set_grad_enabled(training):
+                out = block(x)
+                if training:
+                    out.square().sum().backward()
+            assert qkv_bytes <= largest.largest < all_windows
+    finally:
+        set_cpu_attention()
+    assert block.attn.relative_position_bias_table.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize('kernel, expected_op', [('fused', 'aten::_scaled_dot_product_flash_attention_for_cpu'),
-                                                 ('materialised', 'aten::baddbmm')])
+                                                 ('materialised', 'aten::baddbmm_')])
 def test_set_cpu_attention_chooses_the_kernel_that_runs(kernel, expected_op):
     """The switch decides what CPU evaluation and training run (seen in the profiler); a bad kernel
     name is a ValueError naming it."""
-    qkv, bias = torch.randn(1, 8, 12), torch.randn(2, 2, 4, 3, requires_grad=True)
+    qkv, bias, mask = torch.randn(1, 8, 12), torch.randn(2, 4, 3, requires_grad=True), torch.zeros(2, 1, 3)
     query_index, key_index = torch.arange(8), torch.tensor([[0, 1, 7], [4, 5, 0]])
-    other = {'aten::_scaled_dot_product_flash_attention_for_cpu', 'aten::baddbmm'} - {expected_op}
+    other = {'aten::_scaled_dot_product_flash_attention_for_cpu', 'aten::baddbmm_'} - {expected_op}
     set_cpu_attention(kernel)
     try:
         for training in (False, True):
             with torch.profiler.profile() as profile, torch.set_grad_enabled(training):
-                window_attention(qkv, query_index, key_index, bias, 0.5, training=training)
+                window_attention(qkv, query_index, key_index, bias, mask, 0.5, training=training)
             ops = {event.name for event in profile.events()}
             assert expected_op in ops and not ops & other, ops
     finally:

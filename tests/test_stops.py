@@ -174,8 +174,12 @@ def classification_case(tmp_path, stop, workers):
     return args, out
 
 
+# without workers, the case that never hung, in the slow run only (pytest.ini)
+WORKERS = [pytest.param(0, id='no workers', marks=pytest.mark.slow), pytest.param(2, id='2 workers')]
+
+
 @pytest.mark.parametrize('nproc', [1, 2], ids=['one process', 'torchrun 2'])
-@pytest.mark.parametrize('workers', [0, 2], ids=['no workers', '2 workers'])
+@pytest.mark.parametrize('workers', WORKERS)
 @pytest.mark.parametrize('name', CLASSIFICATION_STOPS)
 def test_classification_stops(tmp_path, name, workers, nproc):
     stop = CLASSIFICATION_STOPS[name]
@@ -183,7 +187,7 @@ def test_classification_stops(tmp_path, name, workers, nproc):
     check_stop(tmp_path, args, stop, nproc, out)
 
 
-@pytest.mark.parametrize('workers', [0, 2], ids=['no workers', '2 workers'])
+@pytest.mark.parametrize('workers', WORKERS)
 def test_an_attempt_after_a_failed_one_stops_at_once(tmp_path, workers):
     args, out = classification_case(tmp_path, EARLIER_ATTEMPT, workers)
     _, stderr = check_stop(tmp_path, args, EARLIER_ATTEMPT, 2, out)
@@ -214,7 +218,9 @@ DENSE_STOPS = {  # (ADE20K's loader reads an image and its label: 'cannot read <
 }
 
 
-@pytest.mark.parametrize('nproc', [1, 2], ids=['one process', 'torchrun 2'])
+# one process in the slow run only: the classification cases cover its exit status
+@pytest.mark.parametrize('nproc', [pytest.param(1, id='one process', marks=pytest.mark.slow),
+                                   pytest.param(2, id='torchrun 2')])
 @pytest.mark.parametrize('name', DENSE_STOPS)
 @pytest.mark.parametrize('task', ['detection', 'segmentation'])
 def test_dense_task_stops_with_workers(tmp_path, task, name, nproc):
