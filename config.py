@@ -127,7 +127,10 @@ _C.MODEL.LABEL_SMOOTHING = 0.1
 # (added) detection: a torchvision detector on the Focal FPN backbone (models.detection); the
 # defaults are torchvision's, which the recipes keep
 _C.MODEL.DETECTION = CN()
-# 'mask_rcnn' (stages 0-3, max-pooled P6) or 'retinanet' (stages 1-3, P6 and P7 from stage 3)
+# 'mask_rcnn' (stages 0-3, max-pooled P6), 'retinanet' (stages 1-3, P6 and P7 from stage 3),
+# 'cascade_mask_rcnn' (Mask R-CNN's backbone and RPN, three box and mask stages: models.detectors.cascade_rcnn),
+# 'atss' (stages 1-3, P6 and P7 from P5: models.detectors.atss), 'sparse_rcnn' (stages 0-3:
+# models.detectors.sparse_rcnn) or 'reppoints_v2' (stages 1-3, a BiFPN to P3-P7: models.detectors.reppoints_v2)
 _C.MODEL.DETECTION.DETECTOR = 'mask_rcnn'
 # Channels of the feature pyramid and of the heads' convolutions
 _C.MODEL.DETECTION.FPN_CHANNELS = 256
@@ -144,6 +147,41 @@ _C.MODEL.DETECTION.PROPOSALS = [2000, 1000]
 _C.MODEL.DETECTION.ANCHOR_SIZES = [32, 64, 128, 256, 512]
 # Detections kept per image at evaluation (COCO's AP counts 100)
 _C.MODEL.DETECTION.DETECTIONS_PER_IMAGE = 100
+# (added) Cascade Mask R-CNN's stages, one entry each ([mmdet] cascade_mask_rcnn_r50_fpn.py, [swin]
+# cascade_mask_rcnn_swin_tiny_patch4_window7_mstrain_480-800_giou_4conv1f_adamw_3x_coco.py). It also reads
+# FPN_CHANNELS, PROPOSALS, ROI_SAMPLES (per stage), BOX_HEAD_WIDTH (the fc), MASK_HEAD_LAYERS (per stage).
+_C.MODEL.DETECTION.CASCADE = CN()
+# [mmdet] IoU at which a RoI matches a ground truth, per stage (as many positive as negative thresholds)
+_C.MODEL.DETECTION.CASCADE.IOU_THRESHOLDS = [0.5, 0.6, 0.7]
+# [mmdet] weight of each stage's losses
+_C.MODEL.DETECTION.CASCADE.STAGE_LOSS_WEIGHTS = [1.0, 0.5, 0.25]
+# [mmdet] box-coder weights (x, y, w, h) per stage: the inverse of its target_stds (.1, .1, .2, .2),
+# (.05, .05, .1, .1), (.033, .033, .067, .067)
+_C.MODEL.DETECTION.CASCADE.BOX_CODER_WEIGHTS = [[10.0, 10.0, 5.0, 5.0], [20.0, 20.0, 10.0, 10.0],
+                                                [30.0, 30.0, 15.0, 15.0]]
+# [swin] 3x convolutions (3x3, batch norm) of each box head before its fc ("4conv1fc": num_shared_convs 4)
+_C.MODEL.DETECTION.CASCADE.BOX_HEAD_CONVS = 4
+# [swin] 3x weight of the GIoU loss of the decoded class-specific boxes (GIoULoss loss_weight 10)
+_C.MODEL.DETECTION.CASCADE.GIOU_LOSS_WEIGHT = 10.0
+# (added) ATSS's own settings
+_C.MODEL.DETECTION.ATSS = CN()
+# Side of each level's one square anchor, in units of the level's stride (mmdetection's
+# octave_base_scale 8: 64-1024 px on P3-P7)
+_C.MODEL.DETECTION.ATSS.ANCHOR_SCALE = 8.0
+# (added) Sparse R-CNN's own settings
+_C.MODEL.DETECTION.SPARSE_RCNN = CN()
+# Learnable proposal boxes and features (mmdetection: 100; the 3x recipe 300)
+_C.MODEL.DETECTION.SPARSE_RCNN.NUM_PROPOSALS = 100
+# Dynamic instance interactive stages, each refining the last one's boxes
+_C.MODEL.DETECTION.SPARSE_RCNN.NUM_STAGES = 6
+# (added) RepPointsV2's own settings; the defaults are Swin's 3x recipe (reppointsv2_swin_bifpn.py)
+_C.MODEL.DETECTION.REPPOINTS_V2 = CN()
+# Repeats of the BiFPN neck ([swin] num_repeat 2)
+_C.MODEL.DETECTION.REPPOINTS_V2.BIFPN_REPEATS = 2
+# 3x3 convolutions of the head's classification and points towers ([swin] stacked_convs 3)
+_C.MODEL.DETECTION.REPPOINTS_V2.STACKED_CONVS = 3
+# Channels of the corner-pooling projections ([swin] corner_dim 64)
+_C.MODEL.DETECTION.REPPOINTS_V2.CORNER_CHANNELS = 64
 
 # The MODEL.DETECTION keys each detector reads (besides DETECTOR): a key that a YAML file or --opts sets
 # and the chosen detector does not read is a one-line ConfigError, not silently ignored. A detector's own
@@ -152,6 +190,11 @@ DETECTOR_KEYS = {
     'mask_rcnn': ('FPN_CHANNELS', 'BOX_HEAD_WIDTH', 'MASK_HEAD_LAYERS', 'ROI_SAMPLES', 'PROPOSALS',
                   'ANCHOR_SIZES', 'DETECTIONS_PER_IMAGE'),
     'retinanet': ('FPN_CHANNELS', 'ANCHOR_SIZES', 'DETECTIONS_PER_IMAGE'),
+    'cascade_mask_rcnn': ('FPN_CHANNELS', 'BOX_HEAD_WIDTH', 'MASK_HEAD_LAYERS', 'ROI_SAMPLES', 'PROPOSALS',
+                          'ANCHOR_SIZES', 'DETECTIONS_PER_IMAGE', 'CASCADE'),
+    'atss': ('FPN_CHANNELS', 'DETECTIONS_PER_IMAGE', 'ATSS'),
+    'sparse_rcnn': ('FPN_CHANNELS', 'DETECTIONS_PER_IMAGE', 'SPARSE_RCNN'),
+    'reppoints_v2': ('FPN_CHANNELS', 'DETECTIONS_PER_IMAGE', 'REPPOINTS_V2'),
 }
 
 # (added) segmentation: smp's UPerNet on the Focal encoder with an auxiliary FCN head on stage 3
@@ -540,9 +583,7 @@ def _merge_opts(config, opts, merged):
 def _check_values(config):
     """Values that have the right type but cannot work."""
     for full_key, allowed in _CHOICES.items():
-        value = config
-        for part in full_key.split('.'):
-            value = value[part]
+        value = _lookup(config, full_key)
         if value not in allowed:
             raise ConfigError(f"config key '{full_key}' must be one of {list(allowed)}, got {value!r}")
     positive = {
@@ -582,19 +623,31 @@ def _check_values(config):
     if len(crop_range) != 2 or not 0 < crop_range[0] <= crop_range[1]:
         raise ConfigError(f"config key 'AUG.DET_CROP_SIZE_RANGE' must be [min, max] with "
                           f"0 < min <= max, got {list(crop_range)}")
+    cascade = config.MODEL.DETECTION.CASCADE
+    stages = {key: len(cascade[key]) for key in ('IOU_THRESHOLDS', 'STAGE_LOSS_WEIGHTS', 'BOX_CODER_WEIGHTS')}
+    if len(set(stages.values())) != 1 or not all(len(weights) == 4 for weights in cascade.BOX_CODER_WEIGHTS):
+        raise ConfigError(f"config keys MODEL.DETECTION.CASCADE.{', '.join(stages)} must have one entry per "
+                          f"stage, and each box-coder entry 4 weights; got {stages} entries")
     if config.THROUGHPUT_MODE and config.TASK != 'classification':
         raise ConfigError(f"--throughput measures classification models; for TASK {config.TASK!r} "
                           f"use benchmarks/throughput.py")
 
 
+def _lookup(config, full_key):
+    for part in full_key.split('.'):
+        config = config[part]
+    return config
+
+
 def _check_detector_keys(config, sources):
-    """A MODEL.DETECTION key that was set but that the chosen detector does not read (DETECTOR_KEYS)."""
+    """A MODEL.DETECTION key set to other than its default (a dumped config.yaml repeats every
+    default) that the chosen detector does not read (DETECTOR_KEYS)."""
     detector = config.MODEL.DETECTION.DETECTOR
     read = DETECTOR_KEYS[detector]
     for full_key, source in sources.items():
         if not full_key.startswith('MODEL.DETECTION.') or full_key == 'MODEL.DETECTION.DETECTOR':
             continue
-        if full_key.split('.')[2] not in read:
+        if full_key.split('.')[2] not in read and _lookup(config, full_key) != _lookup(_C, full_key):
             raise ConfigError(f"config key '{full_key}' in {source} is not read by MODEL.DETECTION.DETECTOR "
                               f"{detector!r}, which reads {', '.join(read)}")
 

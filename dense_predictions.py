@@ -19,7 +19,7 @@ from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from data.ade20k import eval_transform
 from data.image_io import DataError, read_photo
-from tasks.detection import coco_results
+from tasks.detection import MASK_DETECTORS, coco_results
 from tasks.segmentation import predict as segment
 
 
@@ -32,7 +32,7 @@ def class_colours(count):
 
 def detect(model, config, picture, image_id, names, threshold):
     """(COCO annotations, drawn uint8 picture) of one image for a detector."""
-    with_masks = config.MODEL.DETECTION.DETECTOR == 'mask_rcnn'
+    with_masks = config.MODEL.DETECTION.DETECTOR in MASK_DETECTORS
     device = next(model.parameters()).device
     output = model([v2.functional.to_dtype(picture.to(device), torch.float32, scale=True)])[0]
     output = {key: value.cpu() for key, value in output.items()}

@@ -4,13 +4,14 @@
 # --------------------------------------------------------
 """The few distributed helpers the training loop and the tasks need: joining the group torchrun
 started, whether this process is one of a group and its rank, a name for this start of the group,
-and a sum over all processes."""
+a sum over all processes, and rank 0's batch-norm statistics on every process."""
 import os
 import time
 import uuid
 
 import torch
 import torch.distributed as dist
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def init_distributed(on_store=None):
@@ -90,3 +91,14 @@ def reduce_sum(tensor):
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def broadcast_batch_norm_statistics(model):
+    """Rank 0's batch-norm statistics (those its checkpoint keeps) on every process. DDP here does
+    not sync buffers, and without SyncBN (on CPUs) each process's statistics differ: an evaluation
+    that splits the images over the processes would depend on their number."""
+    if is_distributed():
+        for module in model.modules():
+            if isinstance(module, _BatchNorm):
+                for buffer in module.buffers():
+                    dist.broadcast(buffer, src=0)

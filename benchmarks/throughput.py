@@ -15,16 +15,19 @@ reported, since the compiler's own memory would be counted.
     python benchmarks/throughput.py                      # CPU, float32 eager, batch 8, 224 px
     python benchmarks/throughput.py --variants all       # + torch.compile and bf16 autocast rows
     python benchmarks/throughput.py --device cuda --batch-size 64
-    python benchmarks/throughput.py --detector           # one 800x1216 image, inference only
+    python benchmarks/throughput.py --detector           # one 800x1216 image: backbone, Mask R-CNN
+    python benchmarks/throughput.py --detector --methods mask_rcnn cascade_mask_rcnn atss sparse_rcnn reppoints_v2
 
 `--detector` measures what a detection backbone sees: batch 1 at `--detector-size` (800x1216 by
 default), Swin-T created with `dynamic_img_size=True` so that it takes that size: a backbone
-inference row, and a training row of torchvision's Mask R-CNN with the same FPN on each backbone
-(its stage maps, each LayerNormed, into torchvision's FeaturePyramidNetwork; one image with three
-boxes and masks, AdamW); for the focal model it also times a forward at a size whose index tables
-are not cached yet (the cache is cleared before each), and the difference to a cached forward is
-the time to build them. The focal models take the detection recipes' focal windows (15 13 9 7;
-`--focal-windows 7 5 3 1` measures the classifiers').
+inference row, and for each detector of `--methods` (torchvision's Mask R-CNN by default; the others
+are models.detectors' with their 3x recipes' heads and pyramid levels as tasks/detection.py builds them)
+a row of its inference and its training step with the same FPN on each backbone (its stage maps, each
+LayerNormed, into torchvision's FeaturePyramidNetwork; one image with three boxes, and their masks for
+the detectors that predict masks, AdamW); for the focal model it also times a forward at a size whose
+index tables are not cached yet (the cache is cleared before each), and the difference to a cached
+forward is the time to build them. The focal models take the detection recipes' focal windows
+(15 13 9 7; `--focal-windows 7 5 3 1` measures the classifiers').
 
 `--memory` measures only the training peak memory per image, each model with and without activation
 checkpointing (timm's `set_grad_checkpointing`, what TRAIN.USE_CHECKPOINT sets): at each batch size of
@@ -142,19 +145,21 @@ def top_operators(fn, steps: int, device: torch.device, rows: int = 15) -> str:
 
 
 class TimmFPN(torch.nn.Module):
-    """A timm `features_only` model's four stage maps (NHWC), each LayerNormed as Swin's detection
-    backbone does, into torchvision's FeaturePyramidNetwork with the max-pooled fifth level: the
-    same neck `models.detection.FocalFPN` puts on the focal stages."""
+    """A timm `features_only` model's stage maps (NHWC; `returned_stages`, by default all four), each
+    LayerNormed as Swin's detection backbone does, into torchvision's FeaturePyramidNetwork with
+    `extra_blocks` (by default the max-pooled fifth level) or into `neck(widths)`: the same necks
+    `models.detection.FocalFPN` puts on the focal stages."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, returned_stages: tuple = (0, 1, 2, 3), extra_blocks=None, neck=None):
         import timm
         from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
         super().__init__()
-        self.body = timm.create_model(name, features_only=True, dynamic_img_size=True)
+        self.body = timm.create_model(name, features_only=True, dynamic_img_size=True, out_indices=returned_stages)
         widths = self.body.feature_info.channels()
         self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(width) for width in widths)
-        self.fpn = FeaturePyramidNetwork(widths, 256, extra_blocks=LastLevelMaxPool())
-        self.out_channels = 256
+        self.fpn = (neck(widths) if neck is not None else
+                    FeaturePyramidNetwork(widths, 256, extra_blocks=extra_blocks or LastLevelMaxPool()))
+        self.out_channels = self.fpn.out_channels if neck is not None else 256
 
     def forward(self, images):
         from collections import OrderedDict
@@ -163,25 +168,81 @@ class TimmFPN(torch.nn.Module):
         return self.fpn(maps)
 
 
-def mask_rcnn_training_step(name: str, args):
-    """A Mask R-CNN training step (forward, backward, AdamW) on `name`'s FPN backbone."""
-    from torchvision.models.detection import MaskRCNN
+def fpn_backbone(name: str, args, returned_stages: tuple = (0, 1, 2, 3), extra_blocks=None, neck=None):
+    """`name`'s FPN backbone: models.detection's FocalFPN (at --focal-windows) or a TimmFPN."""
     from models.detection import focal_fpn_backbone
+    if name.startswith('focal'):
+        return focal_fpn_backbone(name, returned_stages=returned_stages, extra_blocks=extra_blocks, neck=neck,
+                                  focal_windows=args.focal_windows)
+    return TimmFPN(name, returned_stages, extra_blocks, neck)
 
-    device = torch.device(args.device)
-    backbone = (focal_fpn_backbone(name, focal_windows=args.focal_windows) if name.startswith('focal')
-                else TimmFPN(name))
+
+def image_size(args) -> dict:
+    """The detectors' transform arguments for one --detector-size image, which the data pipeline would resize."""
     height, width = args.detector_size
-    detector = MaskRCNN(backbone, 91, min_size=height, max_size=max(height, width),
-                        _skip_resize=True).to(device).train()
+    return dict(min_size=height, max_size=max(height, width), _skip_resize=True)
+
+
+def build_mask_rcnn(name: str, args):
+    from torchvision.models.detection import MaskRCNN
+    return MaskRCNN(fpn_backbone(name, args), 91, **image_size(args))
+
+
+def build_cascade_mask_rcnn(name: str, args):
+    """The 3x recipe's heads (models.detectors.cascade_rcnn's defaults) on Mask R-CNN's anchors."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from models.detectors import CascadeMaskRCNN
+    anchors = AnchorGenerator([(32,), (64,), (128,), (256,), (512,)], [(0.5, 1.0, 2.0)] * 5)
+    return CascadeMaskRCNN(fpn_backbone(name, args), 91, anchors, **image_size(args))
+
+
+def build_atss(name: str, args):
+    """ATSS on stages 1-3 with P6 and P7 from P5, as tasks/detection.py builds it."""
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+    from models.detectors import ATSS
+    return ATSS(fpn_backbone(name, args, (1, 2, 3), LastLevelP6P7(256, 256)), 91, **image_size(args))
+
+
+def build_sparse_rcnn(name: str, args):
+    """Sparse R-CNN on P2-P5 with the 3x recipe's 300 proposals."""
+    from models.detectors import SparseRCNN
+    return SparseRCNN(fpn_backbone(name, args), 91, num_proposals=300, detections_per_img=300, **image_size(args))
+
+
+def build_reppoints_v2(name: str, args):
+    """RepPointsV2 of the 3x recipe: stages 1-3 into a 256-channel BiFPN of two repeats (P3-P7), its head."""
+    from functools import partial
+    from models.detectors import RepPointsV2
+    from models.detectors.bifpn import BiFPN
+    neck = partial(BiFPN, out_channels=256, num_outputs=5, repeats=2)
+    return RepPointsV2(fpn_backbone(name, args, (1, 2, 3), neck=neck), 91, **image_size(args))
+
+
+# --methods: name -> (label, build(model name, args), trained with masks), each detector at its COCO recipe's heads
+DETECTOR_METHODS = {
+    'mask_rcnn': ('Mask R-CNN', build_mask_rcnn, True),
+    'cascade_mask_rcnn': ('Cascade Mask R-CNN', build_cascade_mask_rcnn, True),
+    'atss': ('ATSS', build_atss, False),
+    'sparse_rcnn': ('Sparse R-CNN', build_sparse_rcnn, False),
+    'reppoints_v2': ('RepPointsV2', build_reppoints_v2, False),
+}
+
+
+def detector_training_step(name: str, method: str, args):
+    """`method`'s detector on `name`'s backbone and its training step (forward, backward, AdamW)."""
+    device = torch.device(args.device)
+    _, build, with_masks = DETECTOR_METHODS[method]
+    detector = build(name, args).to(device).train()
     optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-4, weight_decay=0.05)
+    height, width = args.detector_size
     images = [torch.rand(3, height, width, device=device)]
     boxes = torch.tensor([[100., 120., 400., 500.], [600., 200., 900., 700.], [300., 400., 1100., 780.]])
-    masks = torch.zeros(3, height, width, dtype=torch.uint8)
-    for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
-        mask[y1:y2, x1:x2] = 1
-    targets = [{'boxes': boxes.to(device), 'labels': torch.tensor([1, 2, 3], device=device),
-                'masks': masks.to(device)}]
+    targets = [{'boxes': boxes.to(device), 'labels': torch.tensor([1, 2, 3], device=device)}]
+    if with_masks:
+        masks = torch.zeros(3, height, width, dtype=torch.uint8)
+        for mask, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
+            mask[y1:y2, x1:x2] = 1
+        targets[0]['masks'] = masks.to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
 
     def train_step():
@@ -221,13 +282,25 @@ def measure_detector(name: str, args) -> dict:
            'infer_img_s': 1 / infer_time, 'forward_ms': infer_time * 1e3}
     if isinstance(model, FocalTransformer):
         row['table_build_ms'] = (timed(new_size_step, args.steps, args.repeats, device) - infer_time) * 1e3
-    detector, train_step = mask_rcnn_training_step(name, args)
-    torch.manual_seed(0)  # the same proposals sampled for both backbones
-    for _ in range(args.warmup):
-        train_step()
-    train_time = timed(train_step, args.steps, args.repeats, device)
-    row.update(mask_rcnn_params_m=sum(p.numel() for p in detector.parameters()) / 1e6,
-               train_img_s=1 / train_time, train_step_ms=train_time * 1e3)
+    row['methods'] = {}
+    for method in args.methods:
+        detector, train_step = detector_training_step(name, method, args)
+        torch.manual_seed(0)  # the same proposals sampled for both backbones
+        for _ in range(args.warmup):
+            train_step()
+        train_time = timed(train_step, args.steps, args.repeats, device)
+        detector.eval()
+
+        def detect():
+            with torch.inference_mode(), autocast:
+                detector(list(images))
+
+        for _ in range(args.warmup):
+            detect()
+        detect_time = timed(detect, args.steps, args.repeats, device)
+        row['methods'][method] = dict(params_m=sum(p.numel() for p in detector.parameters()) / 1e6,
+                                      train_img_s=1 / train_time, train_step_ms=train_time * 1e3,
+                                      detect_img_s=1 / detect_time, detect_ms=detect_time * 1e3)
     return row
 
 
@@ -430,10 +503,13 @@ def main():
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--threads', type=int, default=os.cpu_count(), help='CPU threads (default: all cores)')
     parser.add_argument('--detector', action='store_true',
-                        help='batch 1 at --detector-size, inference only (Swin-T with dynamic_img_size=True)')
+                        help='batch 1 at --detector-size: the backbones and --methods on them (Swin-T with '
+                             'dynamic_img_size=True)')
     parser.add_argument('--detector-size', type=int, nargs=2, default=(800, 1216), metavar=('H', 'W'))
     parser.add_argument('--focal-windows', type=int, nargs=4, default=(15, 13, 9, 7), metavar='N',
                         help="with --detector: the focal models' focal windows (configs/detection recipes')")
+    parser.add_argument('--methods', nargs='+', choices=DETECTOR_METHODS, default=['mask_rcnn'],
+                        help='with --detector: the detectors timed on each backbone, inference and training')
     parser.add_argument('--models', nargs='+', default=[BASELINE, CANDIDATE],
                         help=f'timm model names; ratios are against the first ({BASELINE} by default)')
     parser.add_argument('--variants', nargs='+', choices=(*VARIANTS, 'all'),
@@ -493,11 +569,11 @@ def main():
                 command = [sys.executable, os.path.abspath(__file__), '--worker', name, '--variant', key] + [
                     f'--{option.replace("_", "-")}={value}' for option, value in vars(args).items()
                     if option not in ('worker', 'models', 'variants', 'variant', 'detector', 'detector_size',
-                                      'focal_windows', 'cuda_attention', 'attention', 'memory',
+                                      'focal_windows', 'methods', 'cuda_attention', 'attention', 'memory',
                                       'memory_batches', 'checkpointing')]
                 if args.detector:
                     command += ['--detector', '--detector-size', *map(str, args.detector_size),
-                                '--focal-windows', *map(str, args.focal_windows)]
+                                '--focal-windows', *map(str, args.focal_windows), '--methods', *args.methods]
                 if attention:
                     command += ['--attention', attention]
                 result = subprocess.run(command, capture_output=True, text=True)
@@ -520,20 +596,32 @@ def main():
 
 def print_detector_rows(rows: list, args, precision: str):
     height, width = args.detector_size
-    print(f'device {args.device} ({precision}), batch 1, {height}x{width} px, backbone inference and '
-          f'Mask R-CNN training, focal windows {" ".join(map(str, args.focal_windows))}, {args.threads} threads, '
-          f'best of {args.repeats}x{args.steps} steps')
-    header = (f'{"model":34s} {"params(M)":>9s} {"forward ms":>11s} {"img/s":>8s} {"table build ms":>15s} '
-              f'{"Mask R-CNN(M)":>13s} {"train step ms":>14s} {"train img/s":>12s}')
+    labels = [DETECTOR_METHODS[method][0] for method in args.methods]
+    print(f'device {args.device} ({precision}), batch 1, {height}x{width} px, backbone inference, '
+          f'{", ".join(labels)} inference and training, focal windows {" ".join(map(str, args.focal_windows))}, '
+          f'{args.threads} threads, best of {args.repeats}x{args.steps} steps')
+    header = f'{"model":34s} {"params(M)":>9s} {"forward ms":>11s} {"img/s":>8s} {"table build ms":>15s}'
     print(header)
     print('-' * len(header))
     for row in rows:
         build = f'{row["table_build_ms"]:15.1f}' if 'table_build_ms' in row else f'{"-":>15s}'
-        print(f'{row["model"]:34s} {row["params_m"]:9.2f} {row["forward_ms"]:11.1f} {row["infer_img_s"]:8.2f} {build} '
-              f'{row["mask_rcnn_params_m"]:13.2f} {row["train_step_ms"]:14.1f} {row["train_img_s"]:12.3f}')
+        print(f'{row["model"]:34s} {row["params_m"]:9.2f} {row["forward_ms"]:11.1f} {row["infer_img_s"]:8.2f} {build}')
+    header = (f'{"detector":19s} {"model":34s} {"params(M)":>9s} {"detect ms":>10s} {"train step ms":>14s} '
+              f'{"train img/s":>12s}')
+    print(header)
+    print('-' * len(header))
+    for method, label in zip(args.methods, labels):
+        for row in rows:
+            measured = row['methods'][method]
+            print(f'{label:19s} {row["model"]:34s} {measured["params_m"]:9.2f} {measured["detect_ms"]:10.1f} '
+                  f'{measured["train_step_ms"]:14.1f} {measured["train_img_s"]:12.3f}')
     for row in rows[1:]:
-        print(f'{row["model"]} / {rows[0]["model"]}: inference {row["infer_img_s"] / rows[0]["infer_img_s"]:.2f}x, '
-              f'Mask R-CNN training {row["train_img_s"] / rows[0]["train_img_s"]:.2f}x')
+        ratios = [f'inference {row["infer_img_s"] / rows[0]["infer_img_s"]:.2f}x']
+        for method, label in zip(args.methods, labels):
+            mine, base = row['methods'][method], rows[0]['methods'][method]
+            ratios.append(f'{label} inference {mine["detect_img_s"] / base["detect_img_s"]:.2f}x')
+            ratios.append(f'{label} training {mine["train_img_s"] / base["train_img_s"]:.2f}x')
+        print(f'{row["model"]} / {rows[0]["model"]}: {", ".join(ratios)}')
 
 
 if __name__ == '__main__':

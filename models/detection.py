@@ -16,7 +16,7 @@ detectors expect and says its width in `out_channels`. As Swin's detection backb
 stage map gets its own LayerNorm before the pyramid.
 """
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import timm
 import torch
@@ -39,10 +39,14 @@ class FocalFPN(nn.Module):
     `frozen_stages`: -1 trains everything; 0 freezes the patch embedding (and absolute position
     embedding); k >= 1 also freezes stages 0..k-1 (each with its downsampling): `FocalTransformer.freeze`,
     whose frozen parts keep `requires_grad=False` and stay in eval mode (no drop path) when the detector trains.
+    `neck`: builds another pyramid from the returned stages' widths (RepPointsV2's BiFPN), a module
+    that maps the OrderedDict of stage maps to the pyramid's and says its width in `out_channels`;
+    `out_channels` and `extra_blocks` are then unused.
     """
 
     def __init__(self, body: nn.Module, returned_stages: Sequence[int] = (0, 1, 2, 3), out_channels: int = 256,
-                 extra_blocks: Optional[ExtraFPNBlock] = None, frozen_stages: int = -1):
+                 extra_blocks: Optional[ExtraFPNBlock] = None, frozen_stages: int = -1,
+                 neck: Optional[Callable[[list], nn.Module]] = None):
         super().__init__()
         if not isinstance(body, nn.Module) or find_focal(body)[1] is not body:
             raise ValueError(f'body must be a FocalTransformer, got {type(body).__name__}')
@@ -61,8 +65,9 @@ class FocalFPN(nn.Module):
         self.returned_stages = returned_stages
         widths = [body.feature_info[stage]['num_chs'] for stage in returned_stages]
         self.stage_norms = nn.ModuleList(nn.LayerNorm(width) for width in widths)
-        self.fpn = FeaturePyramidNetwork(widths, out_channels, extra_blocks=extra_blocks)
-        self.out_channels = out_channels
+        self.fpn = neck(widths) if neck is not None else FeaturePyramidNetwork(widths, out_channels,
+                                                                                extra_blocks=extra_blocks)
+        self.out_channels = self.fpn.out_channels if neck is not None else out_channels
         body.freeze(min(frozen_stages, len(body.layers)))  # a stage pruned away needs no freezing
 
     def forward(self, images: torch.Tensor) -> 'OrderedDict[str, torch.Tensor]':
@@ -81,14 +86,16 @@ class FocalFPN(nn.Module):
 def focal_fpn_backbone(model_name: str = 'focal_tiny_patch4_window7_224', pretrained: Optional[str] = None,
                        returned_stages: Sequence[int] = (0, 1, 2, 3), out_channels: int = 256,
                        extra_blocks: Optional[ExtraFPNBlock] = None, frozen_stages: int = -1,
-                       drop_path_rate: float = 0.2, **model_kwargs) -> FocalFPN:
+                       drop_path_rate: float = 0.2, neck: Optional[Callable[[list], nn.Module]] = None,
+                       **model_kwargs) -> FocalFPN:
     """A `FocalFPN` on timm's `model_name`, ready for torchvision's MaskRCNN / FasterRCNN (the
     default: four stages and a max-pooled fifth level) or RetinaNet / FCOS (`returned_stages=(1, 2, 3)`,
     `extra_blocks=LastLevelP6P7(out_channels, out_channels)`).
 
     `pretrained`: path or URL of a classification checkpoint (released, training, .pdparams or
     safetensors), loaded into the stages with the focal tables fitted to their geometry
-    (`models.backbone.load_pretrained`). `drop_path_rate` and `model_kwargs` (any
+    (`models.backbone.load_pretrained`). `neck`: as FocalFPN's (e.g.
+    `functools.partial(BiFPN, out_channels=256)` for RepPointsV2). `drop_path_rate` and `model_kwargs` (any
     architecture argument of FocalTransformer, e.g. `focal_windows`) go to `timm.create_model`.
     """
     body = timm.create_model(model_name, num_classes=0, drop_path_rate=drop_path_rate, **model_kwargs)
@@ -96,4 +103,4 @@ def focal_fpn_backbone(model_name: str = 'focal_tiny_patch4_window7_224', pretra
         load_pretrained(body, pretrained)
     if extra_blocks is None:
         extra_blocks = LastLevelMaxPool()
-    return FocalFPN(body, returned_stages, out_channels, extra_blocks, frozen_stages)
+    return FocalFPN(body, returned_stages, out_channels, extra_blocks, frozen_stages, neck)

@@ -1,5 +1,6 @@
-"""COCO object detection and instance segmentation: torchvision's Mask R-CNN or RetinaNet on the
-Focal FPN backbone, COCO box and mask AP from pycocotools.
+"""COCO object detection and instance segmentation: torchvision's Mask R-CNN or RetinaNet, or the
+Cascade Mask R-CNN, ATSS, Sparse R-CNN or RepPointsV2 of models.detectors, on the Focal FPN backbone,
+COCO box and mask AP from pycocotools.
 
 Training images are resized in the data pipeline (DATA.MIN_SIZES, DATA.MAX_SIZE, the 3x recipes'
 random crop of AUG.DET_CROP_MIN_SIZES and AUG.DET_CROP_SIZE_RANGE, flip), so the detector's own
@@ -14,6 +15,7 @@ import contextlib
 import io
 import os
 import time
+from functools import partial
 
 import numpy as np
 import torch
@@ -31,17 +33,20 @@ from data import DataError, dataset_folder
 from data.coco import (check_images_exist, collate_detection_eval, collate_detection_training,
                        detection_transform, keep_trainable_images, read_coco, wrap_for_transforms)
 from data.loaders import LoaderSettings, build_loaders
-from distributed import is_distributed, rank_and_world_size
+from distributed import broadcast_batch_norm_statistics, is_distributed, rank_and_world_size
 from logger import memory_mb
 from models.backbone import no_weight_decay_names
 from models.build import focal_arguments
 from models.detection import focal_fpn_backbone
 from tasks import parameter_count
+from models.detectors import ATSS, CascadeMaskRCNN, RepPointsV2, SparseRCNN
+from models.detectors.bifpn import BiFPN
 
 ASPECT_RATIOS = [(0.5, 1.0, 2.0)]  # of every level's anchors, torchvision's
 # (image folder, annotation file) of each split under the COCO 2017 root
 COCO_SPLITS = {'train': ('train2017', os.path.join('annotations', 'instances_train2017.json')),
                'val': ('val2017', os.path.join('annotations', 'instances_val2017.json'))}
+MASK_DETECTORS = {'mask_rcnn', 'cascade_mask_rcnn'}  # the detectors that predict masks: scored 'segm' too
 
 
 def coco_files(config, rank, splits):
@@ -66,9 +71,42 @@ def coco_files(config, rank, splits):
             for split in splits}
 
 
+def build_atss(config, num_classes, arguments, common):
+    """ATSS on stages 1-3 with P6 and P7 from P5 (mmdetection's add_extra_convs='on_output')."""
+    width = config.MODEL.DETECTION.FPN_CHANNELS
+    backbone = focal_fpn_backbone(drop_path_rate=config.MODEL.DROP_PATH_RATE, returned_stages=(1, 2, 3),
+                                  out_channels=width, extra_blocks=LastLevelP6P7(width, width), **arguments)
+    return ATSS(backbone, num_classes, anchor_scale=config.MODEL.DETECTION.ATSS.ANCHOR_SCALE, **common)
+
+
+def build_sparse_rcnn(config, num_classes, arguments, common):
+    """Sparse R-CNN on P2-P5 of the four stages."""
+    sparse = config.MODEL.DETECTION.SPARSE_RCNN
+    backbone = focal_fpn_backbone(drop_path_rate=config.MODEL.DROP_PATH_RATE,
+                                  out_channels=config.MODEL.DETECTION.FPN_CHANNELS, **arguments)
+    return SparseRCNN(backbone, num_classes, num_proposals=sparse.NUM_PROPOSALS, num_stages=sparse.NUM_STAGES,
+                      **common)
+
+
+def build_reppoints_v2(config, num_classes, arguments, common):
+    """RepPointsV2 on stages 1-3 through a BiFPN to the five levels P3-P7 (the 3x recipe's neck)."""
+    settings = config.MODEL.DETECTION.REPPOINTS_V2
+    neck = partial(BiFPN, out_channels=config.MODEL.DETECTION.FPN_CHANNELS, num_outputs=5,
+                   repeats=settings.BIFPN_REPEATS)
+    backbone = focal_fpn_backbone(drop_path_rate=config.MODEL.DROP_PATH_RATE, returned_stages=(1, 2, 3),
+                                  neck=neck, **arguments)
+    return RepPointsV2(backbone, num_classes, stacked_convs=settings.STACKED_CONVS,
+                       corner_channels=settings.CORNER_CHANNELS, **common)
+
+
+# the detectors built outside build_detector, by MODEL.DETECTION.DETECTOR
+DETECTOR_BUILDERS = {'atss': build_atss, 'sparse_rcnn': build_sparse_rcnn, 'reppoints_v2': build_reppoints_v2}
+
+
 def build_detector(config, num_classes):
-    """Mask R-CNN (four stages, max-pooled P6) or RetinaNet (stages 1-3, P6 and P7) on
-    the Focal FPN backbone that MODEL.FOCAL describes, with the heads of MODEL.DETECTION."""
+    """Mask R-CNN or Cascade Mask R-CNN (four stages, max-pooled P6), RetinaNet (stages 1-3, P6 and P7)
+    or a detector of DETECTOR_BUILDERS on the Focal FPN backbone that MODEL.FOCAL describes, with the heads
+    of MODEL.DETECTION."""
     arguments = focal_arguments(config)
     for unused in ('num_classes', 'drop_path_rate'):
         arguments.pop(unused)
@@ -76,6 +114,8 @@ def build_detector(config, num_classes):
     width, levels = detection.FPN_CHANNELS, len(detection.ANCHOR_SIZES)
     common = dict(min_size=config.DATA.TEST_MIN_SIZE, max_size=config.DATA.MAX_SIZE,
                   _skip_resize=True, detections_per_img=detection.DETECTIONS_PER_IMAGE)
+    if detection.DETECTOR in DETECTOR_BUILDERS:
+        return DETECTOR_BUILDERS[detection.DETECTOR](config, num_classes, arguments, common)
     if detection.DETECTOR == 'retinanet':
         # P6 from the last stage's map, not from P5, as mmdetection's RetinaNet configs for
         # transformer backbones (add_extra_convs='on_input') that the paper's figures come from
@@ -90,12 +130,13 @@ def build_detector(config, num_classes):
         return RetinaNet(backbone, num_classes, anchor_generator=anchors, **common)
     backbone = focal_fpn_backbone(drop_path_rate=config.MODEL.DROP_PATH_RATE, out_channels=width,
                                   **arguments)
+    rpn_anchors = AnchorGenerator([(size,) for size in detection.ANCHOR_SIZES], ASPECT_RATIOS * levels)
+    if detection.DETECTOR == 'cascade_mask_rcnn':
+        return build_cascade_mask_rcnn(detection, backbone, rpn_anchors, num_classes, common)
     roi_size = 7  # torchvision's MultiScaleRoIAlign output for the box head
     # the predictors say the number of classes (MaskRCNN refuses it twice)
     train_proposals, test_proposals = detection.PROPOSALS
-    return MaskRCNN(backbone, None,
-                    rpn_anchor_generator=AnchorGenerator([(size,) for size in detection.ANCHOR_SIZES],
-                                                         ASPECT_RATIOS * levels),
+    return MaskRCNN(backbone, None, rpn_anchor_generator=rpn_anchors,
                     rpn_post_nms_top_n_train=train_proposals, rpn_post_nms_top_n_test=test_proposals,
                     box_head=TwoMLPHead(width * roi_size ** 2, detection.BOX_HEAD_WIDTH),
                     box_predictor=FastRCNNPredictor(detection.BOX_HEAD_WIDTH, num_classes),
@@ -103,6 +144,17 @@ def build_detector(config, num_classes):
                     mask_head=MaskRCNNHeads(width, [width] * detection.MASK_HEAD_LAYERS, 1),
                     mask_predictor=MaskRCNNPredictor(width, width, num_classes),
                     box_detections_per_img=common.pop('detections_per_img'), **common)
+
+
+def build_cascade_mask_rcnn(detection, backbone, rpn_anchors, num_classes, common):
+    """Cascade Mask R-CNN on Mask R-CNN's backbone and RPN, with the stages of MODEL.DETECTION.CASCADE."""
+    cascade = detection.CASCADE
+    return CascadeMaskRCNN(backbone, num_classes, rpn_anchors, proposals=detection.PROPOSALS,
+                           roi_samples=detection.ROI_SAMPLES, box_head_convs=cascade.BOX_HEAD_CONVS,
+                           box_head_width=detection.BOX_HEAD_WIDTH, mask_head_layers=detection.MASK_HEAD_LAYERS,
+                           iou_thresholds=cascade.IOU_THRESHOLDS, box_coder_weights=cascade.BOX_CODER_WEIGHTS,
+                           stage_loss_weights=cascade.STAGE_LOSS_WEIGHTS,
+                           giou_loss_weight=cascade.GIOU_LOSS_WEIGHT, **common)
 
 
 class Detection:
@@ -115,7 +167,7 @@ class Detection:
 
     def build_loaders(self, config):
         rank, world_size = rank_and_world_size()
-        with_masks = config.MODEL.DETECTION.DETECTOR == 'mask_rcnn'
+        with_masks = config.MODEL.DETECTION.DETECTOR in MASK_DETECTORS
         files = coco_files(config, rank, ['val'] if config.EVAL_MODE else ['train', 'val'])
         datasets = {}
         for split, (folder, annotations) in files.items():
@@ -161,7 +213,11 @@ class Detection:
         return ['background'] + [names[category_id] for category_id in dataset.category_ids]
 
     def build_model(self, config):
-        return build_detector(config, config.MODEL.NUM_CLASSES)
+        model = build_detector(config, config.MODEL.NUM_CLASSES)
+        if is_distributed() and torch.cuda.is_available():
+            # the cascade's box heads normalise over the batch's RoIs: the recipe's SyncBN
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model
 
     def describe(self, model):
         return (f"model {self.config.MODEL.NAME}: {type(model).__name__} on the Focal FPN, "
@@ -180,7 +236,8 @@ class Detection:
     @torch.no_grad()
     def evaluate(self, config, model, data_loader, device, autocast, logger):
         model.eval()
-        with_masks = config.MODEL.DETECTION.DETECTOR == 'mask_rcnn'
+        broadcast_batch_norm_statistics(model)  # the cascade's box heads
+        with_masks = config.MODEL.DETECTION.DETECTOR in MASK_DETECTORS
         results = {'bbox': [], 'segm': []}
         batch_time, end = AverageMeter(), time.time()
         for step, (images, targets) in enumerate(data_loader):

@@ -105,24 +105,37 @@ def test_checkpoint_read_times_a_released_size_pdparams():
                         result.stdout), result.stdout
 
 
-@pytest.mark.slow  # a minute of benchmark runs: the slow run (pytest.ini)
+# (label, --methods name) of each detector throughput.py --detector times
+THROUGHPUT_DETECTORS = [('Mask R-CNN', 'mask_rcnn'), ('Cascade Mask R-CNN', 'cascade_mask_rcnn'), ('ATSS', 'atss'),
+                        ('Sparse R-CNN', 'sparse_rcnn'), ('RepPointsV2', 'reppoints_v2')]
+
+
+@pytest.mark.slow  # benchmark runs of every detector on both backbones, about 3 minutes: the slow run (pytest.ini)
 def test_throughput_detector_rows_measure_the_asked_focal_windows():
-    """throughput.py --detector end to end on a small image: the Mask R-CNN rows of both backbones and
-    their ratios, the focal model built with the focal windows asked for (its parameter count shows it)."""
+    """throughput.py --detector end to end on a small image: the backbone rows of both backbones, each
+    detector of --methods on both and their ratios, the focal model built with the focal windows asked
+    for (its parameter count shows it)."""
     import timm
     import models  # noqa: F401  (registers the focal models with timm)
     windows = (3, 3, 1, 1)
     result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'throughput.py'), '--detector',
                              '--detector-size', '64', '96', '--focal-windows', *map(str, windows),
-                             '--steps', '1', '--repeats', '1', '--warmup', '1', '--threads', '1'],
+                             '--steps', '1', '--repeats', '1', '--warmup', '1', '--threads', '1',
+                             '--methods', *(method for _, method in THROUGHPUT_DETECTORS)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    assert 'batch 1, 64x96 px, backbone inference and Mask R-CNN training, focal windows 3 3 1 1' in result.stdout
+    labels = ', '.join(label for label, _ in THROUGHPUT_DETECTORS)
+    assert f'batch 1, 64x96 px, backbone inference, {labels} inference and training, focal windows 3 3 1 1' \
+        in result.stdout
     focal = timm.create_model('focal_tiny_patch4_window7_224', focal_windows=windows)
     params = sum(p.numel() for p in focal.parameters())
     assert re.search(rf'\nfocal_tiny_patch4_window7_224\s+{params / 1e6:.2f}\s', result.stdout), result.stdout
-    assert re.search(r'focal_tiny_patch4_window7_224 / swin_tiny_patch4_window7_224: inference \d+\.\d\dx, '
-                     r'Mask R-CNN training \d+\.\d\dx', result.stdout), result.stdout
+    assert re.search(r'focal_tiny_patch4_window7_224 / swin_tiny_patch4_window7_224: inference \d+\.\d\dx, ',
+                     result.stdout), result.stdout
+    for label, _ in THROUGHPUT_DETECTORS:  # each detector's rows on both backbones, its ratios
+        rows = rf'\n{label} +swin_tiny\S* +\d+\.\d\d .*\n{label} +focal_tiny\S* +\d+\.\d\d '
+        assert re.search(rows, result.stdout), result.stdout
+        assert re.search(rf'{label} inference \d+\.\d\dx, {label} training \d+\.\d\dx', result.stdout), result.stdout
 
 
 def test_cuda_check_plans_every_section_within_its_budget():

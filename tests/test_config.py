@@ -102,8 +102,12 @@ def test_keys_nothing_reads_are_not_in_the_config(key):
         load(None, key, '1')
 
 
-def test_dumped_config_loads_back(tmp_path):
-    config = load(str(ROOT / 'configs' / 'focal_small_useconv_patch4_window7_224.yaml'), 'SEED', '5')
+@pytest.mark.parametrize('cfg', ['focal_small_useconv_patch4_window7_224.yaml',
+                                 'detection/retinanet_focal_tiny_3x.yaml',
+                                 'detection/cascade_mask_rcnn_focal_micro_digits.yaml'])
+def test_dumped_config_loads_back(tmp_path, cfg):
+    """A run's config.yaml (every key, other detectors' settings at their defaults) loads as it was."""
+    config = load(str(ROOT / 'configs' / cfg), 'SEED', '5')
     again = load(str(write(tmp_path / 'dumped.yaml', config.dump())))
     for key in config:
         if key != 'OUTPUT':  # OUTPUT gains MODEL.NAME/TAG at every load, as in the original

@@ -1,8 +1,8 @@
 """Detection through main.py (TASK detection): COCO files read by torchvision's CocoDetection,
-Mask R-CNN on the Focal FPN, COCO AP from pycocotools gathered over every process, AMP and
-TensorBoard, resume after SIGKILL, COCO files of one's own at any paths with any category ids,
-one-line errors for bad COCO input, the recipes' models at the paper's sizes with --pretrained
-filling their focal windows, and the 3x recipes' random crop."""
+Mask R-CNN (and each other detector of DETECTOR_OPTS) on the Focal FPN, COCO AP from pycocotools
+gathered over every process, AMP and TensorBoard, resume after SIGKILL, COCO files of one's own at any
+paths with any category ids, one-line errors for bad COCO input, the recipes' models at the paper's
+sizes with --pretrained filling their focal windows, and the 3x recipes' random crop."""
 import argparse
 import contextlib
 import io
@@ -148,6 +148,14 @@ def run_folder(output):
     return os.path.join(output, 'tiny_mask_rcnn', 'default')
 
 
+# --opts that make TINY_DETECTION's micro detector each detector that main.py is tested with
+DETECTOR_OPTS = {
+    'mask_rcnn': ['MODEL.DETECTION.DETECTOR', 'mask_rcnn'],
+    'cascade_mask_rcnn': ['MODEL.DETECTION.DETECTOR', 'cascade_mask_rcnn',
+                          'MODEL.DETECTION.CASCADE.BOX_HEAD_CONVS', '1'],
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------
@@ -283,13 +291,16 @@ def test_own_coco_files_at_any_paths_with_any_category_ids(workspace, tmp_path):
         task.build_loaders(config)
 
 
-def test_two_processes_score_what_one_does(workspace):
-    """A detector trained with --amp (bf16 autocast through the Focal backbone and torchvision's
-    heads) logs its losses and COCO figures to TensorBoard; --eval --resume of it under torchrun
-    (2 processes on gloo, 5 val images split 3 + 2) logs the same COCO tables and AP as one process."""
+# the default run keeps Mask R-CNN's; Cascade Mask R-CNN's (about 30 s) runs under -m slow
+@pytest.mark.parametrize('detector', ['mask_rcnn', pytest.param('cascade_mask_rcnn', marks=pytest.mark.slow)])
+def test_two_processes_score_what_one_does(workspace, detector):
+    """A detector trained with --amp (bf16 autocast through the Focal backbone and the heads) logs
+    its losses and COCO figures to TensorBoard; --eval --resume of it under torchrun (2 processes on
+    gloo, 5 val images split 3 + 2) logs the same COCO box and mask tables and AP as one process."""
     root, data, cfg = workspace
-    output = str(root / 'train_for_eval')
-    trained = run_main(root, ['--cfg', cfg, '--data-path', data, '--output', output, '--amp'])
+    output = str(root / f'train_for_eval_{detector}')
+    cfg = ['--cfg', cfg, '--data-path', data, '--opts', *DETECTOR_OPTS[detector]]
+    trained = run_main(root, cfg + ['--output', output, '--amp'])
     assert_ok(trained)
     assert 'mixed precision: autocast bf16 on cpu' in trained.stdout
     events = EventAccumulator(os.path.join(run_folder(output), 'tensorboard'))
@@ -304,8 +315,8 @@ def test_two_processes_score_what_one_does(workspace):
     checkpoint = os.path.join(run_folder(output), 'ckpt_epoch_1.pth')
     summaries = []
     for nproc in (1, 2):
-        result = run_main(root, ['--cfg', cfg, '--data-path', data, '--eval', '--resume', checkpoint,
-                                 '--output', str(root / f'eval_{nproc}')], nproc=nproc)
+        result = run_main(root, cfg + ['--eval', '--resume', checkpoint,
+                                       '--output', str(root / f'eval_{detector}_{nproc}')], nproc=nproc)
         assert_ok(result)
         summaries.append([line.split('INFO ')[-1] for line in result.stdout.splitlines()
                           if 'Average' in line or ' * bbox AP' in line or 'detections on' in line])
@@ -315,16 +326,18 @@ def test_two_processes_score_what_one_does(workspace):
     assert len(counts) == 2 and all(int(found) > 0 and images == '5' for found, images in counts)
 
 
-def test_a_few_training_steps_on_the_demo_scenes_lower_the_loss(tmp_path):
-    """The demo config's detector (on the smallest digit scenes) trained 6 steps on one batch."""
-    config = load_config(os.path.join(REPO, 'configs', 'detection', 'mask_rcnn_focal_micro_digits.yaml'),
+@pytest.mark.parametrize('detector, lr', [('mask_rcnn', 1e-3), ('cascade_mask_rcnn', 1e-3), ('atss', 1e-3),
+                                          ('sparse_rcnn', 2e-4)])
+def test_a_few_training_steps_on_the_demo_scenes_lower_the_loss(tmp_path, detector, lr):
+    """Each demo config's detector (on the smallest digit scenes) trained 6 steps on one batch."""
+    config = load_config(os.path.join(REPO, 'configs', 'detection', f'{detector}_focal_micro_digits.yaml'),
                          str(tmp_path), 'DATA.IMG_SIZE', '32', 'DATA.MIN_SIZES', '[32]',
                          'DATA.TEST_MIN_SIZE', '32', 'DATA.MAX_SIZE', '32')
     task = build_task(config)
     loader, _, class_names = task.build_loaders(config)
     torch.manual_seed(0)
     model = task.build_model(with_classes(config, class_names))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     loader.sampler.set_epoch(0)
     samples, targets, _ = next(iter(loader))
     model.train()
@@ -338,24 +351,27 @@ def test_a_few_training_steps_on_the_demo_scenes_lower_the_loss(tmp_path):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_sigkill_and_restart_end_bit_identical(workspace):
+# the default run keeps Mask R-CNN's; Cascade Mask R-CNN's (about 20 s) runs under -m slow
+@pytest.mark.parametrize('detector', ['mask_rcnn', pytest.param('cascade_mask_rcnn', marks=pytest.mark.slow)])
+def test_sigkill_and_restart_end_bit_identical(workspace, detector):
     """Flip and multi-scale augmentation, drop path, a checkpoint every 2 steps; the run is
-    killed in epoch 1 and restarted with the same command."""
+    killed in epoch 1 and restarted with the same command (the weights compared include the
+    cascade's batch-norm statistics)."""
     root, data, cfg = workspace
     args = ['--cfg', cfg, '--data-path', data, '--opts', 'TRAIN.SAVE_EVERY_STEPS', '1',
-            'TRAIN.EPOCHS', '3']
-    assert_ok(run_main(root, args + ['--output', str(root / 'straight')]))
-    killed = run_folder(str(root / 'killed'))
-    process = start_main(root, args + ['--output', str(root / 'killed')],
-                         log_path=root / 'killed.log', new_session=True)
-    stop_when(process, lambda: os.path.exists(os.path.join(killed, 'ckpt_epoch_1_step_2.pth')),
+            'TRAIN.EPOCHS', '3', *DETECTOR_OPTS[detector]]
+    straight, killed = str(root / f'straight_{detector}'), str(root / f'killed_{detector}')
+    assert_ok(run_main(root, args + ['--output', straight]))
+    process = start_main(root, args + ['--output', killed], log_path=root / f'killed_{detector}.log',
+                         new_session=True)
+    stop_when(process, lambda: os.path.exists(os.path.join(run_folder(killed), 'ckpt_epoch_1_step_2.pth')),
               lambda: os.killpg(process.pid, signal.SIGKILL))
-    assert not os.path.exists(os.path.join(killed, 'ckpt_epoch_2.pth'))
-    restarted = run_main(root, args + ['--output', str(root / 'killed')])
+    assert not os.path.exists(os.path.join(run_folder(killed), 'ckpt_epoch_2.pth'))
+    restarted = run_main(root, args + ['--output', killed])
     assert_ok(restarted)
     assert re.search(r'continuing at epoch 1 step [23]', restarted.stdout), restarted.stdout[-2000:]
-    assert_same_training_state(os.path.join(run_folder(str(root / 'straight')), 'ckpt_epoch_2.pth'),
-                               os.path.join(killed, 'ckpt_epoch_2.pth'))
+    assert_same_training_state(os.path.join(run_folder(straight), 'ckpt_epoch_2.pth'),
+                               os.path.join(run_folder(killed), 'ckpt_epoch_2.pth'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,7 +472,8 @@ def test_recipe_optimizer_skips_the_focal_no_weight_decay_names():
     assert rates[2:5] == pytest.approx([1e-4, 1e-4, 1e-5]) and rates[5:] == pytest.approx([1e-5, 1e-6])
 
 
-def test_pretrained_classifier_weights_load_into_the_backbone(workspace, tmp_path):
+@pytest.mark.parametrize('detector', sorted(DETECTOR_OPTS))
+def test_pretrained_classifier_weights_load_into_the_backbone(workspace, tmp_path, detector):
     """--pretrained: a released-format classification checkpoint (under 'model', with its head)
     of the backbone's architecture fills the Focal stages exactly; one of another width is
     refused in one line naming the file."""
@@ -464,14 +481,15 @@ def test_pretrained_classifier_weights_load_into_the_backbone(workspace, tmp_pat
     from models.build import focal_arguments
     from models.checkpoint import CheckpointError
     _, data, cfg = workspace
-    config = load_config(cfg, data)
+    config = load_config(cfg, data, *DETECTOR_OPTS[detector])
     arguments = dict(focal_arguments(config), num_classes=7)
     classifier = timm.create_model('focal_tiny_patch4_window7_224', **arguments)
     path = str(tmp_path / 'classifier.pth')
     torch.save({'model': classifier.state_dict()}, path)
-    detector = Detection(config).build_model(config)
-    load_pretrained(load_config(cfg, data, pretrained=path), detector, logging.getLogger('test'))
-    body = detector.backbone.body.state_dict()
+    model = Detection(config).build_model(config)
+    assert config.MODEL.DETECTION.DETECTOR == detector
+    load_pretrained(load_config(cfg, data, *DETECTOR_OPTS[detector], pretrained=path), model, logging.getLogger('test'))
+    body = model.backbone.body.state_dict()
     for key, value in classifier.state_dict().items():
         if key in body:
             assert torch.equal(body[key], value), key
@@ -480,7 +498,8 @@ def test_pretrained_classifier_weights_load_into_the_backbone(workspace, tmp_pat
     torch.save({'model': timm.create_model('focal_tiny_patch4_window7_224',
                                            **dict(arguments, embed_dim=16)).state_dict()}, path)
     with pytest.raises(CheckpointError, match=r'classifier\.pth does not fit the Focal backbone'):
-        load_pretrained(load_config(cfg, data, pretrained=path), detector, logging.getLogger('test'))
+        load_pretrained(load_config(cfg, data, *DETECTOR_OPTS[detector], pretrained=path), model,
+                        logging.getLogger('test'))
 
 
 def test_pretrained_released_classifier_fills_the_recipes_larger_focal_windows(tmp_path, caplog):
