@@ -116,6 +116,7 @@ def test_a_full_disk_stops_with_one_line_and_auto_resume_finds_the_newest_comple
     assert utils.auto_resume_helper(run) == os.path.join(run, written[-1][1])
 
 
+@pytest.mark.slow  # test_stops covers it with workers; the slow run (pytest.ini)
 def test_torchrun_non_finite_loss_is_reported_once_and_not_retried(workspace):
     """torchrun restarts the group after any failed worker; the restarted attempts find the
     failure in torchrun's store and stop before training."""
@@ -135,6 +136,7 @@ def test_torchrun_non_finite_loss_is_reported_once_and_not_retried(workspace):
     assert log.count('Start training') == 1, "a restarted attempt trained again"
 
 
+@pytest.mark.slow  # test_stops covers it with workers; the slow run (pytest.ini)
 def test_torchrun_ranks_stop_together_when_rank_0_cannot_write(workspace):
     """Rank 0's failed write reaches rank 1 in the save's all-reduce: both exit 74, one line is
     printed, and the attempt torchrun restarts stops at start-up with the same status."""

@@ -74,6 +74,7 @@ def two_node_run(tmp_path_factory):
     return root, args, run_dir(str(root / 'two_nodes'))
 
 
+@pytest.mark.slow  # the killed-worker case trains the same two nodes; the slow run
 def test_two_nodes_match_one_node_with_two_processes(two_node_run):
     root, args, two_nodes = two_node_run
     assert_ok(run_main(root, args + ['--output', str(root / 'one_node')], nproc=2))

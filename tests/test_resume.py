@@ -60,6 +60,7 @@ def test_sigkill_and_restart_end_bit_identical(workspace):
                                os.path.join(killed, 'ckpt_epoch_3.pth'))
 
 
+@pytest.mark.slow  # test_multinode restarts a killed worker the same way; the slow run
 def test_torchrun_brings_the_group_back_after_a_rank_dies(workspace):
     # Two 2-process runs (~35 s): the only way to show an elastic restart is to do one.
     root, data, cfg = workspace

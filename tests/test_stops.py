@@ -143,7 +143,7 @@ def check_stop(tmp_path, args, stop, nproc, out):
     status, stdout, stderr = run_until_stopped(tmp_path, args, stop, nproc)
     # no traceback through this code base (torchrun prints its own when a worker fails)
     assert f'File "{REPO}' not in stderr and (nproc > 1 or 'Traceback' not in stderr), stderr[-3000:]
-    assert stop.line in stderr, stderr[-3000:]
+    assert stop.line in stderr, f"exit status {status}; stderr: {stderr[-3000:]}; stdout: {stdout[-2000:]}"
     if nproc == 1:
         assert status == stop.status, stderr[-3000:]
     elif stop.signal is None:  # torchrun exits with 1 after any failed worker; its summary lists their statuses
