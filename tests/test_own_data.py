@@ -311,19 +311,26 @@ def readme_own_data_demo():
 def test_readme_fine_tuning_demo_reaches_its_accuracies(tmp_path):
     """The README's commands as a user types them, in a fresh folder: the digits 0-4 model fine-tuned on
     5-9 with layer decay reaches at least 95% top-1, a linear probe of its features at least 85% (issue 30)
-    with only the classifier trained, and the runs record the new folder's class names."""
+    with only the classifier trained, the runs record the new folder's class names, and predict.py names
+    the held-out sevens and draws each one's attention."""
     commands = readme_own_data_demo()
-    assert [command[:2] for command in commands] == [['python3', '-m']] * 2 + [['python3', 'main.py']] * 3
+    assert [command[:2] for command in commands] == ([['python3', '-m']] * 2 + [['python3', 'main.py']] * 3
+                                                     + [['python3', 'predict.py']])
     env = dict(subprocess_env(tmp_path), PYTHONPATH=REPO)
     best = {}
     for command in commands:
-        command = [sys.executable] + [os.path.join(REPO, word) if word.startswith(('main.py', 'configs/')) else word
-                                      for word in command[1:]]
+        command = [sys.executable] + [os.path.join(REPO, word) if word.startswith(('main.py', 'predict.py', 'configs/'))
+                                      else word for word in command[1:]]
         result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
         assert_ok(result)
         found = re.findall(r'Max Acc@1: ([0-9.]+)%', result.stdout + result.stderr)
         if found:
             best[os.path.basename(command[command.index('--cfg') + 1])] = float(found[-1])
+    # predict.py on the held-out sevens: each named with its top 3, most of them a 7, each with its figure
+    named = re.findall(r'^demo_data/digits_5-9/val/7/(\d+)\.png: (\d) ', result.stdout, re.M)
+    assert len(named) == 36 and sum(label == '7' for _, label in named) >= 32, result.stdout
+    assert sorted(os.listdir(tmp_path / 'maps')) == sorted(f'{name}.{ext}' for name, _ in named
+                                                           for ext in ('png', 'safetensors'))
     assert best['focal_micro_digits_0-4.yaml'] > 90
     assert best['focal_micro_digits_own_data.yaml'] >= 95, best
     assert best['focal_micro_digits_linear_probe.yaml'] >= 85, best
