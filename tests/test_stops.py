@@ -28,6 +28,8 @@ from models.checkpoint import read_checkpoint
 from test_detection import TINY_DETECTION, write_coco
 from test_segmentation import TINY_SEGMENTATION, write_ade_folder
 
+# a run a stop signal reaches whenever it is sent: the tiny runs end within a second otherwise
+LONG_RUN = ('TRAIN.EPOCHS', '100')
 EXIT_GRACE = 20  # seconds from the error line to the end of the process (and of its workers)
 RUN_LIMIT = 240  # seconds for a whole run, as a last resort
 NOT_AN_IMAGE = b'not an image at all'
@@ -70,13 +72,23 @@ CLASSIFICATION_STOPS = {
                             opts=('TRAIN.BASE_LR', '1e34', 'TRAIN.WARMUP_EPOCHS', '0', 'TRAIN.CLIP_GRAD', '0.0')),
     'checkpoint cannot be written': Stop(lifecycle.EXIT_CHECKPOINT_WRITE_FAILED, 'error: cannot write checkpoint ',
                                          opts=('TRAIN.EPOCHS', '1'), file_limit=64 * 1024),
-    'SIGTERM': Stop(lifecycle.EXIT_PREEMPTED, 'preempted: stopped by SIGTERM', signal=signal.SIGTERM),
-    'SIGUSR1': Stop(lifecycle.EXIT_PREEMPTED, 'preempted: stopped by SIGUSR1', signal=signal.SIGUSR1),
+    'SIGTERM': Stop(lifecycle.EXIT_PREEMPTED, 'preempted: stopped by SIGTERM', signal=signal.SIGTERM, opts=LONG_RUN),
+    'SIGUSR1': Stop(lifecycle.EXIT_PREEMPTED, 'preempted: stopped by SIGUSR1', signal=signal.SIGUSR1, opts=LONG_RUN),
     # (torchrun's workers run in sessions of their own, out of the terminal's reach; torchrun passes Ctrl-C on)
-    'Ctrl-C': Stop(lifecycle.EXIT_INTERRUPTED, 'interrupted: stopped by Ctrl-C', signal=signal.SIGINT),
+    'Ctrl-C': Stop(lifecycle.EXIT_INTERRUPTED, 'interrupted: stopped by Ctrl-C', signal=signal.SIGINT, opts=LONG_RUN),
 }
 EARLIER_ATTEMPT = Stop(lifecycle.EXIT_TRAINING_FAILED, 'error: an earlier attempt of this torchrun stopped with: ',
                        opts=CLASSIFICATION_STOPS['non-finite loss'].opts, torchrun_args=('--max-restarts', '1'))
+
+
+def terminal_like(file_limit):
+    """The launched command's set-up: Ctrl-C's default action, as in a terminal (a shell's background job
+    ignores SIGINT, and Python keeps an ignored SIGINT ignored), and the file size limit if any."""
+    def apply():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if file_limit:
+            file_size_limit(file_limit)()
+    return apply
 
 
 def file_size_limit(limit):
@@ -109,7 +121,7 @@ def run_until_stopped(tmp_path, args, stop, nproc):
         process = subprocess.Popen(main_command(args, nproc, stop.torchrun_args), cwd=REPO,
                                    env=dict(subprocess_env(tmp_path), FOCAL_TEST_RUN=tag), stdout=stdout,
                                    stderr=stderr, start_new_session=True,
-                                   preexec_fn=file_size_limit(stop.file_limit) if stop.file_limit else None)
+                                   preexec_fn=terminal_like(stop.file_limit))
     start, signalled, error_seen = time.time(), False, None
     try:
         while process.poll() is None:
@@ -214,7 +226,7 @@ def dense_case(tmp_path, task, stop, workers):
 DENSE_STOPS = {  # (ADE20K's loader reads an image and its label: 'cannot read <file>')
     'unreadable training image': Stop(lifecycle.EXIT_BAD_INPUT, 'error: cannot read ', damage=unreadable('')),
     'unreadable validation image': Stop(lifecycle.EXIT_BAD_INPUT, 'error: cannot read '),
-    'SIGTERM': Stop(lifecycle.EXIT_PREEMPTED, 'preempted: stopped by SIGTERM', signal=signal.SIGTERM),
+    'SIGTERM': Stop(lifecycle.EXIT_PREEMPTED, 'preempted: stopped by SIGTERM', signal=signal.SIGTERM, opts=LONG_RUN),
 }
 
 
