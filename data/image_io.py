@@ -37,12 +37,12 @@ def dataset_folder(path, what):
     return path
 
 
-def decode_rgb(source, name):
+def decode_rgb(source, name, as_displayed=False):
     """The RGB image in ``source`` (a path or the bytes of an image file); ``name`` is the file
-    named in the error when it cannot be decoded."""
+    named in the error when it cannot be decoded. ``as_displayed``: first as a viewer shows it (read_photo)."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            return image.convert('RGB')
+            return (_as_displayed(image) if as_displayed else image).convert('RGB')
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(f"cannot read image {name}: {err}", path=name) from None
 
@@ -57,16 +57,16 @@ def read_photo(path):
     16-bit and floating-point grey levels scaled to 8 bits by their type's range (a plain convert would
     clip them to white), palette, grey, CMYK and alpha images converted (alpha dropped, as training's
     load_rgb does). A DataError naming the file when it cannot be decoded."""
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            if image.mode.startswith('I') or image.mode == 'F':
-                levels = np.asarray(image, dtype=np.float64)
-                top = 1. if image.mode == 'F' else 65535. if levels.max() > 255 else 255.
-                image = Image.fromarray((levels / top * 255).clip(0, 255).round().astype(np.uint8))
-            return image.convert('RGB')
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DataError(f"cannot read image {path}: {err}", path=path) from None
+    return decode_rgb(path, path, as_displayed=True)
+
+
+def _as_displayed(image):
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith('I') or image.mode == 'F':
+        levels = np.asarray(image, dtype=np.float64)
+        top = 1. if image.mode == 'F' else 65535. if levels.max() > 255 else 255.
+        image = Image.fromarray((levels / top * 255).clip(0, 255).round().astype(np.uint8))
+    return image
 
 
 def find_images(paths):
