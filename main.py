@@ -137,7 +137,7 @@ def run(config, logger, rank, world_size, device, task, model, data_loader_train
     model.to(device)
     if config.TRAIN.CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
-    logger.info(task.describe(model))
+    logger.info(task.describe(config, model))
 
     amp_dtype = AMP_DTYPES[config.AMP_DTYPE]
     use_scaler = config.AMP_ENABLE and amp_dtype == torch.float16 and device.type == 'cuda'

@@ -38,8 +38,9 @@ reference):
       The whole model on the CPU, initialised from torch's global generator (seeded by the
       loop), for MODEL.NUM_CLASSES classes (main.py has recorded the data's). A ValueError is
       reported as an invalid model configuration.
-  describe(model) -> str
-      One log line: the model's name and `parameter_count(model)` (and GFLOPs where known).
+  describe(config, model) -> str
+      One log line: the model's name and `parameter_count(model)` (and GFLOPs or the number of
+      classes where known); `config` is the one with the classes recorded.
   no_weight_decay(model) -> (names, keywords)
       Parameter names (and name substrings) trained without weight decay, in `model`'s own
       names (`models.backbone.no_weight_decay_names` for a dense model); 1-D tensors and biases are

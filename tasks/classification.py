@@ -36,8 +36,8 @@ class Classification:
     def build_model(self, config):
         return build_model(config)
 
-    def describe(self, model):
-        return f"model {self.config.MODEL.NAME}: {parameter_count(model)}, {model.flops() / 1e9:.2f} GFLOPs"
+    def describe(self, config, model):
+        return f"model {config.MODEL.NAME}: {parameter_count(model)}, {model.flops() / 1e9:.2f} GFLOPs"
 
     def no_weight_decay(self, model):
         return model.no_weight_decay(), model.no_weight_decay_keywords()

@@ -219,9 +219,9 @@ class Detection:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
 
-    def describe(self, model):
-        return (f"model {self.config.MODEL.NAME}: {type(model).__name__} on the Focal FPN, "
-                f"{parameter_count(model)}, {self.config.MODEL.NUM_CLASSES} classes")
+    def describe(self, config, model):
+        return (f"model {config.MODEL.NAME}: {type(model).__name__} on the Focal FPN, "
+                f"{parameter_count(model)}, {config.MODEL.NUM_CLASSES} classes")
 
     def no_weight_decay(self, model):
         return no_weight_decay_names(model), ()

@@ -124,9 +124,9 @@ class Segmentation:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return model
 
-    def describe(self, model):
-        return (f"model {self.config.MODEL.NAME}: UPerNet on the Focal encoder, {parameter_count(model)}, "
-                f"{self.config.MODEL.NUM_CLASSES} classes")
+    def describe(self, config, model):
+        return (f"model {config.MODEL.NAME}: UPerNet on the Focal encoder, {parameter_count(model)}, "
+                f"{config.MODEL.NUM_CLASSES} classes")
 
     def no_weight_decay(self, model):
         return no_weight_decay_names(model), ()

@@ -237,8 +237,8 @@ def test_ap_of_known_detections_is_pycocotools_own(workspace, tmp_path, caplog):
 def test_own_coco_files_at_any_paths_with_any_category_ids(workspace, tmp_path):
     """COCO files anywhere (DATA.TRAIN_* under DATA.DATA_PATH, DATA.VAL_* absolute elsewhere) with the
     category ids 7 and 0: the detector learns them as labels 2 and 1 (0 stays the background), the class
-    names are the categories', and detections of the labels reach pycocotools as the file's ids (a
-    perfect answer scores 100). Files that list other categories, or one id twice, are one line."""
+    names are the categories' (the log line counts 3 classes), and detections of the labels reach
+    pycocotools as the file's ids (a perfect answer scores 100). Files that list other categories, or one id twice, are one line."""
     _, data, cfg = workspace
     own, elsewhere = tmp_path / 'own', tmp_path / 'elsewhere'
     shutil.copytree(os.path.join(data, 'train2017'), own / 'pictures')
@@ -258,6 +258,8 @@ def test_own_coco_files_at_any_paths_with_any_category_ids(workspace, tmp_path):
     task = Detection(config)
     train_loader, val_loader, class_names = task.build_loaders(config)
     assert class_names == ['background', 'square', 'disc']
+    recorded = with_classes(config, class_names)  # what main.py builds the model from and logs
+    assert task.describe(recorded, task.build_model(recorded)).endswith(', 3 classes')
     train_loader.sampler.set_epoch(0)
     labels = {label for _, targets, _ in train_loader for target in targets for label in target['labels'].tolist()}
     assert labels == {1, 2}
