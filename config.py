@@ -176,12 +176,19 @@ _C.MODEL.DETECTION.SPARSE_RCNN.NUM_PROPOSALS = 100
 _C.MODEL.DETECTION.SPARSE_RCNN.NUM_STAGES = 6
 # (added) RepPointsV2's own settings; the defaults are Swin's 3x recipe (reppointsv2_swin_bifpn.py)
 _C.MODEL.DETECTION.REPPOINTS_V2 = CN()
+# The neck: 'bifpn' ([swin] the 3x recipe's) or 'fpn' (RepPointsV2's own R-50 configs: an FPN on stages 1-3
+# with P6 and P7 from the last stage's map, add_extra_convs='on_input')
+_C.MODEL.DETECTION.REPPOINTS_V2.NECK = 'bifpn'
 # Repeats of the BiFPN neck ([swin] num_repeat 2)
 _C.MODEL.DETECTION.REPPOINTS_V2.BIFPN_REPEATS = 2
 # 3x3 convolutions of the head's classification and points towers ([swin] stacked_convs 3)
 _C.MODEL.DETECTION.REPPOINTS_V2.STACKED_CONVS = 3
 # Channels of the corner-pooling projections ([swin] corner_dim 64)
 _C.MODEL.DETECTION.REPPOINTS_V2.CORNER_CHANNELS = 64
+# Initial weights of the deformable classification convolution: 'normal' ([swin] normal, std 0.01) or
+# 'kaiming' (He's normal init, fan out): at a narrow head's width the first keeps every class's score the
+# same for the whole of a short run (benchmarks/README.md, demos)
+_C.MODEL.DETECTION.REPPOINTS_V2.CLASSIFIER_INIT = 'normal'
 
 # The MODEL.DETECTION keys each detector reads (besides DETECTOR): a key that a YAML file or --opts sets
 # and the chosen detector does not read is a one-line ConfigError, not silently ignored. A detector's own
@@ -447,6 +454,8 @@ _CHOICES = {
     'DATA.DATASET': ('imagenet', 'imagenet22k', 'digits', 'coco', 'ade20k'),
     'TASK': ('classification', 'detection', 'segmentation'),
     'MODEL.DETECTION.DETECTOR': tuple(DETECTOR_KEYS),
+    'MODEL.DETECTION.REPPOINTS_V2.NECK': ('bifpn', 'fpn'),
+    'MODEL.DETECTION.REPPOINTS_V2.CLASSIFIER_INIT': ('normal', 'kaiming'),
     'DATA.INTERPOLATION': ('random', 'bilinear', 'bicubic'),
     'DATA.CACHE_MODE': ('no', 'part', 'full'),
     'TRAIN.LR_SCHEDULER.NAME': ('cosine', 'linear', 'step', 'multistep', 'poly'),

@@ -71,6 +71,11 @@ def coco_files(config, rank, splits):
             for split in splits}
 
 
+def last_stage_width(arguments):
+    """Channels of the last stage's map of the Focal Transformer that `arguments` describe."""
+    return arguments['embed_dim'] * 2 ** (len(arguments['depths']) - 1)
+
+
 def build_atss(config, num_classes, arguments, common):
     """ATSS on stages 1-3 with P6 and P7 from P5 (mmdetection's add_extra_convs='on_output')."""
     width = config.MODEL.DETECTION.FPN_CHANNELS
@@ -89,14 +94,19 @@ def build_sparse_rcnn(config, num_classes, arguments, common):
 
 
 def build_reppoints_v2(config, num_classes, arguments, common):
-    """RepPointsV2 on stages 1-3 through a BiFPN to the five levels P3-P7 (the 3x recipe's neck)."""
+    """RepPointsV2 on stages 1-3 through a BiFPN (the 3x recipe's neck) or an FPN with P6 and P7 from the
+    last stage's map to the five levels P3-P7."""
     settings = config.MODEL.DETECTION.REPPOINTS_V2
-    neck = partial(BiFPN, out_channels=config.MODEL.DETECTION.FPN_CHANNELS, num_outputs=5,
-                   repeats=settings.BIFPN_REPEATS)
+    width = config.MODEL.DETECTION.FPN_CHANNELS
+    if settings.NECK == 'bifpn':
+        neck = dict(neck=partial(BiFPN, out_channels=width, num_outputs=5, repeats=settings.BIFPN_REPEATS))
+    else:
+        neck = dict(out_channels=width, extra_blocks=LastLevelP6P7(last_stage_width(arguments), width))
     backbone = focal_fpn_backbone(drop_path_rate=config.MODEL.DROP_PATH_RATE, returned_stages=(1, 2, 3),
-                                  neck=neck, **arguments)
+                                  **neck, **arguments)
     return RepPointsV2(backbone, num_classes, stacked_convs=settings.STACKED_CONVS,
-                       corner_channels=settings.CORNER_CHANNELS, **common)
+                       corner_channels=settings.CORNER_CHANNELS, classifier_init=settings.CLASSIFIER_INIT,
+                       **common)
 
 
 # the detectors built outside build_detector, by MODEL.DETECTION.DETECTOR
@@ -119,10 +129,9 @@ def build_detector(config, num_classes):
     if detection.DETECTOR == 'retinanet':
         # P6 from the last stage's map, not from P5, as mmdetection's RetinaNet configs for
         # transformer backbones (add_extra_convs='on_input') that the paper's figures come from
-        last_stage_width = arguments['embed_dim'] * 2 ** (len(arguments['depths']) - 1)
         backbone = focal_fpn_backbone(drop_path_rate=config.MODEL.DROP_PATH_RATE,
                                       returned_stages=(1, 2, 3), out_channels=width,
-                                      extra_blocks=LastLevelP6P7(last_stage_width, width),
+                                      extra_blocks=LastLevelP6P7(last_stage_width(arguments), width),
                                       **arguments)
         # torchvision's RetinaNet anchors: three octaves and three aspect ratios per level
         anchors = AnchorGenerator([(size, int(size * 2 ** (1 / 3)), int(size * 2 ** (2 / 3)))

@@ -70,6 +70,9 @@ LOSS_WEIGHTS = {  # [swin] loss_weight of each loss
 # boxes keep their points; P4-P5 snap to P3's heatmap, P6-P7 to P4's)
 SNAP_LEVELS = (None, 0, 0, 1, 1)
 CORNERS = ('top_left', 'bottom_right')
+# The deformable classification convolution's initial weights: [swin]'s normal (std 0.01), or He's normal
+# (fan out), with which a narrow head's class scores start to differ within a short run
+CLASSIFIER_INITS = ('normal', 'kaiming')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,11 +343,15 @@ class RepPointsV2Head(nn.Module):
 
     `num_classes` counts the classes as the labels number them (torchvision's: category ids, 0 the
     background); each has a sigmoid score. `channels`: the pyramid's width ([swin] 256),
-    `corner_channels`: the corner projections' ([swin] corner_dim 64).
+    `corner_channels`: the corner projections' ([swin] corner_dim 64). `classifier_init`: one of
+    CLASSIFIER_INITS, the deformable classification convolution's initial weights.
     """
 
-    def __init__(self, num_classes: int, channels: int = 256, stacked_convs: int = 3, corner_channels: int = 64):
+    def __init__(self, num_classes: int, channels: int = 256, stacked_convs: int = 3, corner_channels: int = 64,
+                 classifier_init: str = 'normal'):
         super().__init__()
+        if classifier_init not in CLASSIFIER_INITS:
+            raise ValueError(f'classifier_init must be one of {CLASSIFIER_INITS}, got {classifier_init!r}')
         self.num_classes = num_classes
         kernel = int(math.isqrt(NUM_POINTS))
         self.cls_convs = nn.Sequential(*(conv_norm_relu(channels, channels, 3) for _ in range(stacked_convs)))
@@ -368,9 +375,9 @@ class RepPointsV2Head(nn.Module):
         rows, cols = torch.meshgrid(grid, grid, indexing='ij')
         self.register_buffer('kernel_grid', torch.stack([rows, cols], dim=-1).reshape(1, -1, 1, 1),
                              persistent=False)
-        self._init_weights()
+        self._init_weights(classifier_init)
 
-    def _init_weights(self):
+    def _init_weights(self, classifier_init: str):
         prior = -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY)
         towers = [block[0] for block in (*self.cls_convs, *self.reg_convs, self.shared_convs)]
         outputs = [self.cls_conv, self.points_init_conv, self.points_init_out, self.points_refine_conv,
@@ -380,6 +387,8 @@ class RepPointsV2Head(nn.Module):
             nn.init.normal_(conv.weight, std=STEM_INIT_STD)
             if conv.bias is not None:
                 nn.init.constant_(conv.bias, prior if conv in scores else 0.0)
+        if classifier_init == 'kaiming':
+            nn.init.kaiming_normal_(self.cls_conv.weight, mode='fan_out', nonlinearity='relu')
 
     def forward_level(self, x: torch.Tensor) -> dict:
         """One level's maps: 'cls' (N, C, H, W) logits, 'points_init' and 'points_refine'
@@ -543,7 +552,7 @@ class RepPointsV2(nn.Module):
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, min_size: int = 800, max_size: int = 1333,
-                 stacked_convs: int = 3, corner_channels: int = 64,
+                 stacked_convs: int = 3, corner_channels: int = 64, classifier_init: str = 'normal',
                  topk_candidates: int = 1000,  # [swin] test_cfg nms_pre
                  score_thresh: float = 0.05,  # [swin] score_thr
                  nms_thresh: float = 0.6,  # [swin] nms iou_threshold
@@ -551,7 +560,8 @@ class RepPointsV2(nn.Module):
                  image_mean: Optional[list] = None, image_std: Optional[list] = None, **transform_kwargs):
         super().__init__()
         self.backbone = backbone
-        self.head = RepPointsV2Head(num_classes, backbone.out_channels, stacked_convs, corner_channels)
+        self.head = RepPointsV2Head(num_classes, backbone.out_channels, stacked_convs, corner_channels,
+                                    classifier_init)
         self.transform = GeneralizedRCNNTransform(min_size, max_size, image_mean or [0.485, 0.456, 0.406],
                                                   image_std or [0.229, 0.224, 0.225], **transform_kwargs)
         self.test_settings = dict(topk_candidates=topk_candidates, score_thresh=score_thresh,
