@@ -11,8 +11,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# inference in the slow run only: the training case takes the same path through ab.py
 @pytest.mark.parametrize('options, setting, dtype', [
-    (['--rounds', '1'], 'infer', 'float32'),
+    pytest.param(['--rounds', '1'], 'infer', 'float32', marks=pytest.mark.slow),
     (['--rounds', '2', '--mode', 'train', '--bf16'], 'train, bf16 autocast', 'bfloat16'),
 ], ids=['inference', 'bf16-training'])
 def test_ab_builds_each_checkouts_own_model_and_reports_a_ratio(tmp_path, options, setting, dtype):

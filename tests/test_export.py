@@ -67,7 +67,8 @@ LAYOUTS = ['focal_tiny_patch4_window7_224', 'focal_tiny_useconv_patch4_window7_2
 EXPORT_CHECKS = [(2, 224, 224), (1, 32, 32), (3, 233, 301), (1, 1024, 1024)]
 
 
-@pytest.mark.parametrize('name', LAYOUTS)
+# the convolutional-embedding layout in the slow run only: the rest of its graph is the plain one's
+@pytest.mark.parametrize('name', [LAYOUTS[0], pytest.param(LAYOUTS[1], marks=pytest.mark.slow)])
 def test_torch_export_from_the_models_own_size_covers_its_minimum_to_2048(name):
     """torch.export from a 224 px example, where the last stage is one window and the third four:
     the exported program must take any batch, height and width in the dimensions' ranges and

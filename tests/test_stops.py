@@ -230,12 +230,15 @@ DENSE_STOPS = {  # (ADE20K's loader reads an image and its label: 'cannot read <
 }
 
 
-# one process in the slow run only: the classification cases cover its exit status
-@pytest.mark.parametrize('nproc', [pytest.param(1, id='one process', marks=pytest.mark.slow),
-                                   pytest.param(2, id='torchrun 2')])
+# Detection under torchrun in the default run; one process (the classification cases cover its exit
+# status) and segmentation (the same loop and loader assembly as detection) in the slow run only
 @pytest.mark.parametrize('name', DENSE_STOPS)
-@pytest.mark.parametrize('task', ['detection', 'segmentation'])
-def test_dense_task_stops_with_workers(tmp_path, task, name, nproc):
+@pytest.mark.parametrize('task, nproc', [
+    pytest.param('detection', 2, id='detection-torchrun 2'),
+    pytest.param('detection', 1, id='detection-one process', marks=pytest.mark.slow),
+    pytest.param('segmentation', 2, id='segmentation-torchrun 2', marks=pytest.mark.slow),
+    pytest.param('segmentation', 1, id='segmentation-one process', marks=pytest.mark.slow)])
+def test_dense_task_stops_with_workers(tmp_path, task, nproc, name):
     stop = DENSE_STOPS[name]
     args, out = dense_case(tmp_path, task, stop, workers=2)
     if name == 'unreadable validation image':
