@@ -187,7 +187,7 @@ _C.MODEL.DETECTION.REPPOINTS_V2.STACKED_CONVS = 3
 _C.MODEL.DETECTION.REPPOINTS_V2.CORNER_CHANNELS = 64
 # Initial weights of the deformable classification convolution: 'normal' ([swin] normal, std 0.01) or
 # 'kaiming' (He's normal init, fan out): at a narrow head's width the first keeps every class's score the
-# same for the whole of a short run (benchmarks/README.md, demos)
+# same for the whole of a short run (benchmarks/README.md, what was tried)
 _C.MODEL.DETECTION.REPPOINTS_V2.CLASSIFIER_INIT = 'normal'
 
 # The MODEL.DETECTION keys each detector reads (besides DETECTOR): a key that a YAML file or --opts sets

@@ -238,7 +238,8 @@ def test_own_coco_files_at_any_paths_with_any_category_ids(workspace, tmp_path):
     """COCO files anywhere (DATA.TRAIN_* under DATA.DATA_PATH, DATA.VAL_* absolute elsewhere) with the
     category ids 7 and 0: the detector learns them as labels 2 and 1 (0 stays the background), the class
     names are the categories' (the log line counts 3 classes), and detections of the labels reach
-    pycocotools as the file's ids (a perfect answer scores 100). Files that list other categories, or one id twice, are one line."""
+    pycocotools as the file's ids (a perfect answer scores 100). Files that list other categories, or
+    one id twice, are one line."""
     _, data, cfg = workspace
     own, elsewhere = tmp_path / 'own', tmp_path / 'elsewhere'
     shutil.copytree(os.path.join(data, 'train2017'), own / 'pictures')

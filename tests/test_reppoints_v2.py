@@ -366,8 +366,8 @@ def test_a_training_step_under_bfloat16_autocast(demo_batch):
     gradients."""
     config, task, samples, targets = demo_batch
     # The BiFPN neck: the demo's FPN computes P7 with a 3x3 stride-2 convolution of a 1x1 P6, whose
-    # weight gradient PyTorch's CPU bf16 convolution leaves non-finite for about half the seeds (its
-    # taps that read only padding; benchmarks/README.md)
+    # weight gradient PyTorch's CPU bf16 convolution leaves non-finite for about half the seeds (the
+    # taps that read only padding)
     config = config.clone()
     config.defrost()
     config.MODEL.DETECTION.REPPOINTS_V2.NECK = 'bifpn'
