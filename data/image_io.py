@@ -61,6 +61,7 @@ def read_photo(path):
 
 
 def _as_displayed(image):
+    """`image` as a viewer shows it: EXIF orientation applied, 16-bit and float grey scaled to 8 bits."""
     image = ImageOps.exif_transpose(image)
     if image.mode.startswith('I') or image.mode == 'F':
         levels = np.asarray(image, dtype=np.float64)

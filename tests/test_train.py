@@ -296,7 +296,7 @@ def test_every_rate_is_scaled_to_the_images_per_update(world_size, batch, accumu
         pytest.approx((0.4 * factor, 0.002 * factor, 0.01 * factor), rel=1e-12)
 
 
-@pytest.mark.slow  # the zip layout is checked in one process by test_data; the slow run
+@pytest.mark.slow  # the zip layout is checked in one process by test_data; this two-process case in the slow run
 def test_zip_mode_under_torchrun_matches_the_image_folder(workspace):
     """Train 1 epoch from train.zip / val.zip with the per-process cache, 2 processes (~15 s);
     the checkpoint evaluated from the plain folders scores what the zip run reported."""
