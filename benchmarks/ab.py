@@ -11,6 +11,11 @@ run's noise.
     python3 benchmarks/ab.py ../before . --mode train       # training step (forward, backward, AdamW)
     python3 benchmarks/ab.py swin .                         # timm's Swin-T against this checkout
     python3 benchmarks/ab.py swin . --bf16                  # both under bf16 autocast
+    python3 benchmarks/ab.py ../before . --mode train --batch-size 1 --detector-size 800 1216
+
+`--detector-size H W` measures detection backbones instead: the four stage maps of an H x W image,
+Focal-T with the detection recipes' focal windows (15, 13, 9, 7), both models with the recipes' drop
+path (0.2), a training step's loss the sum of the maps' means.
 
 A checkout is a directory holding this repository's `models/` package; its Focal-T is imported
 under its own module name, so the two versions do not clash.
@@ -29,20 +34,38 @@ import torch
 MODEL = 'focal_tiny_patch4_window7_224'
 
 
-def focal_from(checkout: str, alias: str, img_size: int) -> torch.nn.Module:
+# The detection recipes' focal windows (configs/detection, the paper's section 4.2) and both tiny
+# backbones' drop path there (Swin-T's Mask R-CNN 3x config, drop_path_rate=0.2)
+DETECTION_FOCAL_WINDOWS = (15, 13, 9, 7)
+DETECTION_DROP_PATH = 0.2
+
+
+def focal_from(checkout: str, alias: str, **model_kwargs) -> torch.nn.Module:
     package = os.path.join(os.path.abspath(checkout), 'models')
     spec = importlib.util.spec_from_file_location(alias, os.path.join(package, '__init__.py'),
                                                   submodule_search_locations=[package])
     module = importlib.util.module_from_spec(spec)
     sys.modules[alias] = module
     spec.loader.exec_module(module)
-    return getattr(importlib.import_module(f'{alias}.focal_transformer'), MODEL)(img_size=img_size)
+    return getattr(importlib.import_module(f'{alias}.focal_transformer'), MODEL)(**model_kwargs)
 
 
-def build(side: str, alias: str, img_size: int) -> torch.nn.Module:
+def build(side: str, alias: str, img_size: int, detector: bool) -> torch.nn.Module:
     if side == 'swin':
+        if detector:
+            return timm.create_model('swin_tiny_patch4_window7_224', features_only=True, dynamic_img_size=True,
+                                     drop_path_rate=DETECTION_DROP_PATH)
         return timm.create_model('swin_tiny_patch4_window7_224', img_size=img_size)
-    return focal_from(side, alias, img_size)
+    if detector:
+        return focal_from(side, alias, focal_windows=DETECTION_FOCAL_WINDOWS, drop_path_rate=DETECTION_DROP_PATH)
+    return focal_from(side, alias, img_size=img_size)
+
+
+def stage_maps(model: torch.nn.Module, images: torch.Tensor) -> list:
+    """A detection backbone's four stage maps: timm's features_only Swin-T, or Focal-T's intermediates."""
+    if hasattr(model, 'forward_intermediates'):
+        return model.forward_intermediates(images, intermediates_only=True, output_fmt='NHWC')
+    return model(images)
 
 
 def main():
@@ -55,13 +78,17 @@ def main():
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--threads', type=int, default=os.cpu_count())
     parser.add_argument('--bf16', action='store_true', help='both models under bf16 autocast')
+    parser.add_argument('--detector-size', type=int, nargs=2, metavar=('H', 'W'),
+                        help='detection backbones on an H x W image instead of classifiers (see above)')
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    models = [build(args.a, 'models_a', args.img_size), build(args.b, 'models_b', args.img_size)]
+    detector = args.detector_size is not None
+    models = [build(args.a, 'models_a', args.img_size, detector), build(args.b, 'models_b', args.img_size, detector)]
     if args.a != 'swin':
         models[1].load_state_dict(models[0].state_dict())
-    images = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
+    size = tuple(args.detector_size) if detector else (args.img_size, args.img_size)
+    images = torch.randn(args.batch_size, 3, *size)
     optimizers = [torch.optim.AdamW(m.parameters()) for m in models]
 
     def precision():
@@ -76,19 +103,25 @@ def main():
         if args.mode == 'infer':
             model.eval()
             with torch.inference_mode():
-                model(images)
+                stage_maps(model, images) if detector else model(images)
         else:
             model.train()
             optimizers[i].zero_grad(set_to_none=True)
-            model(images).logsumexp(-1).sum().backward()
+            if detector:
+                loss = sum(stage_map.float().mean() for stage_map in stage_maps(model, images))
+            else:
+                loss = model(images).logsumexp(-1).sum()
+            loss.backward()
             optimizers[i].step()
 
     if args.a != 'swin':
         with torch.inference_mode():
             with precision():
-                logits = [model.eval()(images[:2]) for model in models]
+                logits = [stage_maps(model.eval(), images[:1])[-1] if detector else model.eval()(images[:2])
+                          for model in models]
             difference = (logits[0].float() - logits[1].float()).abs().max()
-        print(f'largest logit difference between A and B ({logits[0].dtype}): {difference:.2e}')
+        print(f'largest {"last stage map" if detector else "logit"} difference between A and B '
+              f'({logits[0].dtype}): {difference:.2e}')
     for i in (0, 1, 0, 1):
         step(i)
     times = ([], [])
@@ -100,7 +133,8 @@ def main():
     for name, t in zip(('A ' + args.a, 'B ' + args.b), times):
         print(f'{name:40s} median {statistics.median(t) * 1e3:8.1f} ms   best {min(t) * 1e3:8.1f} ms')
     setting = args.mode + (', bf16 autocast' if args.bf16 else '')
-    print(f'B speed-up over A ({setting}, batch {args.batch_size}, {args.img_size} px, {args.threads} threads): '
+    print(f'B speed-up over A ({setting}, batch {args.batch_size}, {"x".join(map(str, size)) if detector else size[0]} '
+          f'px, {args.threads} threads): '
           f'median {statistics.median(times[0]) / statistics.median(times[1]):.3f}x, '
           f'best {min(times[0]) / min(times[1]):.3f}x')
     if args.rounds >= 2:

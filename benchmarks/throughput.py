@@ -27,7 +27,11 @@ LayerNormed, into torchvision's FeaturePyramidNetwork; one image with three boxe
 the detectors that predict masks, AdamW); for the focal model it also times a forward at a size whose
 index tables are not cached yet (the cache is cleared before each), and the difference to a cached
 forward is the time to build them. The focal models take the detection recipes' focal windows
-(15 13 9 7; `--focal-windows 7 5 3 1` measures the classifiers').
+(15 13 9 7; `--focal-windows 7 5 3 1` measures the classifiers'), both backbones their recipes' drop
+path. Unlike the other modes, `--detector` keeps every model in one process (it reports no memory)
+and times them in alternating rounds, so that a machine that slows down during the run slows all of
+them: a row gives each model's best round, and a last line the lowest, median and highest of the
+round-by-round ratios, whose spread is the run's noise.
 
 `--memory` measures only the training peak memory per image, each model with and without activation
 checkpointing (timm's `set_grad_checkpointing`, what TRAIN.USE_CHECKPOINT sets): at each batch size of
@@ -54,6 +58,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -144,6 +149,11 @@ def top_operators(fn, steps: int, device: torch.device, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
 
 
+# Stochastic depth of both tiny backbones in their detection recipes: Swin-T's Mask R-CNN 3x config
+# (drop_path_rate=0.2) and Focal-T's (configs/detection, the paper's section 4.2).
+DETECTION_DROP_PATH = 0.2
+
+
 class TimmFPN(torch.nn.Module):
     """A timm `features_only` model's stage maps (NHWC; `returned_stages`, by default all four), each
     LayerNormed as Swin's detection backbone does, into torchvision's FeaturePyramidNetwork with
@@ -154,7 +164,8 @@ class TimmFPN(torch.nn.Module):
         import timm
         from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
         super().__init__()
-        self.body = timm.create_model(name, features_only=True, dynamic_img_size=True, out_indices=returned_stages)
+        self.body = timm.create_model(name, features_only=True, dynamic_img_size=True, out_indices=returned_stages,
+                                      drop_path_rate=DETECTION_DROP_PATH)
         widths = self.body.feature_info.channels()
         self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(width) for width in widths)
         self.fpn = (neck(widths) if neck is not None else
@@ -173,7 +184,7 @@ def fpn_backbone(name: str, args, returned_stages: tuple = (0, 1, 2, 3), extra_b
     from models.detection import focal_fpn_backbone
     if name.startswith('focal'):
         return focal_fpn_backbone(name, returned_stages=returned_stages, extra_blocks=extra_blocks, neck=neck,
-                                  focal_windows=args.focal_windows)
+                                  focal_windows=args.focal_windows, drop_path_rate=DETECTION_DROP_PATH)
     return TimmFPN(name, returned_stages, extra_blocks, neck)
 
 
@@ -255,53 +266,98 @@ def detector_training_step(name: str, method: str, args):
     return detector, train_step
 
 
-def measure_detector(name: str, args) -> dict:
+def alternating_rounds(steps_by_model: list, steps: int, repeats: int, device: torch.device) -> list:
+    """Seconds per step of each function in each of `repeats` rounds: a round times `steps` calls of every
+    function in turn, first to last in even rounds and last to first in odd ones, so that a change in the
+    machine's speed during the run reaches every model alike."""
+    seconds = [[] for _ in steps_by_model]
+    for round_index in range(repeats):
+        order = range(len(steps_by_model)) if round_index % 2 == 0 else reversed(range(len(steps_by_model)))
+        for i in order:
+            seconds[i].append(timed(steps_by_model[i], steps, 1, device))
+    return seconds
+
+
+def measure_detectors(args) -> list:
+    """--detector: every model of --models in this one process, timed in alternating rounds (backbone
+    inference, then each method's training step and inference); a row per model as print_detector_rows
+    reads it, with each measurement's per-round seconds under 'rounds'."""
     import timm
+    import models  # noqa: F401  (registers the focal models with timm)
     from models.attention_tables import clear_attention_table_cache
     from models.focal_transformer import FocalTransformer
+    from models.window_attention import set_cuda_attention
 
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    kwargs = dict(focal_windows=args.focal_windows) if name.startswith('focal') else dict(dynamic_img_size=True)
-    model = timm.create_model(name, **kwargs).to(device).eval()
-    images = torch.randn(1, 3, *args.detector_size, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+    images = torch.randn(1, 3, *args.detector_size, device=device)
+    entries = [(name, attention) for name in args.models for attention in attention_settings(name, args)]
 
-    def infer_step():
-        with torch.inference_mode(), autocast:
-            model(images)
+    def under_setting(attention, fn):
+        """fn with `attention` (a --cuda-attention setting, or None: the default) in force while it runs,
+        from the same random state at every call (drop path, the detectors' sampling), whichever the model
+        and the round."""
+        def run():
+            set_cuda_attention(attention) if attention else set_cuda_attention()
+            torch.manual_seed(0)
+            fn()
+        return run
 
-    def new_size_step():
-        clear_attention_table_cache()
-        infer_step()
+    def timed_rounds(fns: list) -> list:
+        for fn in fns:
+            for _ in range(args.warmup):
+                fn()
+        return alternating_rounds(fns, args.steps, args.repeats, device)
 
-    for _ in range(args.warmup):
-        infer_step()
-    infer_time = timed(infer_step, args.steps, args.repeats, device)
-    row = {'model': name, 'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
-           'infer_img_s': 1 / infer_time, 'forward_ms': infer_time * 1e3}
-    if isinstance(model, FocalTransformer):
-        row['table_build_ms'] = (timed(new_size_step, args.steps, args.repeats, device) - infer_time) * 1e3
-    row['methods'] = {}
-    for method in args.methods:
-        detector, train_step = detector_training_step(name, method, args)
-        torch.manual_seed(0)  # the same proposals sampled for both backbones
-        for _ in range(args.warmup):
-            train_step()
-        train_time = timed(train_step, args.steps, args.repeats, device)
-        detector.eval()
+    rows, infer_steps = [], []
+    for name, attention in entries:
+        torch.manual_seed(0)
+        kwargs = dict(focal_windows=args.focal_windows) if name.startswith('focal') else dict(dynamic_img_size=True)
+        model = timm.create_model(name, **kwargs).to(device).eval()
 
-        def detect():
+        def infer_step(model=model):
             with torch.inference_mode(), autocast:
-                detector(list(images))
+                model(images)
 
-        for _ in range(args.warmup):
-            detect()
-        detect_time = timed(detect, args.steps, args.repeats, device)
-        row['methods'][method] = dict(params_m=sum(p.numel() for p in detector.parameters()) / 1e6,
-                                      train_img_s=1 / train_time, train_step_ms=train_time * 1e3,
-                                      detect_img_s=1 / detect_time, detect_ms=detect_time * 1e3)
-    return row
+        infer_steps.append(under_setting(attention, infer_step))
+        rows.append({'model': name if attention is None else f'{name} ({attention})',
+                     'params_m': sum(p.numel() for p in model.parameters()) / 1e6, 'methods': {}, 'rounds': {},
+                     'focal': isinstance(model, FocalTransformer)})
+    for row, seconds in zip(rows, timed_rounds(infer_steps)):
+        row.update(infer_img_s=1 / min(seconds), forward_ms=min(seconds) * 1e3)
+        row['rounds']['inference'] = seconds
+    for row, infer_step in zip(rows, infer_steps):
+        if row.pop('focal'):
+            def new_size_step(infer_step=infer_step):
+                clear_attention_table_cache()
+                infer_step()
+            new_size_time = timed(new_size_step, args.steps, args.repeats, device)
+            row['table_build_ms'] = new_size_time * 1e3 - row['forward_ms']
+    for method in args.methods:
+        detectors, train_steps = [], []
+        for name, attention in entries:
+            detector, train_step = detector_training_step(name, method, args)
+            detectors.append(detector)
+            train_steps.append(under_setting(attention, train_step))
+        train_seconds = timed_rounds(train_steps)
+        detect_steps = []
+        for detector, (_, attention) in zip(detectors, entries):
+            detector.eval()
+
+            def detect(detector=detector):
+                with torch.inference_mode(), autocast:
+                    detector(list(images))
+
+            detect_steps.append(under_setting(attention, detect))
+        detect_seconds = timed_rounds(detect_steps)
+        for row, detector, trained, detected in zip(rows, detectors, train_seconds, detect_seconds):
+            row['methods'][method] = dict(params_m=sum(p.numel() for p in detector.parameters()) / 1e6,
+                                          train_img_s=1 / min(trained), train_step_ms=min(trained) * 1e3,
+                                          detect_img_s=1 / min(detected), detect_ms=min(detected) * 1e3)
+            row['rounds'][f'{method} training'] = trained
+            row['rounds'][f'{method} inference'] = detected
+        del detectors, train_steps, detect_steps  # the next method's detectors take their memory
+    return rows
 
 
 def measure_memory(name: str, args) -> dict:
@@ -342,8 +398,6 @@ def measure(name: str, args) -> dict:
     if args.attention:
         from models.window_attention import set_cuda_attention
         set_cuda_attention(args.attention)
-    if args.detector:
-        return measure_detector(name, args)
     device = torch.device(args.device)
     variant = VARIANTS[args.variant]
     torch.manual_seed(0)
@@ -561,6 +615,9 @@ def main():
     if args.memory:
         run_memory(args, variants)
         return
+    if args.detector:  # both backbones in this process, in alternating rounds: no peak memory to keep apart
+        print_detector_rows(measure_detectors(args), args, VARIANTS[variants[0]].label)
+        return
     results = {}
     for key in variants:
         results[key] = []
@@ -571,9 +628,6 @@ def main():
                     if option not in ('worker', 'models', 'variants', 'variant', 'detector', 'detector_size',
                                       'focal_windows', 'methods', 'cuda_attention', 'attention', 'memory',
                                       'memory_batches', 'checkpointing')]
-                if args.detector:
-                    command += ['--detector', '--detector-size', *map(str, args.detector_size),
-                                '--focal-windows', *map(str, args.focal_windows), '--methods', *args.methods]
                 if attention:
                     command += ['--attention', attention]
                 result = subprocess.run(command, capture_output=True, text=True)
@@ -581,10 +635,6 @@ def main():
                     sys.exit(f'error: measuring {name} ({VARIANTS[key].label}) failed:\n{result.stderr.strip()}')
                 results[key].append(json.loads(result.stdout.strip().splitlines()[-1]))
 
-    if args.detector:
-        for key in variants:
-            print_detector_rows(results[key], args, VARIANTS[key].label)
-        return
     print(f'device {args.device}, batch {args.batch_size}, {args.img_size} px, '
           f'best of {args.repeats}x{args.steps} steps')
     print_table(results)
@@ -599,7 +649,7 @@ def print_detector_rows(rows: list, args, precision: str):
     labels = [DETECTOR_METHODS[method][0] for method in args.methods]
     print(f'device {args.device} ({precision}), batch 1, {height}x{width} px, backbone inference, '
           f'{", ".join(labels)} inference and training, focal windows {" ".join(map(str, args.focal_windows))}, '
-          f'{args.threads} threads, best of {args.repeats}x{args.steps} steps')
+          f'{args.threads} threads, best of {args.repeats} alternating rounds of {args.steps} steps')
     header = f'{"model":34s} {"params(M)":>9s} {"forward ms":>11s} {"img/s":>8s} {"table build ms":>15s}'
     print(header)
     print('-' * len(header))
@@ -622,6 +672,13 @@ def print_detector_rows(rows: list, args, precision: str):
             ratios.append(f'{label} inference {mine["detect_img_s"] / base["detect_img_s"]:.2f}x')
             ratios.append(f'{label} training {mine["train_img_s"] / base["train_img_s"]:.2f}x')
         print(f'{row["model"]} / {rows[0]["model"]}: {", ".join(ratios)}')
+        spreads = []
+        for key, label in [('inference', 'inference')] + [
+                (f'{method} {mode}', f'{label} {mode}') for method, label in zip(args.methods, labels)
+                for mode in ('inference', 'training')]:
+            per_round = sorted(base / mine for base, mine in zip(rows[0]['rounds'][key], row['rounds'][key]))
+            spreads.append(f'{label} {per_round[0]:.2f}/{statistics.median(per_round):.2f}/{per_round[-1]:.2f}x')
+        print(f'  round by round (lowest/median/highest): {", ".join(spreads)}')
 
 
 if __name__ == '__main__':

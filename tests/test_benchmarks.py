@@ -12,14 +12,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 # inference in the slow run only: the training case takes the same path through ab.py
-@pytest.mark.parametrize('options, setting, dtype', [
-    pytest.param(['--rounds', '1'], 'infer', 'float32', marks=pytest.mark.slow),
-    (['--rounds', '2', '--mode', 'train', '--bf16'], 'train, bf16 autocast', 'bfloat16'),
-], ids=['inference', 'bf16-training'])
-def test_ab_builds_each_checkouts_own_model_and_reports_a_ratio(tmp_path, options, setting, dtype):
+@pytest.mark.parametrize('options, setting, dtype, compared, size', [
+    pytest.param(['--rounds', '1'], 'infer', 'float32', 'logit', '64', marks=pytest.mark.slow),
+    (['--rounds', '2', '--mode', 'train', '--bf16'], 'train, bf16 autocast', 'bfloat16', 'logit', '64'),
+    (['--rounds', '2', '--mode', 'train', '--detector-size', '64', '96'], 'train', 'float32', 'last stage map',
+     '64x96'),
+], ids=['inference', 'bf16-training', 'detector-training'])
+def test_ab_builds_each_checkouts_own_model_and_reports_a_ratio(tmp_path, options, setting, dtype, compared, size):
     """A copy of models/ whose attention scale is doubled must give different logits (under bf16
-    autocast too): each side is imported from its own checkout, not the first one imported under the
-    name `models`."""
+    autocast too), or stage maps as a detection backbone: each side is imported from its own checkout,
+    not the first one imported under the name `models`."""
     other = tmp_path / 'other'
     shutil.copytree(REPO / 'models', other / 'models')
     source = other / 'models' / 'focal_transformer.py'
@@ -31,10 +33,10 @@ def test_ab_builds_each_checkouts_own_model_and_reports_a_ratio(tmp_path, option
                              '--batch-size', '1', '--img-size', '64', '--threads', '1', *options],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
-    difference = float(re.search(rf'largest logit difference between A and B \(torch.{dtype}\): (\S+)',
+    difference = float(re.search(rf'largest {compared} difference between A and B \(torch.{dtype}\): (\S+)',
                                  result.stdout).group(1))
     assert difference > 1e-3
-    assert re.search(rf'B speed-up over A \({setting}, batch 1, 64 px, 1 threads\): '
+    assert re.search(rf'B speed-up over A \({setting}, batch 1, {size} px, 1 threads\): '
                      rf'median \d+\.\d{{3}}x, best \d+\.\d{{3}}x', result.stdout), result.stdout
     # the spread of the round-by-round ratios, from two rounds on
     spread = re.search(r'round by round, B speed-up over A: middle half (\d+\.\d{3})x-(\d+\.\d{3})x', result.stdout)
@@ -137,6 +139,29 @@ def test_throughput_detector_rows_measure_the_asked_focal_windows():
         rows = rf'\n{label} +swin_tiny\S* +\d+\.\d\d .*\n{label} +focal_tiny\S* +\d+\.\d\d '
         assert re.search(rows, result.stdout), result.stdout
         assert re.search(rf'{label} inference \d+\.\d\dx, {label} training \d+\.\d\dx', result.stdout), result.stdout
+    # one round: its ratio is the lowest, the median and the highest
+    spread = re.search(r'round by round \(lowest/median/highest\): inference (\d+\.\d\d)/(\d+\.\d\d)/(\d+\.\d\d)x, '
+                       r'Mask R-CNN inference ', result.stdout)
+    assert spread is not None and len(set(spread.groups())) == 1, result.stdout
+
+
+def test_alternating_rounds_time_every_model_in_turn_reversing_the_order_each_round(monkeypatch):
+    """throughput.py --detector's timing: each round runs every model's steps, first to last, then last
+    to first, so that a machine slowing down during the run does not fall on one model; each model gets
+    one time per round."""
+    sys.path.insert(0, str(REPO / 'benchmarks'))
+    try:
+        import throughput
+    finally:
+        sys.path.remove(str(REPO / 'benchmarks'))
+    import torch
+    calls = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(throughput.time, 'perf_counter', lambda: next(clock))
+    seconds = throughput.alternating_rounds([lambda: calls.append('a'), lambda: calls.append('b'),
+                                             lambda: calls.append('c')], 2, 3, torch.device('cpu'))
+    assert ''.join(calls) == 'aabbcc' + 'ccbbaa' + 'aabbcc'
+    assert seconds == [[0.5] * 3] * 3  # two clock ticks a round of two steps
 
 
 def test_cuda_check_plans_every_section_within_its_budget():
