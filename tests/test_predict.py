@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from pycocotools.coco import COCO
@@ -23,8 +24,8 @@ from config import get_config, with_classes
 from data import UnreadableImages
 from data.ade20k import eval_transform
 from data.image_io import read_photo
-from helpers import CLASSES, REPO, TINY_KWARGS, subprocess_env, write_config
-from models.attention_maps import attention_over_map, keep_attention, query_slot
+from helpers import CLASSES, REPO, TIMM_NAME, TIMM_TINY_ARCH, TINY_KWARGS, subprocess_env, write_config
+from models.attention_maps import attention_over_map, grad_cam, keep_attention, query_slot
 from models.attention_tables import attention_tables, neighbour_key_positions
 from models.focal_transformer import FocalTransformer
 from tasks import build_task
@@ -191,6 +192,40 @@ def test_kept_attention_follows_the_bias_to_the_query_token(shift):
         model(images[1:])
         torch.testing.assert_close(together[1:], capture.kept.probabilities)
         assert not torch.allclose(together[0], together[1])
+
+
+def test_grad_cam_weighs_the_last_map_by_the_class_gradient():
+    """Grad-CAM against its definition, computed apart through the model's own forward (a hook on the
+    last stage's last block): the last map's channels weighed by their mean gradient of the class score,
+    summed, ReLU'd, scaled to a maximum of 1. Two classes whose scores are each other's negatives give
+    maps that never overlap: each is positive only where the other's weighted sum is negative."""
+    torch.manual_seed(0)
+    model = FocalTransformer(**TINY_KWARGS).eval()
+    with torch.no_grad():
+        model.head.weight[1] = -model.head.weight[0]
+    images, classes = torch.randn(2, 3, 64, 64), torch.tensor([2, 0])
+    cams = grad_cam(model, images, classes)
+
+    kept = {}
+    hook = model.layers[-1].blocks[-1].register_forward_hook(lambda module, inputs, output: kept.update(map=output))
+    try:
+        scores = model(images).gather(1, classes[:, None]).sum()
+    finally:
+        hook.remove()
+    last_map = kept['map']  # (B, H, W, C): 8x8 at 64 px
+    gradient, = torch.autograd.grad(scores, last_map)
+    expected = (last_map * gradient.mean((1, 2), keepdim=True)).sum(-1).clamp(min=0).detach()
+    expected = expected / expected.flatten(1).amax(1)[:, None, None]
+    assert cams.shape == (2, 8, 8)
+    torch.testing.assert_close(cams, expected)
+
+    first, second = (grad_cam(model, images, torch.tensor([label, label])) for label in (0, 1))
+    assert (first * second == 0).all()
+    assert torch.equal(first.flatten(1).amax(1), torch.ones(2)) and torch.equal(second.flatten(1).amax(1), torch.ones(2))
+
+    # a released layout at 32 px ends on a 1x1 map, which has nothing to locate: the 2x2 map before it
+    four_stages = timm.create_model(TIMM_NAME, **TIMM_TINY_ARCH).eval()
+    assert grad_cam(four_stages, images[:, :, :32, :32], classes).shape == (2, 2, 2)
 
 
 @pytest.mark.parametrize('case, message', [
