@@ -1,11 +1,11 @@
 """Focal-T against Swin-T, side by side in one run: inference and training images/s, training peak memory.
 
-Each model is measured in its own subprocess so that peak memory is its own. On the CPU (default)
-the models run in float32 eager mode on all cores; peak memory is the growth of the process's peak
-resident set over the built model (gradients, optimizer state, activations). With `--device cuda`
-they run under bf16 autocast and peak memory is `torch.cuda.max_memory_allocated`. Times are the
-best of `--repeats` rounds of `--steps` steps, which is the figure least disturbed by other work on
-the machine.
+Each model is measured in its own subprocess (but see `--detector`) so that peak memory is its own. On
+the CPU (default) the models run in float32 eager mode on all cores; peak memory is the growth of the
+process's peak resident set over the built model (gradients, optimizer state, activations). With
+`--device cuda` they run under bf16 autocast and peak memory is `torch.cuda.max_memory_allocated`.
+Times are the best of `--repeats` rounds of `--steps` steps, which is the figure least disturbed by
+other work on the machine.
 
 `--variants` adds rows for the same two models under `torch.compile` and/or bf16 autocast; `all`
 takes every variant, bf16 ones on the CPU only where it has bfloat16 instructions (avx512_bf16,
@@ -25,12 +25,13 @@ are models.detectors' with their 3x recipes' heads and pyramid levels as tasks/d
 a row of its inference and its training step with the same FPN on each backbone (its stage maps, each
 LayerNormed, into torchvision's FeaturePyramidNetwork; one image with three boxes, and their masks for
 the detectors that predict masks, AdamW); for the focal model it also times how long a forward at a
-size whose index tables are not cached yet (the cache is cleared before each) spends building them. The focal models take the detection recipes' focal windows
-(15 13 9 7; `--focal-windows 7 5 3 1` measures the classifiers'), both backbones their recipes' drop
-path. Unlike the other modes, `--detector` keeps every model in one process (it reports no memory)
-and times them in alternating rounds, so that a machine that slows down during the run slows all of
-them: a row gives each model's best round, and a last line the lowest, median and highest of the
-round-by-round ratios, whose spread is the run's noise.
+size whose index tables are not cached yet (the cache is cleared before each) spends building them.
+The focal models take the detection recipes' focal windows (15 13 9 7; `--focal-windows 7 5 3 1`
+measures the classifiers'), both backbones their recipes' drop path. Unlike the other modes,
+`--detector` keeps every model in one process (it reports no memory) and times them in alternating
+rounds, so that a machine that slows down during the run slows all of them: a row gives each model's
+best round, and a last line the lowest, median and highest of the round-by-round ratios, whose
+spread is the run's noise.
 
 `--memory` measures only the training peak memory per image, each model with and without activation
 checkpointing (timm's `set_grad_checkpointing`, what TRAIN.USE_CHECKPOINT sets): at each batch size of
