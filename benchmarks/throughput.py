@@ -356,7 +356,9 @@ def measure_detectors(args) -> list:
     for row, infer_step in zip(rows, infer_steps):
         if row.pop('focal'):
             row['table_build_ms'] = table_build_seconds(infer_step, args.repeats) * 1e3
-    for method in args.methods:
+    def measure_method(method: str) -> tuple:
+        """`method`'s detector on each model: its parameters (M), per-round training step and inference
+        seconds. Its detectors are freed on return, before the next method's are built."""
         detectors, train_steps = [], []
         for name, attention in entries:
             detector, train_step = detector_training_step(name, method, args)
@@ -372,14 +374,16 @@ def measure_detectors(args) -> list:
                     detector(list(images))
 
             detect_steps.append(under_setting(attention, detect))
-        detect_seconds = timed_rounds(detect_steps)
-        for row, detector, trained, detected in zip(rows, detectors, train_seconds, detect_seconds):
-            row['methods'][method] = dict(params_m=sum(p.numel() for p in detector.parameters()) / 1e6,
+        params = [sum(p.numel() for p in detector.parameters()) / 1e6 for detector in detectors]
+        return params, train_seconds, timed_rounds(detect_steps)
+
+    for method in args.methods:
+        for row, params, trained, detected in zip(rows, *measure_method(method)):
+            row['methods'][method] = dict(params_m=params,
                                           train_img_s=1 / min(trained), train_step_ms=min(trained) * 1e3,
                                           detect_img_s=1 / min(detected), detect_ms=min(detected) * 1e3)
             row['rounds'][f'{method} training'] = trained
             row['rounds'][f'{method} inference'] = detected
-        del detectors, train_steps, detect_steps  # the next method's detectors take their memory
     return rows
 
 
