@@ -10,11 +10,12 @@ drop_last) and the validation loader (each sample once over all processes), with
 - a worker dies with the process that started it (Linux's parent-death signal), so that a killed training
   process leaves no worker behind;
 - `Loader.shut_down()` ends the workers of every iterator the loader gave out: the training loop calls it
-  whatever way the run ends. An iterator left to the garbage collector lives on in an error's traceback,
-  and at exit the interpreter would wait for its workers, which ignore the SIGTERM it sends them; so
-  the workers of every Loader still alive at exit are shut down first (an `atexit` hook, which runs
-  before multiprocessing's own, registered earlier), for any script or test that iterates a Loader, and
-  so are those an iterator collected after a worker's error left waiting.
+  whatever way the run ends. An iterator whose batch raised (a worker's DataError) ends its workers at
+  once. Any other iterator left to the garbage collector may live on in a traceback, and at exit the
+  interpreter would wait for its workers, which ignore the SIGTERM it sends them; so the workers of
+  every Loader still alive at exit are shut down first (an `atexit` hook, which runs before
+  multiprocessing's own, registered earlier), for any script or test that iterates a Loader, and so are
+  those an iterator collected in a reference cycle left waiting.
 """
 import atexit
 import ctypes
@@ -105,12 +106,40 @@ class Loader(DataLoader):
         self._iterators.add(iterator)
         _LIVE_ITERATORS.add(iterator)
         _WORKERS.update(getattr(iterator, '_workers', ()))
-        return iterator
+        return _ShutDownOnError(iterator) if self.num_workers > 0 else iterator
 
     def shut_down(self):
         """Stop every worker of this loader now."""
         for iterator in list(self._iterators):
             _shut_down(iterator)
+
+
+class _ShutDownOnError:
+    """A worker-backed iterator of a Loader that shuts its workers down as soon as a batch raises (a
+    worker's DataError): left to the garbage collector, the iterator, held in a cycle by the error's
+    traceback, is collected together with its queues, whose finalizers run first, so its workers never
+    receive the order to stop and are killed only after DataLoader's timeouts, seconds per worker."""
+
+    def __init__(self, iterator):
+        self._iterator = iterator
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise
+        except BaseException:
+            _shut_down(self._iterator)
+            raise
+
+    def __len__(self):
+        return len(self._iterator)
+
+    def __getattr__(self, name):
+        return getattr(self._iterator, name)
 
 
 def _shut_down(iterator):
@@ -127,8 +156,8 @@ def _shut_down(iterator):
 
 
 _LIVE_ITERATORS = weakref.WeakSet()
-# Every worker started, until multiprocessing forgets it once joined: an iterator collected after a worker
-# raised (a DataError in `list(loader)`) can leave its workers waiting for work, and they ignore SIGTERM.
+# Every worker started, until multiprocessing forgets it once joined: an iterator collected in a reference
+# cycle (with its queues, which close first) can leave its workers waiting for work, and they ignore SIGTERM.
 _WORKERS = weakref.WeakSet()
 
 

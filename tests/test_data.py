@@ -203,14 +203,19 @@ def test_val_loader_shards_by_rank(folder):
 
 @pytest.mark.parametrize('workers', [0, 2])
 def test_corrupt_image_error_names_the_file(tmp_path, workers):
+    """A worker's error reaches the loop as one line naming the file, and the iterator's workers are
+    gone once it is raised (left to the garbage collector, they would linger until killed, seconds later)."""
     write_image_folder(tmp_path)
     bad = tmp_path / 'val' / 'dog' / '1.png'
     bad.write_bytes(b'not a png at all')
     loader_val = build_loader(make_config(tmp_path, 'DATA.NUM_WORKERS', str(workers)))[1]
+    batches = iter(loader_val)
     with pytest.raises(DataError) as error:
-        list(loader_val)
+        list(batches)
     message = str(error.value)
     assert str(bad) in message and '\n' not in message
+    assert len(getattr(batches, '_workers', ())) == workers
+    assert not any(worker.is_alive() for worker in getattr(batches, '_workers', ()))
 
 
 CORRUPT_IMAGE_THEN_EXIT = """
