@@ -26,18 +26,13 @@ import importlib.util
 import os
 import statistics
 import sys
-import time
 
 import timm
 import torch
 
+from throughput import DETECTION_DROP_PATH, DETECTION_FOCAL_WINDOWS, alternating_rounds
+
 MODEL = 'focal_tiny_patch4_window7_224'
-
-
-# The detection recipes' focal windows (configs/detection, the paper's section 4.2) and both tiny
-# backbones' drop path there (Swin-T's Mask R-CNN 3x config, drop_path_rate=0.2)
-DETECTION_FOCAL_WINDOWS = (15, 13, 9, 7)
-DETECTION_DROP_PATH = 0.2
 
 
 def focal_from(checkout: str, alias: str, **model_kwargs) -> torch.nn.Module:
@@ -124,12 +119,7 @@ def main():
               f'({logits[0].dtype}): {difference:.2e}')
     for i in (0, 1, 0, 1):
         step(i)
-    times = ([], [])
-    for r in range(args.rounds):
-        for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-            start = time.perf_counter()
-            step(i)
-            times[i].append(time.perf_counter() - start)
+    times = alternating_rounds([lambda: step(0), lambda: step(1)], 1, args.rounds, torch.device('cpu'))
     for name, t in zip(('A ' + args.a, 'B ' + args.b), times):
         print(f'{name:40s} median {statistics.median(t) * 1e3:8.1f} ms   best {min(t) * 1e3:8.1f} ms')
     setting = args.mode + (', bf16 autocast' if args.bf16 else '')

@@ -149,8 +149,9 @@ def top_operators(fn, steps: int, device: torch.device, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by=sort_by, row_limit=rows, max_name_column_width=60)
 
 
-# Stochastic depth of both tiny backbones in their detection recipes: Swin-T's Mask R-CNN 3x config
-# (drop_path_rate=0.2) and Focal-T's (configs/detection, the paper's section 4.2).
+# The detection recipes' focal windows (configs/detection, the paper's section 4.2), and the stochastic
+# depth of both tiny backbones there: Swin-T's Mask R-CNN 3x config (drop_path_rate=0.2) and Focal-T's
+DETECTION_FOCAL_WINDOWS = (15, 13, 9, 7)
 DETECTION_DROP_PATH = 0.2
 
 
@@ -312,7 +313,6 @@ def measure_detectors(args) -> list:
     reads it, with each measurement's per-round seconds under 'rounds'."""
     import timm
     import models  # noqa: F401  (registers the focal models with timm)
-    from models.focal_transformer import FocalTransformer
     from models.window_attention import set_cuda_attention
 
     device = torch.device(args.device)
@@ -348,13 +348,12 @@ def measure_detectors(args) -> list:
 
         infer_steps.append(under_setting(attention, infer_step))
         rows.append({'model': name if attention is None else f'{name} ({attention})',
-                     'params_m': sum(p.numel() for p in model.parameters()) / 1e6, 'methods': {}, 'rounds': {},
-                     'focal': isinstance(model, FocalTransformer)})
+                     'params_m': sum(p.numel() for p in model.parameters()) / 1e6, 'methods': {}, 'rounds': {}})
     for row, seconds in zip(rows, timed_rounds(infer_steps)):
         row.update(infer_img_s=1 / min(seconds), forward_ms=min(seconds) * 1e3)
         row['rounds']['inference'] = seconds
-    for row, infer_step in zip(rows, infer_steps):
-        if row.pop('focal'):
+    for (name, _), row, infer_step in zip(entries, rows, infer_steps):
+        if name.startswith('focal'):
             row['table_build_ms'] = table_build_seconds(infer_step, args.repeats) * 1e3
     def measure_method(method: str) -> tuple:
         """`method`'s detector on each model: its parameters (M), per-round training step and inference
@@ -587,7 +586,7 @@ def main():
                         help='batch 1 at --detector-size: the backbones and --methods on them (Swin-T with '
                              'dynamic_img_size=True)')
     parser.add_argument('--detector-size', type=int, nargs=2, default=(800, 1216), metavar=('H', 'W'))
-    parser.add_argument('--focal-windows', type=int, nargs=4, default=(15, 13, 9, 7), metavar='N',
+    parser.add_argument('--focal-windows', type=int, nargs=4, default=DETECTION_FOCAL_WINDOWS, metavar='N',
                         help="with --detector: the focal models' focal windows (configs/detection recipes')")
     parser.add_argument('--methods', nargs='+', choices=DETECTOR_METHODS, default=['mask_rcnn'],
                         help='with --detector: the detectors timed on each backbone, inference and training')
