@@ -14,7 +14,9 @@ for the same reason):
   130  interrupted (Ctrl-C)
 Under torchrun, a failure (1, 74) is also left in torchrun's store: the attempts that --max-restarts
 starts after it stop at once with the same status instead of training into it again. torchrun itself
-exits with 1 after any failed worker or a signal to itself; its summary lists the workers' statuses.
+exits with 1 after any failed worker or a signal to itself; its summary lists the workers' statuses and
+names the first to exit as the root cause, so a process that only lost its peer waits for torchrun to
+stop it (up to PEER_STOP_WAIT_SECONDS) before it exits with 1.
 
 Preemption: SIGTERM or SIGUSR1 to the job (every process, data workers included, as SLURM and
 Kubernetes send it; or to torchrun, which forwards SIGTERM) lets the current optimizer step finish;
@@ -31,6 +33,7 @@ import os
 import shutil
 import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -51,6 +54,9 @@ EXIT_INTERRUPTED = 128 + signal.SIGINT  # the shell's status of a process ended 
 FAILURE_KEY = 'focal_transformer/training_failed'
 # How gloo and NCCL report that a peer process of the group is gone, in the error of a collective.
 PEER_GONE = ('Connection closed by peer', 'Connection reset by peer', 'NCCL communicator was aborted')
+# How long a process that only saw a peer go waits for its launcher's stop signal before it exits
+# (torchrun polls its workers every 0.1 s and SIGTERMs the rest once one has exited).
+PEER_STOP_WAIT_SECONDS = 5.0
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
@@ -211,6 +217,15 @@ class RunContext:
         return Preempted(message)
 
 
+def wait_for_launcher(stop, seconds):
+    """Wait up to `seconds` for the launcher's stop signal (recorded in `stop`; without StopSignals it
+    ends the process). A launcher names the first process it sees exit as the root cause of a failed
+    run: one that had only lost its peer and exited first would hide the error that stopped the run."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and (stop is None or stop.received is None):
+        time.sleep(0.05)
+
+
 def exit_status(main, config):
     """Run `main(config, stop)` (`stop`: the StopSignals of a training run, None otherwise) and return
     its exit status, each way of stopping reported in one line (see the module docstring)."""
@@ -245,6 +260,7 @@ def exit_status(main, config):
                 raise
             print(f"error: another process of this run stopped (its error is above); stopping "
                   f"rank {os.environ.get('RANK')} too", file=sys.stderr)
+            wait_for_launcher(stop, PEER_STOP_WAIT_SECONDS)
             return EXIT_TRAINING_FAILED
         finally:
             if is_distributed():
