@@ -210,7 +210,7 @@ def build_cascade_mask_rcnn(name: str, args):
 
 def build_atss(name: str, args):
     """ATSS on stages 1-3 with P6 and P7 from P5, as tasks/detection.py builds it."""
-    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+    from models.detection import LastLevelP6P7
     from models.detectors import ATSS
     return ATSS(fpn_backbone(name, args, (1, 2, 3), LastLevelP6P7(256, 256)), 91, **image_size(args))
 

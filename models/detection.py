@@ -1,8 +1,7 @@
 """A Focal Transformer with torchvision's feature pyramid: the backbone of torchvision's detectors.
 
     from torchvision.models.detection import MaskRCNN, RetinaNet
-    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-    from models.detection import focal_fpn_backbone
+    from models.detection import LastLevelP6P7, focal_fpn_backbone
 
     backbone = focal_fpn_backbone('focal_tiny_patch4_window7_224', pretrained='focal-tiny-is224-ws7.pth',
                                   drop_path_rate=0.2, frozen_stages=0)
@@ -20,12 +19,30 @@ from typing import Callable, Optional, Sequence
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import feature_pyramid_network
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 
 from .backbone import find_focal, load_pretrained, no_weight_decay_names
 
-__all__ = ['FocalFPN', 'focal_fpn_backbone']
+__all__ = ['FocalFPN', 'LastLevelP6P7', 'focal_fpn_backbone']
+
+
+class LastLevelP6P7(feature_pyramid_network.LastLevelP6P7):
+    """torchvision's P6 and P7 (3x3 convolutions of stride 2), in float32 under CPU autocast where the
+    map they start from is at most two columns wide. There, oneDNN's bf16 weight gradient of a stride-2
+    convolution over a one-column map leaves the taps that only see padding unwritten (PyTorch 2.14.1):
+    whatever the memory held, NaN included, became the gradient (the digit demos' 1-pixel P6 and P7)."""
+
+    def forward(self, p, c, names):
+        x = p[-1] if self.use_P5 else c[-1]
+        if not (x.device.type == 'cpu' and torch.is_autocast_enabled('cpu') and x.shape[-1] <= 2):
+            return super().forward(p, c, names)
+        with torch.autocast('cpu', enabled=False):
+            p6 = self.p6(x.float())
+            p7 = self.p7(F.relu(p6))
+        return p + [p6.to(p[-1].dtype), p7.to(p[-1].dtype)], names + ['p6', 'p7']  # as autocast's would be
 
 
 class FocalFPN(nn.Module):

@@ -27,7 +27,6 @@ from torchvision.models.detection import MaskRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from data import DataError, dataset_folder
 from data.coco import (check_images_exist, collate_detection_eval, collate_detection_training,
@@ -37,7 +36,7 @@ from distributed import broadcast_batch_norm_statistics, is_distributed, rank_an
 from logger import memory_mb
 from models.backbone import no_weight_decay_names
 from models.build import focal_arguments
-from models.detection import focal_fpn_backbone
+from models.detection import LastLevelP6P7, focal_fpn_backbone
 from tasks import parameter_count
 from models.detectors import ATSS, CascadeMaskRCNN, RepPointsV2, SparseRCNN
 from models.detectors.bifpn import BiFPN

@@ -2,6 +2,8 @@
 `tu-focal_*` encoder, and torchvision's Mask R-CNN / RetinaNet / FCOS on `models.detection`'s
 backbone. Each trains a few steps on generated images of shapes (with their masks and boxes) and its
 loss falls; a released-format classification checkpoint loads into the backbone strictly."""
+import copy
+
 import numpy as np
 import pytest
 import segmentation_models_pytorch as smp
@@ -10,12 +12,11 @@ import torch
 from torchvision.models.detection import FCOS, MaskRCNN, RetinaNet
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 import models  # noqa: F401  (registers the focal models with timm)
 from helpers import TIMM_NAME, TIMM_TINY_ARCH
 from models.backbone import load_pretrained, no_weight_decay_names
-from models.detection import focal_fpn_backbone
+from models.detection import LastLevelP6P7, focal_fpn_backbone
 from optimizer import parameter_groups
 
 # (class id, colour) of the shapes: 1 disc, 2 square.
@@ -213,6 +214,38 @@ def test_single_stage_detectors_train(detector):
     with torch.no_grad():
         outputs = model(batch[0])
     assert [len(output['boxes']) > 0 for output in outputs] == [True] * len(DETECTION_SIZES)
+
+
+@pytest.mark.parametrize('width', [1, 2])
+def test_extra_levels_train_in_bf16_autocast_from_a_one_or_two_column_map(width):
+    """oneDNN's bf16 weight gradient of a stride-2 convolution over a one-column map (P6 of a map one
+    column wide, P7 of a map two) leaves the taps that only see padding unwritten, and a step took
+    whatever memory held there (the digit demos under AMP stopped on a NaN gradient at their first
+    step). Memory full of NaN is freed before each backward (without the float32 levels, 9 backwards
+    in 10 then take NaN): the gradients must be float32's, up to the bf16 rounding of the maps'."""
+    torch.manual_seed(0)
+    extra = LastLevelP6P7(16, 16)
+    float32 = copy.deepcopy(extra)
+    p5 = torch.randn(2, 16, 3, width).bfloat16()  # the pyramid's maps come out of autocast's convolutions
+    weight = torch.randn(2, 16, 1, 1)
+
+    def gradients(module, autocast):
+        module.zero_grad(set_to_none=True)
+        level = p5 if autocast else p5.float()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            maps, names = module([level], [level], ['0'])
+        assert names == ['0', 'p6', 'p7'] and maps[1].dtype == maps[2].dtype == level.dtype
+        loss = sum((level.float() * weight).sum() for level in maps[1:])
+        for numel in (16 * 16 * 9, 2 * 16 * 16 * 9, 4096, 65536):
+            for dtype in (torch.float32, torch.bfloat16):
+                torch.full((numel,), float('nan'), dtype=dtype)  # freed at once, NaN left in the memory
+        loss.backward()
+        return [parameter.grad for parameter in module.parameters()]
+
+    expected = gradients(float32, autocast=False)
+    for _ in range(3):
+        for got, wanted in zip(gradients(extra, autocast=True), expected):
+            assert torch.isfinite(got).all() and torch.allclose(got, wanted, rtol=5e-2, atol=5e-2)
 
 
 def test_backbone_options(tmp_path):

@@ -1,8 +1,7 @@
 """ATSS (Zhang et al., "Bridging the Gap Between Anchor-based and Anchor-free Detection via Adaptive
 Training Sample Selection", CVPR 2020) as torchvision's FCOS with ATSS's assignment, box coding and losses.
 
-    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
-    from models.detection import focal_fpn_backbone
+    from models.detection import LastLevelP6P7, focal_fpn_backbone
     from models.detectors.atss import ATSS
 
     backbone = focal_fpn_backbone(returned_stages=(1, 2, 3), extra_blocks=LastLevelP6P7(256, 256))
