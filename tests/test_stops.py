@@ -330,33 +330,38 @@ print(torch.cat(list(loader)).tolist())
 def test_a_process_that_lost_its_peer_waits_for_the_launcher_to_stop_it(tmp_path):
     """torchrun names the first worker it sees exit as the root cause: a rank that only saw its peer go
     (rank 0 stopped on bad input) must not exit before the launcher stops it, or the run's report shows
-    its 1 instead of the 2 of the error that stopped the run. Without a launcher's signal it exits at
-    the end of a bounded wait."""
-    script = tmp_path / 'lost_peer.py'
+    its 1 instead of the 2 of the error that stopped the run. Without a launcher's signal it stops
+    waiting at the end of a bounded wait (the second stop, 1 s)."""
+    script, returns = tmp_path / 'lost_peer.py', tmp_path / 'returns.txt'
     script.write_text(f"""\
-import sys, types
+import sys, time, types
 sys.path.insert(0, {REPO!r})
 import lifecycle
-lifecycle.PEER_STOP_WAIT_SECONDS = float(sys.argv[1])
 def main(config, stop):
     raise RuntimeError('[gloo] Connection closed by peer [127.0.0.1]:29500')
-sys.exit(lifecycle.exit_status(main, types.SimpleNamespace(EVAL_MODE=False, THROUGHPUT_MODE=False)))
+for wait in (60.0, 1.0):
+    lifecycle.PEER_STOP_WAIT_SECONDS = wait
+    status = lifecycle.exit_status(main, types.SimpleNamespace(EVAL_MODE=False, THROUGHPUT_MODE=False))
+    with open({str(returns)!r}, 'a') as f:
+        f.write(f'{{status}} {{time.time()}}\\n')
 """)
-    env = dict(subprocess_env(tmp_path), WORLD_SIZE='2', RANK='1')
-    for wait, signalled in ((60.0, True), (1.0, False)):
-        process = subprocess.Popen([sys.executable, str(script), str(wait)], env=env, stderr=subprocess.PIPE,
-                                   text=True, start_new_session=True)
-        try:
-            line = process.stderr.readline()
-            assert line.startswith('error: another process of this run stopped'), line
-            seen = time.monotonic()
-            if signalled:
+    process = subprocess.Popen([sys.executable, str(script)], env=dict(subprocess_env(tmp_path), WORLD_SIZE='2', RANK='1'),
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        lines, signalled = [], None
+        for _ in range(2):
+            lines.append(process.stderr.readline())
+            if signalled is None:
                 time.sleep(1.0)
-                assert process.poll() is None, "the process exited before its launcher stopped it"
+                signalled = time.time()
                 os.kill(process.pid, signal.SIGTERM)
-            assert process.wait(timeout=30) == lifecycle.EXIT_TRAINING_FAILED, process.stderr.read()
-            waited = time.monotonic() - seen
-            assert (waited < 10) if signalled else (0.9 < waited < 10), waited
-        finally:
-            process.kill()
-            process.stderr.close()
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+        stderr = process.communicate()[1]
+    assert all(line.startswith('error: another process of this run stopped') for line in lines), lines
+    (first, first_time), (second, second_time) = [line.split() for line in returns.read_text().splitlines()]
+    assert first == second == str(lifecycle.EXIT_TRAINING_FAILED)
+    assert signalled < float(first_time) < signalled + 5, "it returned before its launcher stopped it"
+    assert 0.9 < float(second_time) - float(first_time) < 10
+    assert process.returncode == 0, stderr
