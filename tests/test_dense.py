@@ -235,7 +235,7 @@ def test_extra_levels_train_in_bf16_autocast_from_a_one_or_two_column_map(width)
         with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
             maps, names = module([level], [level], ['0'])
         assert names == ['0', 'p6', 'p7'] and maps[1].dtype == maps[2].dtype == level.dtype
-        loss = sum((level.float() * weight).sum() for level in maps[1:])
+        loss = sum((extra_map.float() * weight).sum() for extra_map in maps[1:])
         for numel in (16 * 16 * 9, 2 * 16 * 16 * 9, 4096, 65536):
             for dtype in (torch.float32, torch.bfloat16):
                 torch.full((numel,), float('nan'), dtype=dtype)  # freed at once, NaN left in the memory
