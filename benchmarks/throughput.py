@@ -355,6 +355,7 @@ def measure_detectors(args) -> list:
     for (name, _), row, infer_step in zip(entries, rows, infer_steps):
         if name.startswith('focal'):
             row['table_build_ms'] = table_build_seconds(infer_step, args.repeats) * 1e3
+
     def measure_method(method: str) -> tuple:
         """`method`'s detector on each model: its parameters (M), per-round training step and inference
         seconds. Its detectors are freed on return, before the next method's are built."""
